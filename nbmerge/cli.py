@@ -1,0 +1,93 @@
+"""The command line: ``nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--<param> V]...`` and
+``nbmerge methods [--json]``. Each method's flags are generated from its parameter declaration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import NBMergeError
+
+
+def _method_parser(method) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"nbmerge merge {method.name}", description=f"{method.summary}. "
+                                     f"{method.formula}")
+    parser.add_argument("models", nargs="+", help="model paths: .safetensors files or Hugging Face folders")
+    parser.add_argument("--base", help="the base (pretrained) model")
+    parser.add_argument("--out", help="output folder, or a .safetensors file (default: merge and print only)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--out-dtype", help="store the merged tensors in this dtype (default: the inputs')")
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group(f"{method.name} parameters")
+    for param in method.params:
+        text = param.help
+        if param.range_text():
+            text += f"; {param.range_text()}"
+        group.add_argument(f"--{param.name.replace('_', '-')}", dest=f"param_{param.name}", metavar="VALUE",
+                           help=f"{text} (default: {param.plain(param.default)})")
+    return parser
+
+
+def _merge(argv: list[str]) -> int:
+    from .api import merge
+    from .registry import get_method
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
+        return 2
+    method = get_method(argv[0])
+    args = _method_parser(method).parse_args(argv[1:])
+    params = {p.name: getattr(args, f"param_{p.name}") for p in method.params
+              if getattr(args, f"param_{p.name}") is not None}
+    result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
+                   out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
+                   progress=not args.quiet, **params)
+    print(result.report)
+    if result.path is not None:
+        print(f"wrote {result.path}")
+    return 0
+
+
+def _methods(argv: list[str]) -> int:
+    from .registry import all_methods, plugin_versions
+
+    parser = argparse.ArgumentParser(prog="nbmerge methods", description="list the registered merge methods")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    versions = plugin_versions()
+    methods = all_methods().values()
+    if args.json:
+        described = [dict(m.describe(), plugin_version=versions.get(m.plugin, "")) for m in methods]
+        print(json.dumps(described, indent=2))
+        return 0
+    for method in methods:
+        print(f"{method.name:<17} {method.summary}  [plugin {method.plugin} {versions.get(method.plugin, '')}]")
+        for param in method.params:
+            valid = f" {param.range_text()}" if param.range_text() else ""
+            print(f"    --{param.name.replace('_', '-'):<26} {json.dumps(param.plain(param.default)):<8}{valid}"
+                  f"  {param.help}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"merge": _merge, "methods": _methods}
+    if not argv or argv[0] not in commands:
+        print("usage: nbmerge {merge,methods} ...\n  nbmerge methods [--json]\n"
+              "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
+        return 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except NBMergeError as exc:
+        print(f"nbmerge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nbmerge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The streaming engine: one pass over tensor names, each read, merged on the device, and handed to a sink.
+
+Memory stays a few tensors wide whatever the model size: a reader thread prefetches the next tensor of every
+model while the current one merges, and the sink writes the previous result in its own thread. Whole-model
+stages (a method's ``Stage``) run first as passes of their own over the same stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import ModelInputError
+from .method import MergeMethod, TensorJob
+from .params import schedule_value
+from .plan import BASE, EXACT, MergePlan, TensorPlan
+from .progress import Progress
+from .sources import ModelSource
+
+PREFETCH_DEPTH = 2
+
+
+class Engine:
+    """Runs one merge: ``stages()`` then ``merge_into(sink)``. Holds nothing but the plan and open sources."""
+
+    def __init__(self, method: MergeMethod, params: dict, plan: MergePlan, models: list[ModelSource],
+                 base: ModelSource | None, device: torch.device, progress: Progress):
+        self.method, self.params, self.plan = method, params, plan
+        self.models, self.base = models, base
+        self.device, self.progress = device, progress
+        self.stage_results: dict[str, Any] = {}
+        self._schedules = [p.name for p in method.params if p.kind == "schedule"]
+
+    # -- whole-model stages ---------------------------------------------------------------------------------
+    def run_stages(self) -> None:
+        for stage in self.method.stages:
+            if stage.applies(self.params):
+                self.stage_results[stage.name] = stage.run(self._stream_for(stage.name), self.params)
+
+    def _stream_for(self, stage_name: str) -> Callable[[Callable[[TensorJob], None]], None]:
+        def stream(visit: Callable[[TensorJob], None]) -> None:
+            self.progress.phase(stage_name)
+            for tensor, loaded in self._prefetched(self.plan.merged):
+                visit(self._job(tensor, loaded, {}))
+                self.progress.advance(tensor.read_bytes, tensor.name)
+
+        return stream
+
+    # -- the merge pass -------------------------------------------------------------------------------------
+    def merge_into(self, put: Callable[[str, torch.Tensor], None]) -> None:
+        """Produce every output tensor in plan order and hand it, on the CPU in its output dtype, to ``put``."""
+        self.progress.phase("merge")
+        for tensor, loaded in self._prefetched(self.plan.tensors):
+            put(tensor.name, self._produce(tensor, loaded))
+            self.progress.advance(tensor.read_bytes, tensor.name)
+
+    def _produce(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
+        if tensor.route == BASE:
+            produced = loaded["base"].to(tensor.out_dtype)
+        elif tensor.route == EXACT:
+            produced = _agreed_value(tensor.name, loaded, self.models, self.base)
+        else:
+            merged = self.method.merge_tensor(self._job(tensor, loaded, self.stage_results))
+            if tuple(merged.shape) != tuple(tensor.info.shape):
+                raise AssertionError(f"method {self.method.name} returned shape {tuple(merged.shape)} for "
+                                     f"{tensor.name}, expected {tensor.info.shape}")
+            produced = merged.to(device="cpu", dtype=tensor.out_dtype)
+        return _not_aliasing(produced, loaded)
+
+    def _job(self, tensor: TensorPlan, loaded: dict, stage_results: dict) -> TensorJob:
+        compute = _compute_dtype(loaded)
+        params = dict(self.params)
+        for name in self._schedules:
+            params[name] = schedule_value(params[name], tensor.name, tensor.layer, self.plan.num_layers)
+        return TensorJob(
+            name=tensor.name,
+            models=[self._on_device(t, compute) for t in loaded["models"]],
+            base=None if loaded.get("base") is None else self._on_device(loaded["base"], compute),
+            params=params,
+            layer=tensor.layer,
+            num_layers=self.plan.num_layers,
+            stage_results=stage_results,
+        )
+
+    def _on_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return tensor.to(device=self.device, non_blocking=True).to(dtype)
+
+    # -- reading ahead --------------------------------------------------------------------------------------
+    def _read(self, tensor: TensorPlan) -> dict:
+        if tensor.route == BASE:
+            return {"base": (self.base or self.models[0]).read(tensor.name)}
+        loaded = {"models": [source.read(tensor.name) for source in self.models]}
+        if self.base is not None:
+            loaded["base"] = self.base.read(tensor.name)
+        return loaded
+
+    def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
+        """Yield (tensor, its loaded inputs) while a reader thread loads the next PREFETCH_DEPTH tensors."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-read") as reader:
+            pending: deque[tuple[TensorPlan, Future]] = deque()
+            upcoming = iter(tensors)
+            try:
+                for tensor in upcoming:
+                    pending.append((tensor, reader.submit(self._read, tensor)))
+                    if len(pending) > PREFETCH_DEPTH:
+                        done, future = pending.popleft()
+                        yield done, future.result()
+                while pending:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+
+def _compute_dtype(loaded: dict) -> torch.dtype:
+    """float32, unless an input is float64 (which stays float64)."""
+    inputs = loaded["models"] + ([loaded["base"]] if loaded.get("base") is not None else [])
+    return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+
+
+def _agreed_value(name: str, loaded: dict, models: list[ModelSource], base: ModelSource | None) -> torch.Tensor:
+    """Non-floating tensors are never averaged: all inputs must agree, and the base's (or first model's) is kept."""
+    labelled = list(zip([m.label for m in models], loaded["models"]))
+    if base is not None:
+        labelled.insert(0, (base.label, loaded["base"]))
+    reference_label, reference = labelled[0]
+    differing = [label for label, value in labelled[1:] if not torch.equal(value, reference)]
+    if differing:
+        raise ModelInputError(f"non-floating tensor {name!r} (dtype {reference.dtype}) differs between "
+                              f"{reference_label} and {', '.join(differing)}; it cannot be averaged, "
+                              f"so the inputs must agree on it")
+    return reference
+
+
+def _not_aliasing(produced: torch.Tensor, loaded: dict) -> torch.Tensor:
+    """A copy of ``produced`` if it shares memory with an input (in-memory inputs must never alias the output)."""
+    inputs = loaded.get("models", []) + ([loaded["base"]] if loaded.get("base") is not None else [])
+    storage = produced.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == storage for t in inputs):
+        return produced.clone()
+    return produced
+

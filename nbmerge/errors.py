@@ -1,0 +1,21 @@
+"""The errors nbmerge raises for user mistakes: each names the file, tensor or parameter at fault."""
+
+
+class NBMergeError(Exception):
+    """Base of every error nbmerge raises on purpose (bad input, not a bug)."""
+
+
+class ParameterError(NBMergeError, ValueError):
+    """A method parameter is unknown, of the wrong type or out of its declared range."""
+
+
+class ModelInputError(NBMergeError, ValueError):
+    """A model input cannot be read, or the inputs do not agree (keys, shapes, dtypes)."""
+
+
+class PluginError(NBMergeError):
+    """A plugin is broken: duplicate method names, a malformed declaration."""
+
+
+class OutputExistsError(NBMergeError, FileExistsError):
+    """The output folder exists and overwriting was not asked for."""

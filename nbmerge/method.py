@@ -1,0 +1,121 @@
+"""What a merge method declares once, and what its per-tensor kernel receives.
+
+A plugin builds a ``MergeMethod`` and hands it to the ``register`` callback of the ``register_merge_methods``
+hook. The engine, the CLI flags, the magic's arguments and the widget's controls are all derived from it.
+A method never opens files and never prints: its kernel receives a ``TensorJob`` and returns one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import ParameterError
+from .params import Param, validate_params
+
+BASE_REQUIRED, BASE_OPTIONAL, BASE_UNUSED = "required", "optional", "unused"
+
+
+@dataclass
+class TensorJob:
+    """One tensor to merge: the same-named tensor of every model, in the compute dtype on the compute device.
+
+    ``models`` and ``base`` belong to the caller and may alias user memory: a kernel never modifies them in place.
+    ``params`` are the validated parameters with schedules already resolved for this tensor.
+    """
+
+    name: str
+    models: list[torch.Tensor]
+    base: torch.Tensor | None
+    params: dict[str, Any]
+    layer: int | None
+    num_layers: int
+    stage_results: dict[str, Any] = field(default_factory=dict)
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        """τ_i = θ_i − θ_0 for every model."""
+        return [model - self.base for model in self.models]
+
+    def generator(self, seed: int, model_index: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, tensor name, model index): draws do not depend on processing order."""
+        digest = hashlib.blake2b(f"{seed}\0{self.name}\0{model_index}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A whole-model pass a method needs before merging (e.g. one global trim threshold per task vector).
+
+    ``run(stream, params)`` may call ``stream(visit)`` up to ``passes`` times; each call streams every merged
+    tensor as a ``TensorJob`` (without stage results) to ``visit``. What ``run`` returns is given to the kernel
+    as ``job.stage_results[name]``. ``applies(params)`` says whether this merge needs the stage at all.
+    """
+
+    name: str
+    run: Callable[[Callable[[Callable[[TensorJob], None]], None], dict], Any]
+    passes: int
+    applies: Callable[[dict], bool] = lambda params: True
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method's declaration.
+
+    name: the registered name; summary: one line; formula: the formula in words and symbols (shown in help);
+    params: the typed parameters; min_models / max_models: how many models it takes (base not counted);
+    base: whether it needs a base (pretrained) model: "required", "optional" or "unused";
+    merge_tensor: the per-tensor kernel; stages: whole-model passes run first;
+    copies_from_base(name, params): True where a tensor is taken unmerged from the base, or from the first model
+    when there is no base (e.g. backbone-only);
+    check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
+    """
+
+    name: str
+    summary: str
+    formula: str
+    params: tuple[Param, ...]
+    merge_tensor: Callable[[TensorJob], torch.Tensor]
+    min_models: int = 2
+    max_models: int | None = None
+    base: str = BASE_UNUSED
+    stages: tuple[Stage, ...] = ()
+    copies_from_base: Callable[[str, dict], bool] | None = None
+    check: Callable[[dict, int, bool], None] | None = None
+    plugin: str = ""
+
+    def validate(self, given: Mapping[str, Any], n_models: int, has_base: bool) -> dict:
+        """Validate user parameters and the model count before any tensor is read; return canonical params."""
+        if self.base == BASE_REQUIRED and not has_base:
+            raise ParameterError(f"{self.name}: needs a base (pretrained) model: pass base=...")
+        if self.base == BASE_UNUSED and has_base:
+            raise ParameterError(f"{self.name}: takes no base model (it merges the models as they are); "
+                                 f"drop base=... or choose a method that uses one")
+        if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
+            wanted = (f"exactly {self.min_models}" if self.max_models == self.min_models
+                      else f"at least {self.min_models}" if self.max_models is None
+                      else f"{self.min_models} to {self.max_models}")
+            raise ParameterError(f"{self.name}: takes {wanted} model(s) besides the base, got {n_models}")
+        params = validate_params(self.name, self.params, given)
+        for param in self.params:
+            if param.per_model and params[param.name] is not None and len(params[param.name]) != n_models:
+                raise ParameterError(f"{self.name}: parameter {param.name!r} has {len(params[param.name])} values "
+                                     f"for {n_models} models")
+        if self.check is not None:
+            self.check(params, n_models, has_base)
+        return params
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "summary": self.summary,
+            "formula": self.formula,
+            "min_models": self.min_models,
+            "max_models": self.max_models,
+            "base": self.base,
+            "stages": [stage.name for stage in self.stages],
+            "params": [p.describe() for p in self.params],
+        }

@@ -1,0 +1,1 @@
+"""nbmerge's built-in merge methods, one module each, registered through the ``nbmerge`` entry-point group."""

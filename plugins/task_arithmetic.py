@@ -1,0 +1,35 @@
+"""Task arithmetic (Ilharco et al. 2023): add the scaled sum of task vectors to the base.
+
+θ = θ_0 + λ Σ_i w_i τ_i, with τ_i = θ_i − θ_0, λ = ``scaling`` (default 0.3) and w_i = ``weights`` (default 1).
+"""
+
+from nbmerge import hookimpl
+from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
+from nbmerge.params import Param
+
+SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors")
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+
+
+def _task_arithmetic(job: TensorJob):
+    weights = job.params["weights"] or [1.0] * len(job.models)
+    merged = job.base.clone()
+    for model, weight in zip(job.models, weights):
+        merged.add_(model - job.base, alpha=job.params["scaling"] * weight)
+    return merged
+
+
+TASK_ARITHMETIC = MergeMethod(
+    name="task_arithmetic",
+    summary="Add the scaled sum of task vectors to the base model",
+    formula="θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)",
+    params=(SCALING, WEIGHTS),
+    merge_tensor=_task_arithmetic,
+    min_models=1,
+    base=BASE_REQUIRED,
+)
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(TASK_ARITHMETIC)

@@ -1,0 +1,178 @@
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
+1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
+   some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
+   each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
+   per task vector, found by a streaming radix selection over two passes (the paper and FusionBench). Entries
+   equal to the threshold are all kept.
+2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
+   (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
+3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
+   non-zero entries; the paper's mean when w = 1), ``"sum"`` Σ w_i τ̂_i, or ``"max"`` γ · max |w_i τ̂_i|.
+4. θ = θ_0 + λ · merged, λ = ``scaling``.
+Weights multiply the task vectors before the election, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nbmerge import hookimpl
+from nbmerge.method import BASE_REQUIRED, MergeMethod, Stage, TensorJob
+from nbmerge.params import Param
+
+GLOBAL_THRESHOLD = "global trim threshold"
+_HIGH_BUCKETS = 1 << 15  # |τ| is non-negative, so its float32 bit pattern has the sign bit clear
+_LOW_BUCKETS = 1 << 16
+
+DENSITY = Param("density", "float", 0.2, "fraction of each task vector's changed entries kept by magnitude",
+                low=0.0, high=1.0, low_inclusive=False)
+SIGN = Param("sign", "choice", "sum", "sign election: by summed mass or by count of signs", choices=("sum", "count"))
+MERGE_FUNC = Param("merge_func", "choice", "mean", "how agreeing entries combine",
+                   choices=("mean", "sum", "max"))
+SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector")
+TRIM_SCOPE = Param("trim_scope", "choice", "model", "rank magnitudes per tensor or over the whole model",
+                   choices=("tensor", "model"))
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+
+
+# -- the per-tensor steps, shared with DARE's TIES combination ---------------------------------------------------
+def weighted_task_vectors(job: TensorJob) -> torch.Tensor:
+    """[n, ...] stack of w_i τ_i."""
+    weights = job.params.get("weights") or [1.0] * len(job.models)
+    return torch.stack([(model - job.base) * weight for model, weight in zip(job.models, weights)])
+
+
+def elect_sign(trimmed: torch.Tensor, method: str, tie_sign: float) -> torch.Tensor:
+    """γ per position: sign of the summed mass or of the summed signs; exact ties get ``tie_sign``."""
+    votes = trimmed.sum(0) if method == "sum" else trimmed.sign().sum(0)
+    elected = votes.sign()
+    return torch.where(elected == 0, torch.full_like(elected, tie_sign), elected)
+
+
+def disjoint_merge(trimmed: torch.Tensor, elected: torch.Tensor, merge_func: str,
+                   weights: list[float]) -> torch.Tensor:
+    """Combine the entries whose sign agrees with γ (zero entries never agree)."""
+    agrees = trimmed.sign() == elected
+    kept = trimmed * agrees
+    if merge_func == "sum":
+        return kept.sum(0)
+    if merge_func == "max":
+        return kept.abs().amax(0) * elected
+    weight_shape = (-1,) + (1,) * (trimmed.dim() - 1)
+    divisor = (torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device).view(weight_shape) * agrees).sum(0)
+    return kept.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Zero every entry of τ_i below its threshold (a threshold of inf drops the whole vector)."""
+    limits = torch.tensor(thresholds, dtype=task_vectors.dtype, device=task_vectors.device)
+    return task_vectors * (task_vectors.abs() >= limits.view((-1,) + (1,) * (task_vectors.dim() - 1)))
+
+
+def tensor_thresholds(task_vectors: torch.Tensor, density: float) -> list[float]:
+    """Per task vector: the k-th largest |τ_i| in this tensor, k = int(density · positions changed by any model)."""
+    magnitudes = task_vectors.abs().flatten(1)
+    changed = int((magnitudes != 0).any(0).sum())
+    keep = int(density * changed)
+    if keep == 0:
+        return [float("inf")] * len(task_vectors)
+    kth = magnitudes.kthvalue(magnitudes.shape[1] - keep + 1, dim=1).values
+    return kth.tolist()
+
+
+# -- the whole-model stage: exact global thresholds by streaming radix selection -----------------------------------
+def global_thresholds(stream, params: dict) -> dict:
+    """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
+
+    Non-negative float32 values order like their int32 bit patterns, so the k-th largest |τ_i| is found exactly
+    with a histogram of the high 16 bits (pass 1), then of the low 16 bits within the selected bucket (pass 2).
+    Pass 3 counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
+    """
+    high_counts: list[torch.Tensor] = []
+    changed = [0]
+
+    def count_high(job: TensorJob) -> None:
+        vectors = weighted_task_vectors(job).abs().flatten(1).float()
+        changed[0] += int((vectors != 0).any(0).sum())
+        for i, bits in enumerate(_bits(vectors)):
+            counts = torch.bincount(bits >> 16, minlength=_HIGH_BUCKETS).cpu()
+            if len(high_counts) <= i:
+                high_counts.append(counts)
+            else:
+                high_counts[i] += counts
+
+    stream(count_high)
+    keep = int(params["density"] * changed[0])
+    if keep == 0:
+        return {"thresholds": [float("inf")] * len(high_counts), "majority_sign": 1.0}
+    buckets, ranks = zip(*(_select(counts, keep) for counts in high_counts))
+    low_counts = [torch.zeros(_LOW_BUCKETS, dtype=torch.int64) for _ in high_counts]
+
+    def count_low(job: TensorJob) -> None:
+        vectors = weighted_task_vectors(job).abs().flatten(1).float()
+        for i, bits in enumerate(_bits(vectors)):
+            in_bucket = bits[(bits >> 16) == buckets[i]]
+            low_counts[i] += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BUCKETS).cpu()
+
+    stream(count_low)
+    thresholds = []
+    for bucket, rank, counts in zip(buckets, ranks, low_counts):
+        low, _ = _select(counts, rank)
+        value = torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32).item()
+        thresholds.append(value)
+    balance = [0]
+
+    def count_signs(job: TensorJob) -> None:
+        trimmed = trim(weighted_task_vectors(job), thresholds)
+        balance[0] += int(elect_sign(trimmed, params["sign"], 0.0).sum())
+
+    stream(count_signs)
+    return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
+
+
+def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
+    return magnitudes.contiguous().view(torch.int32).to(torch.int64)
+
+
+def _select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bucket holding the rank-th largest value (1-based), and that value's rank within the bucket."""
+    from_top = counts.flip(0).cumsum(0)
+    index_from_top = int(torch.searchsorted(from_top, torch.tensor(rank)))
+    bucket = len(counts) - 1 - index_from_top
+    above = int(from_top[index_from_top - 1]) if index_from_top > 0 else 0
+    return bucket, rank - above
+
+
+# -- the kernel --------------------------------------------------------------------------------------------------
+def _ties(job: TensorJob) -> torch.Tensor:
+    params = job.params
+    vectors = weighted_task_vectors(job)
+    if params["trim_scope"] == "model":
+        stage = job.stage_results[GLOBAL_THRESHOLD]
+        thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
+    else:
+        thresholds, tie_sign = tensor_thresholds(vectors, params["density"]), 1.0
+    trimmed = trim(vectors, thresholds)
+    elected = elect_sign(trimmed, params["sign"], tie_sign)
+    merged = disjoint_merge(trimmed, elected, params["merge_func"], params["weights"] or [1.0] * len(job.models))
+    return job.base + params["scaling"] * merged
+
+
+TIES = MergeMethod(
+    name="ties",
+    summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
+    formula="θ = θ_0 + λ · disjoint_merge(trim_density(w_i τ_i), γ), γ = sign(Σ_i w_i τ̂_i)",
+    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, WEIGHTS),
+    merge_tensor=_ties,
+    min_models=1,
+    base=BASE_REQUIRED,
+    stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=3,
+                  applies=lambda params: params["trim_scope"] == "model"),),
+)
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(TIES)
