@@ -8,6 +8,7 @@ installed packages' entry points.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import os
 import threading
@@ -45,6 +46,13 @@ def _load_plugins() -> pluggy.PluginManager:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     pm.check_pending()
     return pm
+
+
+def reload_plugins() -> None:
+    """Forget loaded plugins; the next call rediscovers entry points (e.g. after installing a plugin package)."""
+    with _lock:
+        _state.clear()
+    importlib.invalidate_caches()
 
 
 def register_plugin(plugin, name: str | None = None) -> None:

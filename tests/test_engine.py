@@ -1,0 +1,273 @@
+"""The streaming engine end to end: inputs, sharded output, atomicity, strictness, progress, staleness, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import nbmerge
+from nbmerge.cli import main as cli_main
+from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError
+from nbmerge.sources import SafetensorsSource
+
+
+def task_arithmetic_by_hand(base: dict, models: list[dict], scaling: float) -> dict:
+    return {name: (base[name].double() + scaling * sum(m[name].double() - base[name].double() for m in models))
+            for name in base}
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    return state
+
+
+def assert_close_to(expected: dict, actual: dict, atol=1e-6):
+    assert set(expected) == set(actual)
+    for name in expected:
+        assert torch.allclose(actual[name].double(), expected[name].double(), atol=atol), name
+
+
+# -- inputs and outputs --------------------------------------------------------------------------------------------
+def test_sharded_folders_in_sharded_folder_out(llama_set, tmp_path):
+    out = tmp_path / "merged"
+    result = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, out=out,
+                           scaling=0.4, shard_size="60KB", progress=False)
+    assert result.path == out
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard_files = sorted(set(index["weight_map"].values()))
+    assert len(shard_files) > 1
+    assert all((out / f).stat().st_size <= 60_000 + 8 + 20_000 or len(load_file(out / f)) == 1 for f in shard_files)
+    merged = load_folder(out)
+    assert_close_to(task_arithmetic_by_hand(llama_set.base, llama_set.models, 0.4), merged)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    # the folder is a loadable Hugging Face model: config copied from the base
+    assert json.loads((out / "config.json").read_text()) == json.loads((llama_set.base_dir / "config.json").read_text())
+    from transformers import LlamaForCausalLM
+
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded.state_dict()["lm_head.weight"], merged["lm_head.weight"])
+
+
+def test_recipe_recorded_in_file_and_metadata(llama_set, tmp_path):
+    out = tmp_path / "merged"
+    nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, out=out, density=0.5,
+                  trim_scope="tensor", progress=False)
+    recipe = json.loads((out / "nbmerge_recipe.json").read_text())
+    assert recipe["method"] == "ties" and recipe["nbmerge_version"] == nbmerge.__version__
+    assert recipe["params"]["density"] == 0.5 and recipe["params"]["trim_scope"] == "tensor"
+    assert recipe["models"] == [str(p) for p in llama_set.model_dirs] and recipe["base"] == str(llama_set.base_dir)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["nbmerge_recipe"]) == recipe
+    # the recorded parameters reproduce the merge
+    again = nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, progress=False, **recipe["params"])
+    assert_close_to(again.state_dict, load_folder(out), atol=0)
+
+
+def test_in_memory_modules_and_files_give_the_same_merge(llama_set):
+    from transformers import LlamaForCausalLM
+
+    modules = [LlamaForCausalLM.from_pretrained(p) for p in llama_set.model_dirs]
+    from_modules = nbmerge.merge("ties", modules, base=llama_set.base, density=0.3, progress=False).state_dict
+    from_files = nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, density=0.3,
+                               progress=False).state_dict
+    assert_close_to(from_files, from_modules, atol=0)
+
+
+def test_single_file_in_single_file_out(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"a": torch.full((3,), float(i)), "b": torch.full((2, 2), 2.0 * i)}, paths[-1])
+    out = tmp_path / "merged.safetensors"
+    nbmerge.merge("linear", paths, out=out, t=0.25, progress=False)
+    merged = load_file(out)
+    assert torch.allclose(merged["a"], torch.full((3,), 0.25)) and torch.allclose(merged["b"], torch.full((2, 2), 0.5))
+    assert sorted(os.listdir(tmp_path)) == ["m0.safetensors", "m1.safetensors", "merged.safetensors"]
+
+
+def test_bf16_inputs_are_stored_as_bf16_or_out_dtype(bf16_llama_set, tmp_path):
+    result = nbmerge.merge("simple_average", bf16_llama_set.model_dirs, progress=False)
+    expected = {n: sum(m[n].float() for m in bf16_llama_set.models) / 3 for n in bf16_llama_set.base}
+    for name, tensor in result.state_dict.items():
+        assert tensor.dtype == torch.bfloat16
+        # float32 arithmetic rounded once to bf16: within one bf16 step (2^-7 relative) of the exact mean
+        # (atol covers float32 cancellation where the mean is ~0)
+        assert torch.allclose(tensor.float(), expected[name], rtol=2**-7, atol=1e-8), name
+    out = tmp_path / "f32"
+    nbmerge.merge("simple_average", bf16_llama_set.model_dirs, out=out, out_dtype="float32", progress=False)
+    assert all(t.dtype == torch.float32 for t in load_folder(out).values())
+    assert json.loads((out / "config.json").read_text()).get("dtype", "float32") == "float32"
+
+
+def test_weights_only_pickle_checkpoints(tmp_path):
+    models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    for i, model in enumerate(models):
+        torch.save(model, tmp_path / f"m{i}.bin")
+    merged = nbmerge.merge("simple_average", [tmp_path / "m0.bin", tmp_path / "m1.bin"], progress=False)
+    assert merged.state_dict["w"].tolist() == [2.0, 4.0]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    with open(tmp_path / "evil.bin", "wb") as f:
+        pickle.dump({"w": _Exploit()}, f)
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.bin")
+    with pytest.raises(ModelInputError, match="evil.bin.*weights-only"):
+        nbmerge.merge("simple_average", [tmp_path / "good.bin", tmp_path / "evil.bin"], progress=False)
+
+
+def test_inputs_are_never_modified(llama_set):
+    from transformers import LlamaForCausalLM
+
+    modules = [LlamaForCausalLM.from_pretrained(p) for p in llama_set.model_dirs]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    for method, params in [("ties", {}), ("dare", {}), ("expo", {}), ("task_arithmetic", {})]:
+        result = nbmerge.merge(method, modules, base=modules[0], progress=False, **params)
+        result.state_dict["lm_head.weight"].add_(1.0)  # the output never aliases an input either
+    for module, saved in zip(modules, before):
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, saved[name]), name
+
+
+# -- atomic output -------------------------------------------------------------------------------------------------
+def test_existing_output_is_kept_unless_overwrite(llama_set, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        nbmerge.merge("simple_average", llama_set.model_dirs, out=out, progress=False)
+    assert os.listdir(out) == ["keep.txt"]
+    nbmerge.merge("simple_average", llama_set.model_dirs, out=out, overwrite=True, progress=False)
+    assert "keep.txt" not in os.listdir(out) and (out / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["merged"]
+
+
+def test_interrupted_merge_leaves_nothing_behind(llama_set, tmp_path):
+    out = tmp_path / "merged"
+    seen = []
+
+    def interrupt(event):
+        seen.append(event.tensor)
+        if len([t for t in seen if t]) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, out=out, on_progress=interrupt,
+                      progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_integer_buffers_must_agree_and_failure_leaves_no_output(tmp_path):
+    a = {"w": torch.ones(4), "steps": torch.tensor([7])}
+    b = {"w": torch.zeros(4), "steps": torch.tensor([7])}
+    merged = nbmerge.merge("simple_average", [a, b], progress=False).state_dict
+    assert merged["steps"].dtype == torch.int64 and merged["steps"].tolist() == [7]
+    b["steps"] = torch.tensor([8])
+    with pytest.raises(ModelInputError, match=r"'steps'.*models\[0\].*models\[1\]"):
+        nbmerge.merge("simple_average", [a, b], out=tmp_path / "out", progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+# -- strictness before reading -------------------------------------------------------------------------------------
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    def refuse(self, name):
+        raise AssertionError(f"tensor {name} was read before the inputs were checked")
+
+    monkeypatch.setattr(SafetensorsSource, "read", refuse)
+
+
+def test_parameter_mistakes_fail_before_any_tensor_is_read(llama_set, no_tensor_reads):
+    with pytest.raises(ParameterError, match="did you mean 'density'"):
+        nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, densty=0.3, progress=False)
+    with pytest.raises(ParameterError, match=r"density.*\(0, 1\].*1\.5"):
+        nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, density=1.5, progress=False)
+    with pytest.raises(ParameterError, match=r"drop_rate.*\[0, 1\)"):
+        nbmerge.merge("dare", llama_set.model_dirs, base=llama_set.base_dir, drop_rate=1, progress=False)
+    with pytest.raises(ParameterError, match="did you mean 'slerp'"):
+        nbmerge.merge("slurp", llama_set.model_dirs[:2], progress=False)
+    with pytest.raises(ParameterError, match="needs a base"):
+        nbmerge.merge("task_arithmetic", llama_set.model_dirs, progress=False)
+
+
+def test_mismatched_models_fail_before_any_tensor_is_read(tmp_path, no_tensor_reads):
+    save_file({"a": torch.ones(2, 3), "b": torch.ones(3)}, tmp_path / "one.safetensors")
+    save_file({"a": torch.ones(3, 2), "b": torch.ones(3)}, tmp_path / "shape.safetensors")
+    save_file({"a": torch.ones(2, 3)}, tmp_path / "keys.safetensors")
+    with pytest.raises(ModelInputError, match=r"tensor 'a': shape \[3, 2\] in .*shape.safetensors but \[2, 3\]"):
+        nbmerge.merge("simple_average", [tmp_path / "one.safetensors", tmp_path / "shape.safetensors"],
+                      progress=False)
+    with pytest.raises(ModelInputError, match=r"keys.safetensors lacks 1 tensor.*'b'"):
+        nbmerge.merge("simple_average", [tmp_path / "one.safetensors", tmp_path / "keys.safetensors"],
+                      progress=False)
+    (tmp_path / "trunc.safetensors").write_bytes((tmp_path / "one.safetensors").read_bytes()[:-4])
+    with pytest.raises(ModelInputError, match=r"trunc.safetensors: tensor .* truncated"):
+        nbmerge.merge("simple_average", [tmp_path / "one.safetensors", tmp_path / "trunc.safetensors"],
+                      progress=False)
+    with pytest.raises(ModelInputError, match="no such file"):
+        nbmerge.merge("simple_average", [tmp_path / "one.safetensors", tmp_path / "missing"], progress=False)
+
+
+# -- long-lived processes ------------------------------------------------------------------------------------------
+def test_rewritten_input_is_never_served_stale(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.zeros(1000)}, first)
+    save_file({"w": torch.full((1000,), 2.0)}, second)
+    assert nbmerge.merge("simple_average", [first, second], progress=False).state_dict["w"][0] == 1.0
+    save_file({"w": torch.full((1000,), 4.0)}, first)  # same size, same name, new content
+    assert nbmerge.merge("simple_average", [first, second], progress=False).state_dict["w"][0] == 3.0
+
+
+# -- progress and report -------------------------------------------------------------------------------------------
+def test_progress_events_and_report_count_every_byte(llama_set):
+    events = []
+    result = nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, on_progress=events.append,
+                           progress=False)
+    model_bytes = sum(t.numel() * t.element_size() for t in llama_set.base.values())
+    # three threshold passes over 3 models + base, then the merge pass over the same
+    assert result.report.bytes_read == 4 * 4 * model_bytes == events[-1].done == events[-1].total
+    assert [e.done for e in events] == sorted(e.done for e in events)
+    assert {e.phase for e in events} == {"global trim threshold", "merge"}
+    assert result.report.tensors == len(llama_set.base) and result.report.peak_rss_bytes > 0
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def test_cli_merge_matches_the_api(llama_set, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["merge", "task_arithmetic", *map(str, llama_set.model_dirs), "--base", str(llama_set.base_dir),
+                     "--out", str(out), "--scaling", "0.4", "--weights", "1,0.5,2", "--quiet"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    api = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, scaling=0.4,
+                        weights=[1, 0.5, 2], progress=False)
+    assert_close_to(api.state_dict, load_folder(out), atol=0)
+
+
+def test_cli_reports_user_errors_in_one_line(llama_set, capsys):
+    code = cli_main(["merge", "ties", *map(str, llama_set.model_dirs), "--base", str(llama_set.base_dir),
+                     "--density", "1.5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("nbmerge: error: ties: parameter 'density'") and "Traceback" not in err
+
+
+def test_cli_lists_methods_as_json(capsys):
+    assert cli_main(["methods", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert {p["name"] for p in listed["ties"]["params"]} == {"density", "sign", "merge_func", "scaling",
+                                                            "trim_scope", "weights"}
+    assert listed["dare"]["params"][0] == {**listed["dare"]["params"][0], "name": "drop_rate", "high": 1.0,
+                                           "high_inclusive": False}
