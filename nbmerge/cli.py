@@ -72,11 +72,43 @@ def _methods(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    """Build a small Llama checkpoint set on this machine and merge it with every registered method."""
+    from pathlib import Path
+
+    import torch
+
+    from .api import merge
+    from .method import BASE_REQUIRED
+    from .registry import all_methods
+    from .synthetic import LlamaShape, build_llama_set
+
+    parser = argparse.ArgumentParser(prog="nbmerge demo", description=_demo.__doc__)
+    parser.add_argument("--workdir", default=".nbmerge-demo", help="where the models and merges are written")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the demo model (default 8)")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    shape = LlamaShape(layers=args.layers)
+    print(f"building base + 3 fine-tunes ({shape.nbytes(torch.float32) / 2**20:.0f} MiB each) in {workdir}/models")
+    checkpoints = build_llama_set(workdir / "models", shape, shard_size=20 * 2**20)
+    print(f"{'method':<17} {'models':>6} {'base':>4} {'tensors':>7} {'read MiB':>9} {'seconds':>8} {'peak RSS MiB':>12}")
+    for method in all_methods().values():
+        count = min(method.max_models or 3, 3)
+        base = checkpoints.base if method.base == BASE_REQUIRED else None
+        result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,
+                       overwrite=True, progress=False)
+        report = result.report
+        print(f"{method.name:<17} {count:>6} {'yes' if base else 'no':>4} {report.tensors:>7} "
+              f"{report.bytes_read / 2**20:>9.1f} {report.seconds:>8.2f} {report.peak_rss_bytes / 2**20:>12.0f}")
+    print(f"merged models (loadable with transformers) are in {workdir}/merged/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"merge": _merge, "methods": _methods}
+    commands = {"merge": _merge, "methods": _methods, "demo": _demo}
     if not argv or argv[0] not in commands:
-        print("usage: nbmerge {merge,methods} ...\n  nbmerge methods [--json]\n"
+        print("usage: nbmerge {merge,methods,demo} ...\n  nbmerge methods [--json]\n  nbmerge demo [--workdir DIR]\n"
               "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
         return 2
     try:

@@ -78,10 +78,9 @@ class FolderSink:
         self.partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
         layout = [(t.name, t.out_dtype, t.info.shape) for t in plan.tensors]
-        shards = [layout] if self.single_file else _split(layout, shard_size)
-        names = (["model.safetensors"] if len(shards) == 1
-                 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        self._writers = [ShardWriter(self.partial / name, shard, metadata) for name, shard in zip(names, shards)]
+        shards = [layout] if self.single_file else split_layout(layout, shard_size)
+        self._writers = [ShardWriter(self.partial / name, shard, metadata)
+                         for name, shard in zip(shard_names(len(shards)), shards)]
         self._writer_of = {entry[0]: writer for writer in self._writers for entry in writer.layout}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-write")
         self._pending: deque[Future] = deque()
@@ -143,7 +142,15 @@ def check_output_free(out: Path, overwrite: bool) -> None:
                                 f"it cannot be replaced by a merged {'file' if out.is_dir() else 'folder'}")
 
 
-def _split(layout: list, shard_size: int) -> list[list]:
+def shard_names(count: int) -> list[str]:
+    """Hugging Face's file names: model.safetensors, or model-0000i-of-0000n.safetensors when sharded."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def split_layout(layout: list, shard_size: int) -> list[list]:
+    """Consecutive groups of (name, dtype, shape) of at most ``shard_size`` bytes (a larger tensor alone)."""
     shards: list[list] = [[]]
     filled = 0
     for entry in layout:
