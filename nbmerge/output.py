@@ -9,6 +9,7 @@ written before its data, and tensors stream to disk from a writer thread as they
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -154,7 +155,7 @@ def split_layout(layout: list, shard_size: int) -> list[list]:
     shards: list[list] = [[]]
     filled = 0
     for entry in layout:
-        nbytes = entry[1].itemsize * _numel(entry[2])
+        nbytes = entry[1].itemsize * math.prod(entry[2])
         if shards[-1] and filled + nbytes > shard_size:
             shards.append([])
             filled = 0
@@ -173,9 +174,3 @@ def _move_into_place(partial: Path, out: Path) -> None:
     else:
         os.replace(partial, out)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -46,7 +46,7 @@ class MergePlan:
 
     @property
     def out_bytes(self) -> int:
-        return sum(t.out_dtype.itemsize * _numel(t.info.shape) for t in self.tensors)
+        return sum(t.out_dtype.itemsize * t.info.numel for t in self.tensors)
 
 
 def make_plan(method: MergeMethod, params: dict, models: list[ModelSource], base: ModelSource | None,
@@ -105,9 +105,3 @@ def _names(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -10,6 +10,7 @@ ends, so a notebook that rewrites a checkpoint between merges never gets stale t
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,12 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * _numel(self.shape)
+        return self.dtype.itemsize * self.numel
 
 
 class ModelSource:
@@ -167,9 +172,3 @@ def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -271,3 +271,19 @@ def test_cli_lists_methods_as_json(capsys):
                                                             "trim_scope", "weights"}
     assert listed["dare"]["params"][0] == {**listed["dare"]["params"][0], "name": "drop_rate", "high": 1.0,
                                            "high_inclusive": False}
+
+
+@pytest.mark.parametrize("method", ["weighted_average", "simple_average", "linear", "task_arithmetic", "expo", "ties",
+                                    "dare", "slerp"])
+def test_every_method_merges_folders_via_cli_and_modules_via_api_alike(method, llama_set, tmp_path):
+    declared = nbmerge.methods()[method]
+    count = min(declared.max_models or 3, 3)
+    base_args = ["--base", str(llama_set.base_dir)] if declared.base == "required" else []
+    out = tmp_path / method
+    assert cli_main(["merge", method, *map(str, llama_set.model_dirs[:count]), *base_args, "--out", str(out),
+                     "--shard-size", "50KB", "--quiet"]) == 0
+    from_cli = load_folder(out)
+    base = llama_set.base if declared.base == "required" else None
+    from_api = nbmerge.merge(method, llama_set.models[:count], base=base, progress=False).state_dict
+    assert_close_to(from_api, from_cli, atol=0)
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(llama_set.base)
