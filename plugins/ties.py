@@ -73,13 +73,16 @@ def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
 
 def tensor_thresholds(task_vectors: torch.Tensor, density: float) -> list[float]:
     """Per task vector: the k-th largest |τ_i| in this tensor, k = int(density · positions changed by any model)."""
-    magnitudes = task_vectors.abs().flatten(1)
-    changed = int((magnitudes != 0).any(0).sum())
-    keep = int(density * changed)
+    magnitudes = task_vectors.abs().flatten(1).float()
+    keep = int(density * int((magnitudes != 0).any(0).sum()))
     if keep == 0:
         return [float("inf")] * len(task_vectors)
-    kth = magnitudes.kthvalue(magnitudes.shape[1] - keep + 1, dim=1).values
-    return kth.tolist()
+    thresholds = []
+    for bits in _bits(magnitudes):
+        bucket, rank = _select(_high_counts(bits), keep)
+        low, _ = _select(_low_counts(bits, bucket), rank)
+        thresholds.append(_value(bucket, low))
+    return thresholds
 
 
 # -- the whole-model stage: exact global thresholds by streaming radix selection -----------------------------------
@@ -94,14 +97,12 @@ def global_thresholds(stream, params: dict) -> dict:
     changed = [0]
 
     def count_high(job: TensorJob) -> None:
-        vectors = weighted_task_vectors(job).abs().flatten(1).float()
-        changed[0] += int((vectors != 0).any(0).sum())
-        for i, bits in enumerate(_bits(vectors)):
-            counts = torch.bincount(bits >> 16, minlength=_HIGH_BUCKETS).cpu()
+        magnitudes = weighted_task_vectors(job).abs().flatten(1).float()
+        changed[0] += int((magnitudes != 0).any(0).sum())
+        for i, bits in enumerate(_bits(magnitudes)):
             if len(high_counts) <= i:
-                high_counts.append(counts)
-            else:
-                high_counts[i] += counts
+                high_counts.append(torch.zeros(_HIGH_BUCKETS, dtype=torch.int64))
+            high_counts[i] += _high_counts(bits)
 
     stream(count_high)
     keep = int(params["density"] * changed[0])
@@ -111,17 +112,12 @@ def global_thresholds(stream, params: dict) -> dict:
     low_counts = [torch.zeros(_LOW_BUCKETS, dtype=torch.int64) for _ in high_counts]
 
     def count_low(job: TensorJob) -> None:
-        vectors = weighted_task_vectors(job).abs().flatten(1).float()
-        for i, bits in enumerate(_bits(vectors)):
-            in_bucket = bits[(bits >> 16) == buckets[i]]
-            low_counts[i] += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BUCKETS).cpu()
+        magnitudes = weighted_task_vectors(job).abs().flatten(1).float()
+        for i, bits in enumerate(_bits(magnitudes)):
+            low_counts[i] += _low_counts(bits, buckets[i])
 
     stream(count_low)
-    thresholds = []
-    for bucket, rank, counts in zip(buckets, ranks, low_counts):
-        low, _ = _select(counts, rank)
-        value = torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32).item()
-        thresholds.append(value)
+    thresholds = [_value(bucket, _select(counts, rank)[0]) for bucket, rank, counts in zip(buckets, ranks, low_counts)]
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
@@ -132,8 +128,21 @@ def global_thresholds(stream, params: dict) -> dict:
     return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
 
 
+# -- radix selection on float32 bit patterns (exact, and several times faster than kthvalue on the CPU) -----------
 def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return magnitudes.contiguous().view(torch.int32).to(torch.int64)
+    return magnitudes.contiguous().view(torch.int32)
+
+
+def _high_counts(bits: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(bits >> 16, minlength=_HIGH_BUCKETS).cpu()
+
+
+def _low_counts(bits: torch.Tensor, bucket: int) -> torch.Tensor:
+    return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=_LOW_BUCKETS).cpu()
+
+
+def _value(bucket: int, low: int) -> float:
+    return torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32).item()
 
 
 def _select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
