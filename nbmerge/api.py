@@ -123,6 +123,8 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     try:
         engine.run_stages()
         engine.merge_into(sink.put)
+        for source in models + ([base] if base is not None else []):
+            source.check_unchanged()
         sink.finish()
     except BaseException:
         sink.abort()

@@ -50,8 +50,11 @@ class ModelSource:
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_unchanged(self) -> None:
+        """Raise ModelInputError if a file changed since it was opened (checked before an output is finalised)."""
+
     def close(self) -> None:
-        """Release open files and check that none changed while the merge read them."""
+        """Release open files."""
 
 
 class SafetensorsSource(ModelSource):
@@ -73,12 +76,14 @@ class SafetensorsSource(ModelSource):
         entry = self._entries[name]
         return read_tensor(self._files[entry.path], entry)
 
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+    def check_unchanged(self) -> None:
         for path, stamp in self._stamps.items():
             if _stamp(path) != stamp:
                 raise ModelInputError(f"{path}: the file changed while it was being merged; merge again")
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 class StateDictSource(ModelSource):

@@ -287,3 +287,18 @@ def test_every_method_merges_folders_via_cli_and_modules_via_api_alike(method, l
     from_api = nbmerge.merge(method, llama_set.models[:count], base=base, progress=False).state_dict
     assert_close_to(from_api, from_cli, atol=0)
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(llama_set.base)
+
+
+def test_input_rewritten_during_the_merge_fails_without_output(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.zeros(10), "v": torch.zeros(10)}, first)
+    save_file({"w": torch.ones(10), "v": torch.ones(10)}, second)
+
+    def rewrite_first(event):
+        if event.tensor == "v":
+            save_file({"w": torch.full((10,), 5.0), "v": torch.full((10,), 5.0)}, first)
+
+    with pytest.raises(ModelInputError, match=r"a.safetensors: the file changed while it was being merged"):
+        nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", on_progress=rewrite_first,
+                      progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
