@@ -109,7 +109,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
 
 def _run(method, params, plan, models, base, device, recipe, out_path, shard_size, overwrite, progress,
          on_progress) -> MergeResult:
-    stage_passes = sum(stage.passes for stage in method.stages if stage.applies(params))
+    stage_passes = sum(stage.pass_count(params, plan.wide) for stage in method.stages if stage.applies(params))
     total = plan.bytes_for() + stage_passes * plan.bytes_for("merge")
     tracker = Progress(total, progress, on_progress, f"nbmerge {method.name}")
     config_folder = base.folder if base is not None else models[0].folder

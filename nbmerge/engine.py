@@ -38,7 +38,8 @@ class Engine:
     def run_stages(self) -> None:
         for stage in self.method.stages:
             if stage.applies(self.params):
-                self.stage_results[stage.name] = stage.run(self._stream_for(stage.name), self.params)
+                self.stage_results[stage.name] = stage.run(self._stream_for(stage.name), self.params,
+                                                           self.plan.wide)
 
     def _stream_for(self, stage_name: str) -> Callable[[Callable[[TensorJob], None]], None]:
         def stream(visit: Callable[[TensorJob], None]) -> None:
@@ -71,7 +72,7 @@ class Engine:
         return _not_aliasing(produced, loaded)
 
     def _job(self, tensor: TensorPlan, loaded: dict, stage_results: dict) -> TensorJob:
-        compute = _compute_dtype(loaded)
+        compute = tensor.compute_dtype
         params = dict(self.params)
         for name in self._schedules:
             params[name] = schedule_value(params[name], tensor.name, tensor.layer, self.plan.num_layers)
@@ -114,12 +115,6 @@ class Engine:
             finally:
                 for _, future in pending:
                     future.cancel()
-
-
-def _compute_dtype(loaded: dict) -> torch.dtype:
-    """float32, unless an input is float64 (which stays float64)."""
-    inputs = loaded["models"] + ([loaded["base"]] if loaded.get("base") is not None else [])
-    return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
 
 
 def _agreed_value(name: str, loaded: dict, models: list[ModelSource], base: ModelSource | None) -> torch.Tensor:

@@ -49,15 +49,19 @@ class TensorJob:
 class Stage:
     """A whole-model pass a method needs before merging (e.g. one global trim threshold per task vector).
 
-    ``run(stream, params)`` may call ``stream(visit)`` up to ``passes`` times; each call streams every merged
-    tensor as a ``TensorJob`` (without stage results) to ``visit``. What ``run`` returns is given to the kernel
-    as ``job.stage_results[name]``. ``applies(params)`` says whether this merge needs the stage at all.
+    ``run(stream, params, wide)`` calls ``stream(visit)`` ``passes`` times; each call streams every merged tensor
+    as a ``TensorJob`` (without stage results) to ``visit``. ``wide`` is true when some merged tensor is computed
+    in float64. What ``run`` returns is given to the kernel as ``job.stage_results[name]``. ``passes`` is a count
+    or a function of (params, wide); ``applies(params)`` says whether this merge needs the stage at all.
     """
 
     name: str
-    run: Callable[[Callable[[Callable[[TensorJob], None]], None], dict], Any]
-    passes: int
+    run: Callable[[Callable[[Callable[[TensorJob], None]], None], dict, bool], Any]
+    passes: int | Callable[[dict, bool], int]
     applies: Callable[[dict], bool] = lambda params: True
+
+    def pass_count(self, params: dict, wide: bool) -> int:
+        return self.passes(params, wide) if callable(self.passes) else self.passes
 
 
 @dataclass(frozen=True)

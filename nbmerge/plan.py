@@ -28,6 +28,7 @@ class TensorPlan:
     route: str
     info: TensorInfo  # of the reference model (base, else first model)
     out_dtype: torch.dtype
+    compute_dtype: torch.dtype  # float32, or float64 when an input is float64
     layer: int | None
     read_bytes: int  # bytes read from all inputs to produce this tensor
 
@@ -40,6 +41,11 @@ class MergePlan:
     @property
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.route == MERGE]
+
+    @property
+    def wide(self) -> bool:
+        """Some merged tensor is computed in float64."""
+        return any(t.compute_dtype == torch.float64 for t in self.merged)
 
     def bytes_for(self, route: str | None = None) -> int:
         return sum(t.read_bytes for t in self.tensors if route is None or t.route == route)
@@ -58,14 +64,16 @@ def make_plan(method: MergeMethod, params: dict, models: list[ModelSource], base
     for name in names:
         info = reference.infos[name]
         if method.copies_from_base is not None and method.copies_from_base(name, params):
-            route, read_bytes = BASE, info.nbytes
+            route, inputs = BASE, [reference]
         else:
             route = MERGE if info.dtype.is_floating_point else EXACT
             _check_compatible(name, info, route, models, reference)
             inputs = models + ([base] if base is not None else [])
-            read_bytes = sum(src.infos[name].nbytes for src in inputs)
+        read_bytes = sum(src.infos[name].nbytes for src in inputs)
+        wide = any(src.infos[name].dtype == torch.float64 for src in inputs)
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-        tensors.append(TensorPlan(name, route, info, dtype, layer_index(name), read_bytes))
+        tensors.append(TensorPlan(name, route, info, dtype, torch.float64 if wide else torch.float32,
+                                  layer_index(name), read_bytes))
     return MergePlan(tensors, count_layers(names))
 
 

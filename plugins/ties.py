@@ -4,7 +4,8 @@ With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
 1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
    some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
    each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
-   per task vector, found by a streaming radix selection over two passes (the paper and FusionBench). Entries
+   per task vector, found by a streaming radix selection, one pass per 16-bit digit of the magnitudes (two for
+   float32; the paper and FusionBench). Entries
    equal to the threshold are all kept.
 2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
    (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
@@ -23,8 +24,6 @@ from nbmerge.method import BASE_REQUIRED, MergeMethod, Stage, TensorJob
 from nbmerge.params import Param
 
 GLOBAL_THRESHOLD = "global trim threshold"
-_HIGH_BUCKETS = 1 << 15  # |τ| is non-negative, so its float32 bit pattern has the sign bit clear
-_LOW_BUCKETS = 1 << 16
 
 DENSITY = Param("density", "float", 0.2, "fraction of each task vector's changed entries kept by magnitude",
                 low=0.0, high=1.0, low_inclusive=False)
@@ -67,57 +66,75 @@ def disjoint_merge(trimmed: torch.Tensor, elected: torch.Tensor, merge_func: str
 
 def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Zero every entry of τ_i below its threshold (a threshold of inf drops the whole vector)."""
-    limits = torch.tensor(thresholds, dtype=task_vectors.dtype, device=task_vectors.device)
+    exact_in_own_dtype = all(torch.tensor(t, dtype=task_vectors.dtype).item() == t for t in thresholds)
+    limits = torch.tensor(thresholds, dtype=task_vectors.dtype if exact_in_own_dtype else torch.float64,
+                          device=task_vectors.device)
     return task_vectors * (task_vectors.abs() >= limits.view((-1,) + (1,) * (task_vectors.dim() - 1)))
 
 
 def tensor_thresholds(task_vectors: torch.Tensor, density: float) -> list[float]:
     """Per task vector: the k-th largest |τ_i| in this tensor, k = int(density · positions changed by any model)."""
-    magnitudes = task_vectors.abs().flatten(1).float()
+    magnitudes = task_vectors.abs().flatten(1)
     keep = int(density * int((magnitudes != 0).any(0).sum()))
     if keep == 0:
         return [float("inf")] * len(task_vectors)
+    digits = _digits(magnitudes.dtype == torch.float64)
     thresholds = []
     for bits in _bits(magnitudes):
-        bucket, rank = _select(_high_counts(bits), keep)
-        low, _ = _select(_low_counts(bits, bucket), rank)
-        thresholds.append(_value(bucket, low))
+        prefix, rank = 0, keep
+        for level in range(digits):
+            digit, rank = _select(_digit_counts(bits, level, digits, prefix), rank)
+            prefix = (prefix << _DIGIT) | digit
+        thresholds.append(_value(prefix, bits.dtype))
     return thresholds
 
 
 # -- the whole-model stage: exact global thresholds by streaming radix selection -----------------------------------
-def global_thresholds(stream, params: dict) -> dict:
+def threshold_passes(params: dict, wide: bool) -> int:
+    """One pass per 16-bit digit of the magnitudes' bit pattern (2 for float32, 4 for float64), plus the sign pass."""
+    return _digits(wide) + 1
+
+
+def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
 
-    Non-negative float32 values order like their int32 bit patterns, so the k-th largest |τ_i| is found exactly
-    with a histogram of the high 16 bits (pass 1), then of the low 16 bits within the selected bucket (pass 2).
-    Pass 3 counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
+    Non-negative floats order like their integer bit patterns, so the k-th largest |τ_i| is found exactly by
+    radix selection, one streamed pass per 16-bit digit: a histogram of the top digit, then of the next digit
+    among the entries sharing the selected prefix, and so on. (A model with float64 tensors is ranked in float64.)
+    The last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
     """
-    high_counts: list[torch.Tensor] = []
+    digits = _digits(wide)
+    selections: list[list[int]] = []  # per task vector: [prefix, rank]
     changed = [0]
 
-    def count_high(job: TensorJob) -> None:
-        magnitudes = weighted_task_vectors(job).abs().flatten(1).float()
-        changed[0] += int((magnitudes != 0).any(0).sum())
-        for i, bits in enumerate(_bits(magnitudes)):
-            if len(high_counts) <= i:
-                high_counts.append(torch.zeros(_HIGH_BUCKETS, dtype=torch.int64))
-            high_counts[i] += _high_counts(bits)
+    def magnitudes_of(job: TensorJob) -> torch.Tensor:
+        magnitudes = weighted_task_vectors(job).abs().flatten(1)
+        return magnitudes.double() if wide else magnitudes
 
-    stream(count_high)
-    keep = int(params["density"] * changed[0])
-    if keep == 0:
-        return {"thresholds": [float("inf")] * len(high_counts), "majority_sign": 1.0}
-    buckets, ranks = zip(*(_select(counts, keep) for counts in high_counts))
-    low_counts = [torch.zeros(_LOW_BUCKETS, dtype=torch.int64) for _ in high_counts]
+    for level in range(digits):
+        counts: list[torch.Tensor] = []
 
-    def count_low(job: TensorJob) -> None:
-        magnitudes = weighted_task_vectors(job).abs().flatten(1).float()
-        for i, bits in enumerate(_bits(magnitudes)):
-            low_counts[i] += _low_counts(bits, buckets[i])
+        def count(job: TensorJob, level=level, counts=counts) -> None:
+            magnitudes = magnitudes_of(job)
+            if level == 0:
+                changed[0] += int((magnitudes != 0).any(0).sum())
+            for i, bits in enumerate(_bits(magnitudes)):
+                prefix = selections[i][0] if level else 0
+                if len(counts) <= i:
+                    counts.append(torch.zeros(1 << _DIGIT, dtype=torch.int64))
+                counts[i] += _digit_counts(bits, level, digits, prefix)
 
-    stream(count_low)
-    thresholds = [_value(bucket, _select(counts, rank)[0]) for bucket, rank, counts in zip(buckets, ranks, low_counts)]
+        stream(count)
+        if level == 0:
+            keep = int(params["density"] * changed[0])
+            if keep == 0:
+                return {"thresholds": [float("inf")] * len(counts), "majority_sign": 1.0}
+            selections = [[0, keep] for _ in counts]
+        for selection, histogram in zip(selections, counts):
+            digit, selection[1] = _select(histogram, selection[1])
+            selection[0] = (selection[0] << _DIGIT) | digit
+    pattern_dtype = torch.int64 if wide else torch.int32
+    thresholds = [_value(prefix, pattern_dtype) for prefix, _ in selections]
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
@@ -128,21 +145,30 @@ def global_thresholds(stream, params: dict) -> dict:
     return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
 
 
-# -- radix selection on float32 bit patterns (exact, and several times faster than kthvalue on the CPU) -----------
+# -- radix selection on bit patterns (exact, and several times faster than kthvalue on the CPU) -------------------
+_DIGIT = 16
+
+
+def _digits(wide: bool) -> int:
+    return 4 if wide else 2
+
+
 def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return magnitudes.contiguous().view(torch.int32)
+    """Non-negative floats viewed as integers of the same width: the order is the same."""
+    return magnitudes.contiguous().view(torch.int64 if magnitudes.dtype == torch.float64 else torch.int32)
 
 
-def _high_counts(bits: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(bits >> 16, minlength=_HIGH_BUCKETS).cpu()
+def _digit_counts(bits: torch.Tensor, level: int, digits: int, prefix: int) -> torch.Tensor:
+    """Histogram of digit ``level`` (0 = most significant) over the entries whose higher digits equal ``prefix``."""
+    shift = _DIGIT * (digits - 1 - level)
+    if level:
+        bits = bits[(bits >> (shift + _DIGIT)) == prefix]
+    return torch.bincount((bits >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT).cpu()
 
 
-def _low_counts(bits: torch.Tensor, bucket: int) -> torch.Tensor:
-    return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=_LOW_BUCKETS).cpu()
-
-
-def _value(bucket: int, low: int) -> float:
-    return torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32).item()
+def _value(pattern: int, pattern_dtype: torch.dtype) -> float:
+    float_dtype = torch.float64 if pattern_dtype == torch.int64 else torch.float32
+    return torch.tensor([pattern], dtype=pattern_dtype).view(float_dtype).item()
 
 
 def _select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -177,7 +203,7 @@ TIES = MergeMethod(
     merge_tensor=_ties,
     min_models=1,
     base=BASE_REQUIRED,
-    stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=3,
+    stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,
                   applies=lambda params: params["trim_scope"] == "model"),),
 )
 
