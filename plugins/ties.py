@@ -5,8 +5,7 @@ With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
    some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
    each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
    per task vector, found by a streaming radix selection, one pass per 16-bit digit of the magnitudes (two for
-   float32; the paper and FusionBench). Entries
-   equal to the threshold are all kept.
+   float32; the paper and FusionBench). Entries equal to the threshold are all kept.
 2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
    (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
 3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
