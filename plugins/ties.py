@@ -37,38 +37,47 @@ WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default:
 
 # -- the per-tensor steps, shared with DARE's TIES combination ---------------------------------------------------
 def weighted_task_vectors(job: TensorJob) -> torch.Tensor:
-    """[n, ...] stack of w_i τ_i."""
+    """A new [n, ...] tensor of w_i τ_i (computed row by row in place: one allocation)."""
     weights = job.params.get("weights") or [1.0] * len(job.models)
-    return torch.stack([(model - job.base) * weight for model, weight in zip(job.models, weights)])
+    vectors = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
+    for row, model, weight in zip(vectors, job.models, weights):
+        torch.sub(model, job.base, out=row)
+        if weight != 1.0:
+            row.mul_(weight)
+    return vectors
 
 
 def elect_sign(trimmed: torch.Tensor, method: str, tie_sign: float) -> torch.Tensor:
     """γ per position: sign of the summed mass or of the summed signs; exact ties get ``tie_sign``."""
     votes = trimmed.sum(0) if method == "sum" else trimmed.sign().sum(0)
-    elected = votes.sign()
-    return torch.where(elected == 0, torch.full_like(elected, tie_sign), elected)
+    elected = votes.sign_()
+    return elected.masked_fill_(elected == 0, tie_sign) if tie_sign else elected
 
 
 def disjoint_merge(trimmed: torch.Tensor, elected: torch.Tensor, merge_func: str,
                    weights: list[float]) -> torch.Tensor:
-    """Combine the entries whose sign agrees with γ (zero entries never agree)."""
+    """Combine the entries whose sign agrees with γ (zero entries never agree). Consumes ``trimmed``."""
     agrees = trimmed.sign() == elected
-    kept = trimmed * agrees
+    kept = trimmed.mul_(agrees)
     if merge_func == "sum":
         return kept.sum(0)
     if merge_func == "max":
-        return kept.abs().amax(0) * elected
-    weight_shape = (-1,) + (1,) * (trimmed.dim() - 1)
-    divisor = (torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device).view(weight_shape) * agrees).sum(0)
-    return kept.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return kept.abs_().amax(0).mul_(elected)
+    if all(weight == 1.0 for weight in weights):
+        divisor = agrees.sum(0, dtype=trimmed.dtype)
+    else:
+        weight_shape = (-1,) + (1,) * (trimmed.dim() - 1)
+        column = torch.tensor(weights, dtype=trimmed.dtype, device=trimmed.device).view(weight_shape)
+        divisor = (column * agrees).sum(0)
+    return kept.sum(0).div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
 def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """Zero every entry of τ_i below its threshold (a threshold of inf drops the whole vector)."""
+    """Zero, in place, every entry of τ_i below its threshold (a threshold of inf drops the whole vector)."""
     exact_in_own_dtype = all(torch.tensor(t, dtype=task_vectors.dtype).item() == t for t in thresholds)
     limits = torch.tensor(thresholds, dtype=task_vectors.dtype if exact_in_own_dtype else torch.float64,
                           device=task_vectors.device)
-    return task_vectors * (task_vectors.abs() >= limits.view((-1,) + (1,) * (task_vectors.dim() - 1)))
+    return task_vectors.mul_(task_vectors.abs() >= limits.view((-1,) + (1,) * (task_vectors.dim() - 1)))
 
 
 def tensor_thresholds(task_vectors: torch.Tensor, density: float) -> list[float]:
@@ -107,7 +116,7 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     changed = [0]
 
     def magnitudes_of(job: TensorJob) -> torch.Tensor:
-        magnitudes = weighted_task_vectors(job).abs().flatten(1)
+        magnitudes = weighted_task_vectors(job).abs_().flatten(1)
         return magnitudes.double() if wide else magnitudes
 
     for level in range(digits):
