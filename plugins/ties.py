@@ -81,14 +81,16 @@ def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
 
 
 def tensor_thresholds(task_vectors: torch.Tensor, density: float) -> list[float]:
-    """Per task vector: the k-th largest |τ_i| in this tensor, k = int(density · positions changed by any model)."""
-    magnitudes = task_vectors.abs().flatten(1)
-    keep = int(density * int((magnitudes != 0).any(0).sum()))
+    """Per task vector (rows of [n, N]): the k-th largest |τ_i|, k = int(density · positions changed by any model)."""
+    changed = sum(int((task_vectors[:, start:start + BLOCK] != 0).any(0).sum())
+                  for start in range(0, task_vectors.shape[1], BLOCK))
+    keep = int(density * changed)
     if keep == 0:
         return [float("inf")] * len(task_vectors)
-    digits = _digits(magnitudes.dtype == torch.float64)
+    digits = _digits(task_vectors.dtype == torch.float64)
     thresholds = []
-    for bits in _bits(magnitudes):
+    for row in task_vectors:
+        bits = _bits(row.abs())
         prefix, rank = 0, keep
         for level in range(digits):
             digit, rank = _select(_digit_counts(bits, level, digits, prefix), rank)
@@ -125,7 +127,8 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
         def count(job: TensorJob, level=level, counts=counts) -> None:
             magnitudes = magnitudes_of(job)
             if level == 0:
-                changed[0] += int((magnitudes != 0).any(0).sum())
+                changed[0] += sum(int((magnitudes[:, start:start + BLOCK] != 0).any(0).sum())
+                                  for start in range(0, magnitudes.shape[1], BLOCK))
             for i, bits in enumerate(_bits(magnitudes)):
                 prefix = selections[i][0] if level else 0
                 if len(counts) <= i:
@@ -146,8 +149,10 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
-        trimmed = trim(weighted_task_vectors(job), thresholds)
-        balance[0] += int(elect_sign(trimmed, params["sign"], 0.0).sum())
+        vectors = weighted_task_vectors(job).flatten(1)
+        for start in range(0, vectors.shape[1], BLOCK):
+            trimmed = trim(vectors[:, start:start + BLOCK], thresholds)
+            balance[0] += int(elect_sign(trimmed, params["sign"], 0.0).sum())
 
     stream(count_signs)
     return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
@@ -189,18 +194,25 @@ def _select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 # -- the kernel --------------------------------------------------------------------------------------------------
+BLOCK = 1 << 22  # positions merged at a time: bounds the kernel's temporaries on large tensors (embeddings, heads)
+
+
 def _ties(job: TensorJob) -> torch.Tensor:
     params = job.params
-    vectors = weighted_task_vectors(job)
+    vectors = weighted_task_vectors(job).flatten(1)
     if params["trim_scope"] == "model":
         stage = job.stage_results[GLOBAL_THRESHOLD]
         thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
     else:
         thresholds, tie_sign = tensor_thresholds(vectors, params["density"]), 1.0
-    trimmed = trim(vectors, thresholds)
-    elected = elect_sign(trimmed, params["sign"], tie_sign)
-    merged = disjoint_merge(trimmed, elected, params["merge_func"], params["weights"] or [1.0] * len(job.models))
-    return job.base + params["scaling"] * merged
+    weights = params["weights"] or [1.0] * len(job.models)
+    merged = job.base.flatten().clone()
+    for start in range(0, vectors.shape[1], BLOCK):
+        trimmed = trim(vectors[:, start:start + BLOCK], thresholds)
+        elected = elect_sign(trimmed, params["sign"], tie_sign)
+        merged[start:start + BLOCK].add_(disjoint_merge(trimmed, elected, params["merge_func"], weights),
+                                         alpha=params["scaling"])
+    return merged.view_as(job.base)
 
 
 TIES = MergeMethod(

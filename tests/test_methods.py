@@ -898,3 +898,17 @@ def test_inputs_are_never_modified(method, uses_base, params):
         assert torch.equal(base[name], base_copy[name]), name
         for model, copy in zip(models, model_copies):
             assert torch.equal(model[name], copy[name]), name
+
+
+@pytest.mark.parametrize("trim_scope", ["tensor", "model"])
+def test_ties_merges_large_tensors_block_by_block_exactly(llama_set, monkeypatch, trim_scope):
+    """Large tensors are merged in blocks of positions; block boundaries must not change any value."""
+    import nbmerge_plugins.ties as ties_plugin
+
+    whole = nbmerge.merge("ties", llama_set.models, base=llama_set.base, trim_scope=trim_scope, density=0.3,
+                          device="cpu", progress=False).state_dict
+    monkeypatch.setattr(ties_plugin, "BLOCK", 37)  # many blocks per tensor, boundaries mid-row
+    blocked = nbmerge.merge("ties", llama_set.models, base=llama_set.base, trim_scope=trim_scope, density=0.3,
+                            device="cpu", progress=False).state_dict
+    for name, value in whole.items():
+        assert torch.equal(blocked[name], value), name
