@@ -45,7 +45,7 @@ DEFAULT_WORKDIR = HERE / "out"
 MIB = 1024**2
 GIB = 1024**3
 LIMIT = 1.10
-SET_FORMAT = 1  # bump when the generated sets change, so cached ones are rebuilt
+SET_FORMAT = 2  # bump when the generated sets change, so cached ones are rebuilt
 
 # Llama configurations. "full": TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632, 32 heads, 4 KV heads,
 # vocab 32000) at 8 layers, ~0.97 GiB in bf16; the largest tensors are the embedding and the head (125 MiB bf16).
@@ -69,27 +69,11 @@ BASE_STD, NOISE_STD = 0.02, 0.002
 # ---------------------------------------------------------------------------------------------------------------
 # Building checkpoint sets
 # ---------------------------------------------------------------------------------------------------------------
-def llama_layout(cfg: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor in a LlamaForCausalLM state dict, in module order."""
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    head_dim = h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * head_dim
-    layout = [("model.embed_tokens.weight", (vocab, h))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        layout += [
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (inter, h)),
-            (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "mlp.down_proj.weight", (h, inter)),
-            (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    layout += [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
-    return layout
+def llama_shape(cfg: dict, layers: int):
+    from nbmerge.synthetic import LlamaShape
+
+    return LlamaShape(layers=layers, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+                      vocab=cfg["vocab_size"], heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"])
 
 
 def llama_config(cfg: dict, layers: int, dtype: str):
@@ -121,19 +105,6 @@ def check_layout_against_transformers(config, layout) -> None:
                          f"wrong shapes {wrong}")
 
 
-def shard_plan(layout, itemsize: int, shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Split in module order like save_pretrained: a new shard when the next tensor would overflow this one."""
-    shards, filled = [[]], 0
-    for name, shape in layout:
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and filled + nbytes > shard_size:
-            shards.append([])
-            filled = 0
-        shards[-1].append((name, shape))
-        filled += nbytes
-    return shards
-
-
 def set_spec(config_name: str, cfg: dict, layers: int, dtype: str) -> dict:
     return {"format": SET_FORMAT, "config": config_name, "layers": layers, "dtype": dtype,
             **{k: v for k, v in cfg.items() if k != "layers"}, "finetunes": N_FINETUNES,
@@ -143,13 +114,14 @@ def set_spec(config_name: str, cfg: dict, layers: int, dtype: str) -> dict:
 def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_name: str, log) -> dict:
     """Build (or reuse) base + fine-tunes for one layer count; returns {folder, base, models, sizes}."""
     import torch
-    from safetensors.torch import save_file
+
+    from nbmerge.synthetic import build_llama_set
 
     dtype = getattr(torch, dtype_name)
     spec = set_spec(config_name, cfg, layers, dtype_name)
     folder = workdir / f"llama-{config_name}-{layers}L-{dtype_name}"
-    names = ["base"] + [f"ft{i + 1}" for i in range(N_FINETUNES)]
-    layout = llama_layout(cfg, layers)
+    names = ["base"] + [f"ft{i}" for i in range(N_FINETUNES)]
+    layout = llama_shape(cfg, layers).tensors()
     itemsize = dtype.itemsize
     info = {"folder": str(folder), "base": str(folder / "base"),
             "models": [str(folder / n) for n in names[1:]], "layers": layers,
@@ -166,41 +138,13 @@ def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_nam
         raise SystemExit(f"not enough disk under {workdir}: the set needs {need / GIB:.1f} GiB, "
                          f"{free / GIB:.1f} GiB free")
     shutil.rmtree(folder, ignore_errors=True)
-    config = llama_config(cfg, layers, dtype_name)
-    check_layout_against_transformers(config, layout)
-    for name in names:
-        (folder / name).mkdir(parents=True)
-        config.to_json_file(folder / name / "config.json")
-    shards = shard_plan(layout, itemsize, cfg["shard_size"])
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    check_layout_against_transformers(llama_config(cfg, layers, dtype_name), layout)
     started = time.perf_counter()
-    log(f"building {folder} ({len(names)} models x {info['model_bytes'] / GIB:.2f} GiB, {len(shards)} shards)")
-    index = 0
-    for shard, file in zip(shards, files):
-        # One shard at a time: the base's tensors, then each fine-tune's (base + noise) from them.
-        base_tensors = {}
-        for name, shape in shard:
-            generator = torch.Generator().manual_seed(1_000_003 * index + 17)
-            index += 1
-            if name.endswith("norm.weight"):
-                base_tensors[name] = torch.ones(shape, dtype=dtype)
-            else:
-                base_tensors[name] = (torch.randn(shape, generator=generator) * BASE_STD).to(dtype)
-        save_file(base_tensors, folder / "base" / file, metadata={"format": "pt"})
-        for m, model in enumerate(names[1:], start=1):
-            tuned = {}
-            for t, (name, tensor) in enumerate(base_tensors.items()):
-                generator = torch.Generator().manual_seed(7919 * m + 104_729 * (index - len(shard) + t) + 3)
-                noise = torch.randn(tensor.shape, generator=generator).mul_(NOISE_STD)
-                tuned[name] = noise.add_(tensor.float()).to(dtype)
-                del noise
-            save_file(tuned, folder / model / file, metadata={"format": "pt"})
-            del tuned
-        del base_tensors
-    weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
-    index_doc = {"metadata": {"total_size": info["model_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
-    for name in names:
-        (folder / name / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+    log(f"building {folder} ({len(names)} models x {info['model_bytes'] / GIB:.2f} GiB)")
+    # nbmerge's own builder: tensor by tensor, base ~ N(0, 0.02^2) (norms ~ 1), fine-tunes = base + N(0, 0.002^2)
+    built = build_llama_set(folder, llama_shape(cfg, layers), n_models=N_FINETUNES, dtype=dtype,
+                            noise=NOISE_STD, shard_size=cfg["shard_size"])
+    info.update(base=str(built.base), models=[str(m) for m in built.models])
     marker.write_text(json.dumps(spec, indent=2) + "\n")
     log(f"built {folder} in {time.perf_counter() - started:.0f} s")
     return info
