@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import ModelInputError
+from .memory import release_free_heap
 from .method import MergeMethod, TensorJob
 from .params import schedule_value
 from .plan import BASE, EXACT, MergePlan, TensorPlan
@@ -21,6 +22,7 @@ from .progress import Progress
 from .sources import ModelSource
 
 PREFETCH_DEPTH = 2
+TRIM_AFTER_BYTES = 16 * 2**20  # after a tensor this large, free heap pages go back to the OS
 
 
 class Engine:
@@ -46,6 +48,9 @@ class Engine:
             self.progress.phase(stage_name)
             for tensor, loaded in self._prefetched(self.plan.merged):
                 visit(self._job(tensor, loaded, {}))
+                del loaded
+                if tensor.read_bytes >= TRIM_AFTER_BYTES:
+                    release_free_heap()
                 self.progress.advance(tensor.read_bytes, tensor.name)
 
         return stream
@@ -56,6 +61,9 @@ class Engine:
         self.progress.phase("merge")
         for tensor, loaded in self._prefetched(self.plan.tensors):
             put(tensor.name, self._produce(tensor, loaded))
+            del loaded
+            if tensor.read_bytes >= TRIM_AFTER_BYTES:
+                release_free_heap()
             self.progress.advance(tensor.read_bytes, tensor.name)
 
     def _produce(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:

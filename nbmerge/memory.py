@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -27,3 +29,21 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc keeps freed buffers below its mmap threshold, which
+    otherwise lets RSS drift with what was merged before, instead of following the largest tensor)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
