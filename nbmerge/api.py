@@ -14,7 +14,7 @@ from .engine import Engine
 from .errors import ParameterError
 from .memory import peak_rss_bytes, reset_peak_rss
 from .method import MergeMethod
-from .output import FolderSink, MemorySink, check_output_free, parse_size
+from .output import FolderSink, MemorySink, parse_size
 from .plan import make_plan
 from .progress import Progress, ProgressEvent
 from .registry import all_methods, get_method
@@ -63,9 +63,7 @@ class MergeResult:
         return f"MergeResult({where}, report={str(self.report)!r})"
 
 
-def methods() -> dict[str, MergeMethod]:
-    """Every registered merge method by name (built-ins and installed plugins)."""
-    return all_methods()
+methods = all_methods  # every registered merge method by name (built-ins and installed plugins)
 
 
 def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = None, out: str | Path | None = None,
@@ -88,8 +86,6 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
     target_device = _device(device)
     dtype = _dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
-    if out_path is not None:
-        check_output_free(out_path, overwrite)
     sources: list[ModelSource] = []
     try:
         for label, model in labelled:

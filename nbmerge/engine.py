@@ -45,22 +45,20 @@ class Engine:
 
     def _stream_for(self, stage_name: str) -> Callable[[Callable[[TensorJob], None]], None]:
         def stream(visit: Callable[[TensorJob], None]) -> None:
-            self.progress.phase(stage_name)
-            for tensor, loaded in self._prefetched(self.plan.merged):
-                visit(self._job(tensor, loaded, {}))
-                del loaded
-                if tensor.read_bytes >= TRIM_AFTER_BYTES:
-                    release_free_heap()
-                self.progress.advance(tensor.read_bytes, tensor.name)
+            self._pass(stage_name, self.plan.merged, lambda tensor, loaded: visit(self._job(tensor, loaded, {})))
 
         return stream
 
     # -- the merge pass -------------------------------------------------------------------------------------
     def merge_into(self, put: Callable[[str, torch.Tensor], None]) -> None:
         """Produce every output tensor in plan order and hand it, on the CPU in its output dtype, to ``put``."""
-        self.progress.phase("merge")
-        for tensor, loaded in self._prefetched(self.plan.tensors):
-            put(tensor.name, self._produce(tensor, loaded))
+        self._pass("merge", self.plan.tensors, lambda tensor, loaded: put(tensor.name, self._produce(tensor, loaded)))
+
+    def _pass(self, phase: str, tensors: list[TensorPlan], handle: Callable[[TensorPlan, dict], None]) -> None:
+        """One streamed pass: ``handle`` each tensor with its loaded inputs, then free them and report progress."""
+        self.progress.phase(phase)
+        for tensor, loaded in self._prefetched(tensors):
+            handle(tensor, loaded)
             del loaded
             if tensor.read_bytes >= TRIM_AFTER_BYTES:
                 release_free_heap()

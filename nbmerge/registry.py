@@ -91,14 +91,10 @@ def _collect_methods(pm: pluggy.PluginManager) -> dict[str, MergeMethod]:
             if method.name in methods:
                 raise PluginError(f"merge method {method.name!r} is registered by two plugins: "
                                   f"{methods[method.name].plugin!r} and {_plugin!r}")
-            methods[method.name] = _stamped(method, _plugin)
+            methods[method.name] = dataclasses.replace(method, plugin=_plugin)
 
         impl.function(register=register)
     return dict(sorted(methods.items()))
-
-
-def _stamped(method: MergeMethod, plugin: str) -> MergeMethod:
-    return dataclasses.replace(method, plugin=plugin)
 
 
 def get_method(name: str) -> MergeMethod:
