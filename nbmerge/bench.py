@@ -121,8 +121,25 @@ class BenchResult:
 
 
 def run_bench(pool: str = "minilm-tiny", methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
-              tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True) -> BenchResult:
-    """Run the bench (see the module docstring) and return its table."""
+              tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
+              threads: int | None = 1) -> BenchResult:
+    """Run the bench (see the module docstring) and return its table.
+
+    threads: torch threads while evaluating (default 1: on a busy 2-core machine two threads made these small
+    matrix products several times slower); None leaves torch's setting alone.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(pool, methods, seeds, tune, cache_dir, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()

@@ -118,10 +118,12 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--cache-dir", help="where zoos are built and cached (default: $NBMERGE_CACHE or "
                         "~/.cache/nbmerge)")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     result = run_bench(args.pool or f"minilm-{args.profile}", methods=args.methods, seeds=args.seeds,
-                       tune=not args.no_tune, cache_dir=args.cache_dir, progress=not args.quiet)
+                       tune=not args.no_tune, cache_dir=args.cache_dir, progress=not args.quiet,
+                       threads=args.threads)
     print(result)
     if args.json:
         result.to_json(args.json)
