@@ -9,13 +9,14 @@ lists and filters are given through the API or the magics).
 from __future__ import annotations
 
 import json
+import math
 
 import ipywidgets as widgets
 
 from .params import Param
 
 STEPS = 100  # slider resolution: the declared range in 100 steps
-_STYLE = {"description_width": "initial"}
+_STYLE = {"description_width": "110px"}
 _LAYOUT = {"width": "420px"}
 
 
@@ -33,7 +34,8 @@ def make_control(param: Param) -> widgets.Widget:
         step = (param.high - param.low) / STEPS
         low = param.low if param.low_inclusive else param.low + step
         high = param.high if param.high_inclusive else param.high - step
-        return widgets.FloatSlider(value=param.default, min=low, max=high, step=step, readout_format=".3g",
+        decimals = max(0, -math.floor(math.log10(step)))
+        return widgets.FloatSlider(value=param.default, min=low, max=high, step=step, readout_format=f".{decimals}f",
                                    continuous_update=False, **common)
     if param.kind == "int" and bounded:
         return widgets.IntSlider(value=param.default, min=int(param.low), max=int(param.high), **common)

@@ -152,22 +152,31 @@ class MergeMagics(Magics):
     def _run(self, method: str, models: dict, base: Any, options: dict, params: dict, var: str | None,
              quiet: bool):
         from .api import merge
-        from .display import merge_summary
+        from .display import ProgressDisplay, merge_summary
         from .errors import NBMergeError
 
         if var is not None and not var.isidentifier():
             raise UsageError(f"-o {var}: not a valid variable name")
+        # in a kernel: a widget bar that the summary replaces; in a terminal: tqdm's text bar
+        bar = ProgressDisplay(f"nbmerge {method}") if not quiet and _in_kernel(self.shell) else None
+        summary = ""
         try:
-            result = merge(method, models, base=base, progress=not quiet, **options, **params)
+            result = merge(method, models, base=base, progress=not quiet and bar is None,
+                           on_progress=None if bar is None else bar.on_progress, **options, **params)
+            summary = merge_summary(result, var)
         except NBMergeError as exc:
             raise UsageError(one_line(exc)) from None
         except KeyboardInterrupt:
-            print("nbmerge: interrupted; nothing was written")
+            summary = "nbmerge: interrupted; nothing was written"
             raise
+        finally:
+            if bar is not None:
+                bar.finish(summary)
         if var is None:
             return result
         self.shell.user_ns[var] = result
-        print(merge_summary(result, var))
+        if bar is None:
+            print(summary)
         return None
 
     def _method(self, name: str):
@@ -240,6 +249,11 @@ def _layer_counts(models: dict) -> dict[str, int]:
         finally:
             source.close()
     return counts
+
+
+def _in_kernel(shell) -> bool:
+    """True in a Jupyter kernel (widgets render), False in a terminal or a plain InteractiveShell."""
+    return getattr(shell, "kernel", None) is not None
 
 
 def _split(line: str) -> list[str]:
