@@ -4,9 +4,9 @@
 lists the registered methods. Plugins implement the hooks of ``nbmerge.hookspecs`` with ``@nbmerge.hookimpl``.
 Heavy modules (torch, the engine, plugins) load on first use so that ``import nbmerge`` stays cheap.
 
-In IPython/Jupyter: ``%load_ext nbmerge`` registers the magics (``%merge``, ``%%merge``, ``%merge_methods``);
-``import nbmerge`` inside a running shell registers them lazily (loaded on first use), as does the IPython config
-``c.MagicsManager.lazy_magics = {"merge": "nbmerge", "merge_methods": "nbmerge"}``.
+In IPython/Jupyter: ``%load_ext nbmerge`` registers the magics (``%merge``, ``%%merge``, ``%merge_eval``,
+``%merge_sweep``, ``%merge_methods``); ``import nbmerge`` inside a running shell registers them lazily (loaded on
+first use), as does the IPython config ``c.MagicsManager.lazy_magics = {"merge": "nbmerge", ...}``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ _LAZY = {
 
 __all__ = ["__version__", "hookimpl", "load_ipython_extension", *_LAZY]
 
-_MAGIC_NAMES = ("merge", "merge_methods")  # nbmerge.magics.MAGIC_NAMES, repeated here to keep the import cheap
+# nbmerge.magics.MAGIC_NAMES, repeated here so that the import stays cheap
+_MAGIC_NAMES = ("merge", "merge_eval", "merge_sweep", "merge_methods")
 
 
 def load_ipython_extension(ipython) -> None:

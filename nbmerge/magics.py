@@ -1,4 +1,4 @@
-"""IPython magics: ``%merge``, ``%%merge`` (YAML recipes), ``%merge_methods``.
+"""IPython magics: ``%merge``, ``%%merge`` (YAML recipes), ``%merge_eval``, ``%merge_sweep``, ``%merge_methods``.
 
 ``%merge METHOD MODEL... [--base B] [--out DIR] [--<param> V]... [-o VAR]`` takes the CLI's arguments, generated
 from the method's parameter declaration (``nbmerge.arguments``). A model is a notebook variable (state dict,
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-MAGIC_NAMES = ("merge", "merge_methods")
+MAGIC_NAMES = ("merge", "merge_eval", "merge_sweep", "merge_methods")
 
 USAGE = """Merge models with any registered method, from a line or from a YAML recipe.
 
@@ -30,6 +30,10 @@ MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
 --shard-size 5GB, --overwrite, --quiet (no progress bar), -o/--var VAR.
+
+Evaluate: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]   (report table + per-task bars)
+Sweep:    %merge_sweep METHOD MODEL... --param NAME --values v1,v2,... [--pool P] [--PARAM VALUE]... [-o VAR]
+          (merges and evaluates each value; the accuracy curve grows point by point)
 """
 
 
@@ -87,6 +91,94 @@ class MergeMagics(Magics):
             self._method(name)
         chosen = [methods[name] for name in names] if names else list(methods.values())
         return MethodTable(chosen, plugin_versions())
+
+    @line_magic
+    def merge_eval(self, line: str):
+        """Evaluate a model on a task pool: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]."""
+        from IPython.display import display
+
+        from . import plots
+        from .errors import NBMergeError
+        from .evaluation import evaluate
+
+        parser = _MagicParser(prog="%merge_eval", description="accuracy of a model on every task of a task pool")
+        parser.add_argument("model", help="a notebook variable (MergeResult, state dict, module) or a path")
+        _add_pool_arguments(parser)
+        try:
+            args = parser.parse_args(_split(line))
+        except _Done:
+            return None
+        model = self._model(args.model)
+        pool = self._pool(args.pool)
+        try:
+            report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
+                              progress=not args.quiet)
+        except NBMergeError as exc:
+            raise UsageError(one_line(exc)) from None
+        if args.var is not None:
+            self.shell.user_ns[_variable(args.var)] = report
+        display(report)
+        display(plots.accuracy_bars({args.model: report}))
+        return None
+
+    @line_magic
+    def merge_sweep(self, line: str):
+        """Merge and evaluate once per value of one parameter, drawing the accuracy curve as it grows:
+        %merge_sweep METHOD MODEL... [--base B] --param NAME --values v1,v2,... [--pool P] [--PARAM V]... [-o VAR]
+        """
+        from IPython.display import display
+
+        from .arguments import method_parser, params_from_args, unknown_flag_message
+        from .errors import NBMergeError
+        from .sweep import sweep
+
+        words = _split(line)
+        if not words or words[0].startswith("-"):
+            raise UsageError("%merge_sweep: give a method, models and --param NAME --values v1,v2,... e.g. "
+                             "%merge_sweep ties models --base base --param density --values 0.1,0.3,0.5")
+        method = self._method(words[0])
+        parser = method_parser(method, f"%merge_sweep {method.name}", "models: notebook variables or paths",
+                               parser_class=_MagicParser)
+        parser.add_argument("--param", required=True, help="the parameter to sweep")
+        parser.add_argument("--values", help="comma-separated values (default: the parameter's declared grid)")
+        _add_pool_arguments(parser, quiet=False)
+        try:
+            args, unknown = parser.parse_known_args(words[1:])
+        except _Done:
+            return None
+        if unknown:
+            raise UsageError(one_line(unknown_flag_message(method, unknown)))
+        declared = {p.name: p for p in method.params}
+        param = declared.get(args.param.replace("-", "_"))
+        if param is None:
+            raise UsageError(f"%merge_sweep: {method.name} has no parameter {args.param!r} (parameters: "
+                             f"{', '.join(declared) or 'none'})")
+        values = self._sweep_values(method.name, param, args.values)
+        fixed = params_from_args(method, args)
+        if param.name in fixed:
+            raise UsageError(f"%merge_sweep: {param.name} is swept; drop --{args.param}")
+        models = self._models(args.models)
+        base = None if args.base is None else self._model(args.base)
+        pool = self._pool(args.pool)
+        plot = display(_Blank(), display_id=True) if _in_kernel(self.shell) else None
+
+        def on_point(so_far) -> None:
+            from . import plots
+
+            if plot is not None:
+                plot.update(plots.sweep_curve(param.name, so_far.values, so_far.reports))
+            else:
+                print(f"{param.name}={so_far.values[-1]}: average accuracy {so_far.reports[-1].average:.1f}")
+
+        try:
+            result = sweep(method.name, models, base, param=param.name, values=values, pool=pool, split=args.split,
+                           tasks=_tasks(args.tasks, pool), on_point=on_point, device=args.device, **fixed)
+        except NBMergeError as exc:
+            raise UsageError(one_line(exc)) from None
+        display(result)
+        if args.var is not None:
+            self.shell.user_ns[_variable(args.var)] = result
+        return None
 
     # -- %merge ------------------------------------------------------------------------------------------------
     def _merge_line(self, line: str):
@@ -179,6 +271,37 @@ class MergeMagics(Magics):
             print(summary)
         return None
 
+    def _pool(self, name: str | None):
+        """The task pool by name, built once per session; without a name, the last one used (or the only one)."""
+        from .errors import NBMergeError
+        from .registry import all_task_pools, task_pool
+
+        pools = self.__dict__.setdefault("_pools", {})
+        if name is None:
+            registered = sorted(all_task_pools())
+            name = self.__dict__.get("_last_pool") or (registered[0] if len(registered) == 1 else None)
+            if name is None:
+                raise UsageError(f"choose a task pool with --pool NAME (registered: {', '.join(registered)})")
+        if name not in pools:
+            try:
+                pools[name] = task_pool(name)
+            except NBMergeError as exc:
+                raise UsageError(one_line(exc)) from None
+        self.__dict__["_last_pool"] = name
+        return pools[name]
+
+    def _sweep_values(self, method: str, param, text: str | None) -> list:
+        from .errors import NBMergeError
+
+        if text is None:
+            if not param.grid:
+                raise UsageError(f"%merge_sweep: give --values for {param.name} (it declares no grid of its own)")
+            return list(param.grid)
+        try:
+            return [param.check(part.strip(), method) for part in text.split(",") if part.strip()]
+        except NBMergeError as exc:
+            raise UsageError(one_line(exc)) from None
+
     def _method(self, name: str):
         from .errors import NBMergeError
         from .registry import get_method
@@ -227,6 +350,40 @@ def model_input(value: Any, name: str, allow_list: bool = False) -> Any:
         return [model_input(item, f"{name}[{i}]") for i, item in enumerate(value)]
     raise UsageError(f"variable {name!r} holds a {type(value).__name__}; a model is a state dict, an nn.Module, a "
                      f"MergeResult or a path{' (or a list of them)' if allow_list else ''}")
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
+    parser.add_argument("--pool", help="task pool name (default: the last one used, or the only one registered)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: every task of the pool)")
+    parser.add_argument("--split", default="test", help="train, validation or test (default: test)")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-o", "--var", help="store the result in this notebook variable")
+
+
+def _tasks(text: str | None, pool) -> list[str] | None:
+    """The task names of ``--tasks``, each checked against the pool's tasks."""
+    if not text:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    known = [task.name for task in pool.tasks]
+    for name in names:
+        if name not in known:
+            raise UsageError(f"--tasks: pool {pool.name!r} has no task {name!r} (tasks: {', '.join(known)})")
+    return names
+
+
+def _variable(name: str) -> str:
+    if not name.isidentifier():
+        raise UsageError(f"-o {name}: not a valid variable name")
+    return name
+
+
+class _Blank:
+    """An empty display, later replaced by the sweep's figure."""
+
+    def _repr_html_(self) -> str:
+        return "<i>sweeping…</i>"
 
 
 def _add_model(models: dict, label: str, value: Any) -> None:

@@ -251,3 +251,56 @@ def test_import_registers_lazy_magics_and_config_does_too():
                           f"--MagicsManager.lazy_magics={config}", "-c", "%merge_methods slerp"],
                          capture_output=True, text=True, check=True).stdout
     assert "slerp" in out and "spherical" in out.lower()
+
+
+# -- %merge_eval and %merge_sweep on the workbench's task pool ---------------------------------------------------
+TASKS = "sentiment,subjectivity"
+
+
+@pytest.fixture
+def zoo_ns(shell, tiny_zoo):
+    shell.user_ns.update(zoo_models=[str(p) for p in tiny_zoo.models.values()], zoo_base=str(tiny_zoo.base))
+    magics = shell.magics_manager.registry["MergeMagics"]
+    magics.__dict__.setdefault("_pools", {})["minilm-tiny"] = tiny_zoo.pool  # the pool the fixture built
+    return shell.user_ns
+
+
+def test_merge_eval_reports_the_pools_accuracy(shell, zoo_ns, tiny_zoo, capsys):
+    run(shell, "%merge task_arithmetic zoo_models --base zoo_base --scaling 0.3 --quiet -o ta")
+    run(shell, f"%merge_eval ta --pool minilm-tiny --tasks {TASKS} --quiet -o ta_report")
+    report = zoo_ns["ta_report"]
+    expected = nbmerge.evaluate(zoo_ns["ta"], tiny_zoo.pool, tasks=TASKS.split(","), progress=False)
+    assert report.accuracy == expected.accuracy and list(report.accuracy) == TASKS.split(",")
+    out = capsys.readouterr().out
+    assert "EvalReport(" in out and "Figure" in out  # the table, then the bar chart (text forms in a plain shell)
+
+
+def test_merge_sweep_merges_and_evaluates_each_value(shell, zoo_ns, tiny_zoo):
+    run(shell, f"%merge_sweep task_arithmetic zoo_models --base zoo_base --param scaling --values 0,0.6 "
+               f"--pool minilm-tiny --tasks {TASKS} -o curve")
+    curve = zoo_ns["curve"]
+    assert curve.values == [0.0, 0.6] and curve.param == "scaling"
+    pretrained = nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, tasks=TASKS.split(","), progress=False)
+    assert curve.reports[0].accuracy == pretrained.accuracy  # scaling 0 is the base model itself
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%merge_eval nope --pool minilm-tiny", "model 'nope' is neither a notebook variable"),
+    ("%merge_eval zoo_base --pool minilm-huge", "unknown task pool 'minilm-huge'"),
+    ("%merge_eval zoo_base --pool minilm-tiny --tasks sentimnt", "sentimnt"),
+    ("%merge_sweep ties zoo_models --base zoo_base --param densty --values 0.1", "ties has no parameter 'densty'"),
+    ("%merge_sweep ties zoo_models --base zoo_base --param density --values 0.1,2", "must be in (0, 1], got 2"),
+    ("%merge_sweep ties zoo_models --base zoo_base --param density --density 0.3 --values 0.1", "is swept"),
+    ("%merge_sweep ties zoo_models --base zoo_base --values 0.1", "the following arguments are required: --param"),
+])
+def test_workbench_magic_mistakes_are_one_line_usage_errors(shell, zoo_ns, capsys, code, message):
+    assert message in usage_error(shell, capsys, code)
+
+
+def test_without_pool_the_magics_ask_for_one(monkeypatch, capsys):
+    ipython = InteractiveShell.instance()
+    magics = ipython.magics_manager.registry["MergeMagics"]
+    monkeypatch.setattr(magics, "__dict__", {k: v for k, v in magics.__dict__.items() if k != "_last_pool"})
+    ipython.user_ns["lone"] = {"w": torch.zeros(2)}
+    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny)" in \
+        usage_error(ipython, capsys, "%merge_eval lone")

@@ -80,3 +80,46 @@ def test_a_method_that_cannot_merge_the_models_is_refused():
 
     with pytest.raises(ValueError, match="method 'slerp' cannot merge these models"):
         MergePanel([{"w": torch.ones(2)}] * 3, method="slerp")
+
+
+# -- with the workbench's task pool ----------------------------------------------------------------------------
+TASKS = ["sentiment", "subjectivity"]
+
+
+def test_merge_panel_evaluates_and_plots_every_merge(tiny_zoo):
+    from nbmerge.panels import SweepPanel  # noqa: F401  (both panels live in one module)
+
+    panel = MergePanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool, tasks=TASKS)
+    panel.controls["scaling"].value = 0.0  # θ₀ itself: the pretrained model's accuracy
+    panel.merge_button.click()
+    pretrained = nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, tasks=TASKS, progress=False)
+    assert panel.error is None and panel.report.accuracy == pretrained.accuracy
+    panel.controls["scaling"].value = 0.3
+    panel.merge_button.click()
+    assert list(panel.reports) == ["task_arithmetic(scaling=0.0)", "task_arithmetic(scaling=0.3)"]
+    table, chart = panel.output.outputs
+    assert f"<td>sentiment</td><td>100</td><td>{panel.report.accuracy['sentiment']:.1f}</td>" in \
+        table["data"]["text/html"]
+    assert chart["data"]["image/png"]  # the per-task bars of both merges
+
+
+def test_sweep_panel_grows_the_curve_and_reports_the_best(tiny_zoo):
+    from nbmerge.panels import SweepPanel
+
+    panel = SweepPanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool,
+                       method="task_arithmetic", tasks=TASKS)
+    assert panel.param.options == ("scaling",)
+    panel.span.value, panel.points.value = (0.0, 0.6), 2
+    assert panel.values() == [0.0, 0.6]
+    panel.sweep_button.click()
+    result = panel.result
+    assert panel.error is None and result.values == [0.0, 0.6] and panel.progress.value == 2
+    pretrained = nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, tasks=TASKS, progress=False)
+    assert result.reports[0].accuracy == pretrained.accuracy
+    assert f"best scaling = {result.best}" in panel.status.value
+    assert len(panel.output.outputs) == 1 and panel.output.outputs[0]["data"]["image/png"]
+    panel.method.value = "ties"
+    assert panel.param.value == "density" and panel.span.max == 1.0
+    panel.span.value, panel.points.value = (0.0, 0.5), 2  # density 0 is outside (0, 1]
+    panel.sweep_button.click()
+    assert panel.error == "ties: parameter 'density' must be in (0, 1], got 0" and "error" in panel.status.value
