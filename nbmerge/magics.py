@@ -111,8 +111,9 @@ class MergeMagics(Magics):
         model = self._model(args.model)
         pool = self._pool(args.pool)
         try:
+            # tqdm's notebook bar would be saved as a closed widget: the text bar only outside a kernel
             report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
-                              progress=not args.quiet)
+                              progress=not args.quiet and not _in_kernel(self.shell))
         except NBMergeError as exc:
             raise UsageError(one_line(exc)) from None
         if args.var is not None:

@@ -144,9 +144,7 @@ class MergePanel(widgets.VBox):
         while len(self.reports) > HISTORY:
             self.reports.pop(next(iter(self.reports)))
         figure = plots.accuracy_bars(dict(self.reports))
-        self.output.outputs = ()
-        self.output.append_display_data(_HTMLText(report._repr_html_()))
-        self.output.append_display_data(figure)
+        self.output.outputs = (_output(report), _output(figure))
 
 
 def _resolve_pool(panel):
@@ -181,16 +179,25 @@ def _pool_name(pool) -> str:
 
 
 def _label(result) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in result.recipe["params"].items() if v is not None)
-    return f"{result.recipe['method']}({params})"
+    """``method(param=value, ...)`` with the parameters that differ from their declared defaults."""
+    from .registry import get_method
+
+    defaults = {p.name: p.plain(p.default) for p in get_method(result.recipe["method"]).params}
+    changed = ", ".join(f"{k}={v}" for k, v in result.recipe["params"].items() if v != defaults.get(k))
+    return f"{result.recipe['method']}({changed})"
 
 
-class _HTMLText:
-    def __init__(self, text: str):
-        self.text = text
+def _output(value) -> dict:
+    """A display_data output for an Output widget: IPython's formats, images base64-encoded as in a kernel message
+    (raw bytes would reach the browser as a binary buffer, not as an image)."""
+    import base64
 
-    def _repr_html_(self) -> str:
-        return self.text
+    from IPython.core.formatters import format_display_data
+
+    data, metadata = format_display_data(value)
+    data = {mime: base64.b64encode(content).decode("ascii") if isinstance(content, bytes) else content
+            for mime, content in data.items()}
+    return {"output_type": "display_data", "data": data, "metadata": metadata}
 
 
 SWEEPABLE = ("float", "int", "schedule")
@@ -261,8 +268,7 @@ class SweepPanel(widgets.VBox):
 
         def on_point(so_far) -> None:
             self.progress.value = len(so_far.values)
-            self.output.outputs = ()
-            self.output.append_display_data(plots.sweep_curve(so_far.param, so_far.values, so_far.reports))
+            self.output.outputs = (_output(plots.sweep_curve(so_far.param, so_far.values, so_far.reports)),)
             self.status.value = (f"{so_far.param}={so_far.values[-1]}: average accuracy "
                                  f"{so_far.reports[-1].average:.1f} ({len(so_far.values)}/{len(values)})")
 

@@ -100,7 +100,7 @@ def test_panel_in_jupyterlab(lab):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
             page.goto(f"{url}/lab/tree/panels.ipynb?token={token}")
             # JupyterLab says "idle" before the kernel is connected, and a Run All clicked then is dropped
             wait_for(lambda: any(k["connections"] >= 1 and k["execution_state"] == "idle"
@@ -112,7 +112,8 @@ def test_panel_in_jupyterlab(lab):
 
             panel = page.locator(".widget-vbox", has=page.locator(".widget-button", has_text="Merge")).last
             status = panel.locator(".nbmerge-status")
-            expect(status).to_contain_text("ties(density=0.4,", timeout=120_000)  # the notebook's own merge
+            expect(status).to_contain_text("ties(density=0.4,", timeout=180_000)  # the notebook's own merge
+            expect(panel.locator(".widget-output img")).to_have_count(1, timeout=120_000)
             density = panel.locator(".widget-slider", has_text="density")
             expect(density.locator(".widget-readout")).to_have_text("0.40")
             handle = density.locator(".noUi-handle")
@@ -121,15 +122,32 @@ def test_panel_in_jupyterlab(lab):
                 handle.press("ArrowRight")
             expect(density.locator(".widget-readout")).to_have_text("0.45")
             panel.locator(".widget-button", has_text="Merge").click()
-            expect(status).to_contain_text("ties(density=0.45, sign=\"sum\", merge_func=\"mean\"", timeout=120_000)
-            expect(status).to_contain_text("of 3 model(s) onto workdir/llama/base: 39 tensors in memory")
+            # the merge summary, then the evaluation table of the new merge and the bar chart of both merges
+            expect(status).to_contain_text("ties(density=0.45, sign=\"sum\", merge_func=\"mean\"", timeout=180_000)
+            expect(status).to_contain_text("of 5 model(s) onto ")
+            caption = panel.locator(".widget-output caption")
+            expect(caption).to_contain_text("ties(density=0.45)", timeout=180_000)
+            expect(panel.locator(".widget-output img")).to_have_count(1)
+            rows = panel.locator(".widget-output tbody tr")
+            expect(rows).to_have_count(6)  # five tasks and the average
+            cells = [rows.nth(i).locator("td, th").all_inner_texts() for i in range(6)]
+            tasks = {row[0]: (int(row[1]), float(row[2]), float(row[3])) for row in cells[:5]}
+            assert set(tasks) == {"sentiment", "subjectivity", "debate_party", "chat_topic", "chat_language"}
+            examples = sum(n for n, _, _ in tasks.values())
+            average = sum(accuracy for _, accuracy, _ in tasks.values()) / 5
+            assert cells[5][0] == "average" and int(cells[5][1]) == examples
+            assert abs(float(cells[5][2]) - average) <= 0.051  # the rendered average is the mean of the rendered rows
+            assert all(0 <= accuracy <= 100 and 0 < normalized <= 200 for _, accuracy, normalized in tasks.values())
+            image = panel.locator(".widget-output img")
+            page.wait_for_function("node => node.complete && node.naturalWidth > 300", arg=image.element_handle(),
+                                   timeout=10_000)  # a real, decoded chart
             progress_text = panel.locator(".widget-html-content", has_text=" / ").first.inner_text()
             done, total = (part.strip() for part in progress_text.split("/"))
-            assert done == total and total.endswith("MiB"), progress_text
+            assert done == total and total.endswith(("MiB", "GiB")), progress_text
             bar = panel.locator(".widget-hprogress .progress-bar")
             assert bar.evaluate("node => node.style.width") == "100%"
             assert "progress-bar-success" in bar.get_attribute("class")
             panel.scroll_into_view_if_needed()
-            page.screenshot(path=str(screenshot), full_page=False)
+            panel.screenshot(path=str(screenshot))
         finally:
             browser.close()
