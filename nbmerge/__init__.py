@@ -27,7 +27,7 @@ _LAZY = {
     "task_pool": "registry", "register_plugin": "registry", "unregister_plugin": "registry", "reload_plugins": "registry",
     "NBMergeError": "errors", "ParameterError": "errors", "ModelInputError": "errors", "PluginError": "errors",
     "OutputExistsError": "errors",
-    "MergePanel": "panels",
+    "MergePanel": "panels", "SweepPanel": "panels", "sweep": "sweep", "SweepResult": "sweep",
 }
 
 __all__ = ["__version__", "hookimpl", "load_ipython_extension", *_LAZY]

@@ -36,7 +36,7 @@ def execute(path: Path, workdir: Path | None = None) -> nbformat.NotebookNode:
     """Run every cell of ``path`` in a fresh kernel whose working folder is ``workdir`` (a scratch folder)."""
     notebook = nbformat.read(path, as_version=4)
     scratch = Path(workdir or tempfile.mkdtemp(prefix=f"nbmerge-{path.stem}-"))
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "0"}
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:

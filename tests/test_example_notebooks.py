@@ -39,3 +39,17 @@ def test_notebook_is_stored_executed_with_widget_state(path):
     views = {o.data[WIDGET_VIEW]["model_id"] for c in code_cells for o in c.outputs if WIDGET_VIEW in o.get("data", {})}
     state = notebook.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     assert views <= set(state), "a widget shown in the notebook has no stored state"
+
+
+def test_a_usage_error_fails_the_run(tmp_path):
+    """The runner cannot report a notebook as passing when a magic only wrote a UsageError (nbmake's blind spot)."""
+    from nbclient.exceptions import CellExecutionError
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("%load_ext nbmerge"), new_code_cell("%merge tise a b")]), path)
+    with pytest.raises(CellExecutionError, match="unknown merge method 'tise'"):
+        execute(path, tmp_path)
+    stored = new_notebook(cells=[new_code_cell("%merge tise a b", outputs=[
+        new_output("stream", name="stderr", text="UsageError: nbmerge: unknown merge method 'tise'\n")])])
+    assert problems(stored) == ["cell 0: UsageError: nbmerge: unknown merge method 'tise'"]
