@@ -108,6 +108,7 @@ class MergeMagics(Magics):
             args = parser.parse_args(_split(line))
         except _Done:
             return None
+        var = None if args.var is None else _variable(args.var)
         model = self._model(args.model)
         pool = self._pool(args.pool)
         try:
@@ -116,8 +117,8 @@ class MergeMagics(Magics):
                               progress=not args.quiet and not _in_kernel(self.shell))
         except NBMergeError as exc:
             raise UsageError(one_line(exc)) from None
-        if args.var is not None:
-            self.shell.user_ns[_variable(args.var)] = report
+        if var is not None:
+            self.shell.user_ns[var] = report
         display(report)
         display(plots.accuracy_bars({args.model: report}))
         return None
@@ -154,6 +155,7 @@ class MergeMagics(Magics):
         if param is None:
             raise UsageError(f"%merge_sweep: {method.name} has no parameter {args.param!r} (parameters: "
                              f"{', '.join(declared) or 'none'})")
+        var = None if args.var is None else _variable(args.var)
         values = self._sweep_values(method.name, param, args.values)
         fixed = params_from_args(method, args)
         if param.name in fixed:
@@ -177,8 +179,8 @@ class MergeMagics(Magics):
         except NBMergeError as exc:
             raise UsageError(one_line(exc)) from None
         display(result)
-        if args.var is not None:
-            self.shell.user_ns[_variable(args.var)] = result
+        if var is not None:
+            self.shell.user_ns[var] = result
         return None
 
     # -- %merge ------------------------------------------------------------------------------------------------
