@@ -74,6 +74,8 @@ class MergeMethod:
     merge_tensor: the per-tensor kernel; stages: whole-model passes run first;
     copies_from_base(name, params): True where a tensor is taken unmerged from the base, or from the first model
     when there is no base (e.g. backbone-only);
+    elementwise: the kernel is position-wise (each output entry depends only on the inputs' entries at the same
+    position, and on parameters resolved per tensor), so the engine may call it on 1-D slices of a tensor;
     check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
     """
 
@@ -87,6 +89,7 @@ class MergeMethod:
     base: str = BASE_UNUSED
     stages: tuple[Stage, ...] = ()
     copies_from_base: Callable[[str, dict], bool] | None = None
+    elementwise: bool = False
     check: Callable[[dict, int, bool], None] | None = None
     plugin: str = ""
 
@@ -121,5 +124,6 @@ class MergeMethod:
             "max_models": self.max_models,
             "base": self.base,
             "stages": [stage.name for stage in self.stages],
+            "elementwise": self.elementwise,
             "params": [p.describe() for p in self.params],
         }
