@@ -128,6 +128,7 @@ class Engine:
             layer=tensor.layer,
             num_layers=self.plan.num_layers,
             stage_results=stage_results,
+            empty=self.pool.empty if self._on_cpu else None,
         )
 
     def _on_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,8 @@ class TensorJob:
 
     ``models`` and ``base`` belong to the caller and may alias user memory: a kernel never modifies them in place.
     ``params`` are the validated parameters with schedules already resolved for this tensor.
+    ``empty(shape, dtype)`` gives scratch or result memory on the job's device (reused across tensors by the
+    engine, which never lends memory a live tensor still views); it defaults to ``torch.empty``.
     """
 
     name: str
@@ -34,6 +36,12 @@ class TensorJob:
     layer: int | None
     num_layers: int
     stage_results: dict[str, Any] = field(default_factory=dict)
+    empty: Callable[..., torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.empty is None:
+            device = self.base.device if self.base is not None else self.models[0].device
+            self.empty = lambda shape, dtype: torch.empty(tuple(shape), dtype=dtype, device=device)
 
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_0 for every model."""
