@@ -17,7 +17,8 @@ What it does, in one run:
      is not used). ``sync`` runs before every measured run, so no write-back of an earlier output overlaps it.
   4. Prints one table: seconds, peak RSS, and the ratios mergekit / nbmerge (merge time, import excluded on both
      sides) and nbmerge / floor, with each target. ``--scaling`` adds the scaling run (nbmerge alone): time and
-     peak RSS as the model doubles in layers (4, 8, 16) and as the number of models grows (2, 4, 8).
+     peak RSS of task_arithmetic and ties as the model doubles in layers (4, 8, 16) and as the number of
+     models grows (2, 4, 8).
 
 Like-for-like semantics (mergekit name -> nbmerge call):
   linear          -> weighted_average (equal weights, normalised)
@@ -26,7 +27,7 @@ Like-for-like semantics (mergekit name -> nbmerge call):
   dare_ties       -> dare, combine="ties", rescale="l1" (mergekit's L1 rescaling), drop_rate 0.5 (density 0.5)
   slerp           -> slerp between the base and one fine-tune, t = 0.5
   nbmerge's default TIES (trim_scope="model", one global threshold per task vector) is timed too; mergekit has
-  no counterpart, so that row compares with mergekit's per-tensor TIES and says so.
+  no counterpart, so that row is compared with the same run of mergekit's per-tensor TIES.
 
 Usage (with the project's venv):
   python benchmarks/speed.py                     # the README table: both sets, warm and cold, + scaling
@@ -371,11 +372,19 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from peak_memory import git_commit
 
+    load_before = os.getloadavg()
     results = []
     for cache in caches:
         for set_name in set_names:
+            measured = {}
             for row in rows:
-                results.append(run_method(row, sets[set_name], args.workdir, cache, mergekit, TABLE_MODELS))
+                # mergekit has one TIES (per tensor): the model-scope row is compared with that same measurement
+                shared = METHODS[row][0] if row != METHODS[row][0] and METHODS[row][0] in measured else None
+                tools = ("nbmerge", "floor") if shared else ("nbmerge", "mergekit", "floor")
+                measured[row] = run_method(row, sets[set_name], args.workdir, cache, mergekit, TABLE_MODELS, tools)
+                if shared and "mergekit" in measured[shared]:
+                    measured[row]["mergekit"] = measured[shared]["mergekit"]
+                results.append(measured[row])
 
     scaling = []
     if args.scaling:
@@ -387,7 +396,7 @@ def main(argv=None) -> int:
         for more in (2 * layers, 4 * layers):
             by_layers[more] = build_set(args.workdir, "speed-small", cfg, more, dtype, log)
             by_layers[more].update(name="small", dtype=dtype, shard_size=cfg["shard_size"])
-        for row in ("task_arithmetic", "ties", "dare_ties"):
+        for row in ("task_arithmetic", "ties"):
             for count, data in by_layers.items():
                 scaling.append({**run_method(row, data, args.workdir, "warm", None, TABLE_MODELS,
                                              tools=("nbmerge", "floor")), "layers": count})
@@ -396,6 +405,8 @@ def main(argv=None) -> int:
                                              tools=("nbmerge", "floor")), "layers": layers})
 
     print(f"nbmerge {git_commit()} vs mergekit {MERGEKIT_VERSION} (torch {TORCH_VERSION}) on {machine()}")
+    print(f"  load average before / after: {' '.join(f'{x:.2f}' for x in load_before)} / "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine slows every column)")
     for name in set_names:
         data = sets[name]
         print(f"  {name}: {data['layers']} layers, {data['dtype']}, {data['model_bytes'] / 1e9:.2f} GB per model, "
