@@ -105,22 +105,26 @@ def check_layout_against_transformers(config, layout) -> None:
                          f"wrong shapes {wrong}")
 
 
-def set_spec(config_name: str, cfg: dict, layers: int, dtype: str) -> dict:
+def set_spec(config_name: str, cfg: dict, layers: int, dtype: str, finetunes: int = N_FINETUNES) -> dict:
     return {"format": SET_FORMAT, "config": config_name, "layers": layers, "dtype": dtype,
-            **{k: v for k, v in cfg.items() if k != "layers"}, "finetunes": N_FINETUNES,
+            **{k: v for k, v in cfg.items() if k != "layers"}, "finetunes": finetunes,
             "base_std": BASE_STD, "noise_std": NOISE_STD}
 
 
-def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_name: str, log) -> dict:
-    """Build (or reuse) base + fine-tunes for one layer count; returns {folder, base, models, sizes}."""
+def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_name: str, log,
+              finetunes: int = N_FINETUNES) -> dict:
+    """Build (or reuse) base + fine-tunes for one layer count; returns {folder, base, models, sizes}.
+
+    ``cfg["shard_size"]`` sets the shard size (a size above the model's gives one ``model.safetensors``)."""
     import torch
 
     from nbmerge.synthetic import build_llama_set
 
     dtype = getattr(torch, dtype_name)
-    spec = set_spec(config_name, cfg, layers, dtype_name)
-    folder = workdir / f"llama-{config_name}-{layers}L-{dtype_name}"
-    names = ["base"] + [f"ft{i}" for i in range(N_FINETUNES)]
+    spec = set_spec(config_name, cfg, layers, dtype_name, finetunes)
+    suffix = "" if finetunes == N_FINETUNES else f"-{finetunes}ft"
+    folder = workdir / f"llama-{config_name}-{layers}L-{dtype_name}{suffix}"
+    names = ["base"] + [f"ft{i}" for i in range(finetunes)]
     layout = llama_shape(cfg, layers).tensors()
     itemsize = dtype.itemsize
     info = {"folder": str(folder), "base": str(folder / "base"),
@@ -142,7 +146,7 @@ def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_nam
     started = time.perf_counter()
     log(f"building {folder} ({len(names)} models x {info['model_bytes'] / GIB:.2f} GiB)")
     # nbmerge's own builder: tensor by tensor, base ~ N(0, 0.02^2) (norms ~ 1), fine-tunes = base + N(0, 0.002^2)
-    built = build_llama_set(folder, llama_shape(cfg, layers), n_models=N_FINETUNES, dtype=dtype,
+    built = build_llama_set(folder, llama_shape(cfg, layers), n_models=finetunes, dtype=dtype,
                             noise=NOISE_STD, shard_size=cfg["shard_size"])
     info.update(base=str(built.base), models=[str(m) for m in built.models])
     marker.write_text(json.dumps(spec, indent=2) + "\n")

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import __version__
-from .engine import Engine
+from .engine import Engine, compute_threads
 from .errors import ParameterError
 from .memory import peak_rss_bytes, reset_peak_rss
 from .method import MergeMethod
@@ -117,8 +117,9 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     started = time.perf_counter()
     engine = Engine(method, params, plan, models, base, device, tracker)
     try:
-        engine.run_stages()
-        engine.merge_into(sink.put)
+        with compute_threads(device):
+            engine.run_stages()
+            engine.merge_into(sink.put)
         for source in models + ([base] if base is not None else []):
             source.check_unchanged()
         sink.finish()

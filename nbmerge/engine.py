@@ -3,16 +3,23 @@
 Memory stays a few tensors wide whatever the model size: a reader thread prefetches the next tensor of every
 model while the current one merges, and the sink writes the previous result in its own thread. Whole-model
 stages (a method's ``Stage``) run first as passes of their own over the same stream.
+
+On the CPU, tensors are read, converted to the compute dtype and assembled in their output dtype in buffers lent
+by a ``BufferPool`` (reused, so memory is not faulted in afresh for every tensor), and an ``elementwise`` method's
+kernel runs on slices of ``CHUNK`` positions, so its temporaries stay small and are reused by the C heap.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 
+from .buffers import BufferPool
 from .errors import ModelInputError
 from .memory import release_free_heap
 from .method import MergeMethod, TensorJob
@@ -23,6 +30,7 @@ from .sources import ModelSource
 
 PREFETCH_DEPTH = 2
 TRIM_AFTER_BYTES = 16 * 2**20  # after a tensor this large, free heap pages go back to the OS
+CHUNK = 1 << 20  # positions per kernel call for elementwise methods on the CPU
 
 
 class Engine:
@@ -35,6 +43,8 @@ class Engine:
         self.device, self.progress = device, progress
         self.stage_results: dict[str, Any] = {}
         self._schedules = [p.name for p in method.params if p.kind == "schedule"]
+        self.pool = BufferPool()
+        self._on_cpu = device.type == "cpu"
 
     # -- whole-model stages ---------------------------------------------------------------------------------
     def run_stages(self) -> None:
@@ -66,16 +76,44 @@ class Engine:
 
     def _produce(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
         if tensor.route == BASE:
-            produced = loaded["base"].to(tensor.out_dtype)
+            produced = self._to_output(loaded["base"], tensor.out_dtype)
         elif tensor.route == EXACT:
             produced = _agreed_value(tensor.name, loaded, self.models, self.base)
+        elif self.method.elementwise and self._on_cpu and tensor.info.numel > CHUNK:
+            produced = self._merge_in_chunks(tensor, loaded)
         else:
             merged = self.method.merge_tensor(self._job(tensor, loaded, self.stage_results))
-            if tuple(merged.shape) != tuple(tensor.info.shape):
-                raise AssertionError(f"method {self.method.name} returned shape {tuple(merged.shape)} for "
-                                     f"{tensor.name}, expected {tensor.info.shape}")
-            produced = merged.to(device="cpu", dtype=tensor.out_dtype)
+            self._check_shape(tensor, merged, tensor.info.shape)
+            produced = self._to_output(merged, tensor.out_dtype)
         return _not_aliasing(produced, loaded)
+
+    def _merge_in_chunks(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
+        """An elementwise kernel over 1-D slices of CHUNK positions, assembled in a pooled output tensor."""
+        produced = self.pool.empty(tensor.info.shape, tensor.out_dtype)
+        flat = {"models": [model.reshape(-1) for model in loaded["models"]]}
+        if loaded.get("base") is not None:
+            flat["base"] = loaded["base"].reshape(-1)
+        produced_flat = produced.view(-1)
+        for start in range(0, tensor.info.numel, CHUNK):
+            part = slice(start, start + CHUNK)
+            sliced = {"models": [model[part] for model in flat["models"]]}
+            if "base" in flat:
+                sliced["base"] = flat["base"][part]
+            merged = self.method.merge_tensor(self._job(tensor, sliced, self.stage_results))
+            self._check_shape(tensor, merged, produced_flat[part].shape)
+            produced_flat[part].copy_(merged)
+        return produced
+
+    def _check_shape(self, tensor: TensorPlan, merged: torch.Tensor, expected) -> None:
+        if tuple(merged.shape) != tuple(expected):
+            raise AssertionError(f"method {self.method.name} returned shape {tuple(merged.shape)} for "
+                                 f"{tensor.name}, expected {tuple(expected)}")
+
+    def _to_output(self, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``merged`` on the CPU in ``dtype``; a conversion lands in a pooled buffer."""
+        if merged.device.type == "cpu":
+            return self.pool.empty(merged.shape, dtype).copy_(merged)
+        return merged.to(device="cpu", dtype=dtype)
 
     def _job(self, tensor: TensorPlan, loaded: dict, stage_results: dict) -> TensorJob:
         compute = tensor.compute_dtype
@@ -90,18 +128,21 @@ class Engine:
             layer=tensor.layer,
             num_layers=self.plan.num_layers,
             stage_results=stage_results,
+            empty=self.pool.empty if self._on_cpu else None,
         )
 
     def _on_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self._on_cpu and tensor.device.type == "cpu":
+            return tensor if tensor.dtype == dtype else self.pool.empty(tensor.shape, dtype).copy_(tensor)
         return tensor.to(device=self.device, non_blocking=True).to(dtype)
 
     # -- reading ahead --------------------------------------------------------------------------------------
     def _read(self, tensor: TensorPlan) -> dict:
         if tensor.route == BASE:
-            return {"base": (self.base or self.models[0]).read(tensor.name)}
-        loaded = {"models": [source.read(tensor.name) for source in self.models]}
+            return {"base": (self.base or self.models[0]).read(tensor.name, self.pool)}
+        loaded = {"models": [source.read(tensor.name, self.pool) for source in self.models]}
         if self.base is not None:
-            loaded["base"] = self.base.read(tensor.name)
+            loaded["base"] = self.base.read(tensor.name, self.pool)
         return loaded
 
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
@@ -121,6 +162,25 @@ class Engine:
             finally:
                 for _, future in pending:
                     future.cancel()
+
+
+@contextmanager
+def compute_threads(device: torch.device):
+    """On the CPU, torch's intra-op threads leave one core to the engine's reader and writer threads.
+
+    With every core in torch's pool, its threads spin between the many short kernels of a merge and starve the
+    reader and writer: on 2 cores a bf16 task-arithmetic merge took 15x the CPU time with 2 intra-op threads as
+    with 1. The caller's setting is restored afterwards.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _agreed_value(name: str, loaded: dict, models: list[ModelSource], base: ModelSource | None) -> torch.Tensor:

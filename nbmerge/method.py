@@ -25,6 +25,8 @@ class TensorJob:
 
     ``models`` and ``base`` belong to the caller and may alias user memory: a kernel never modifies them in place.
     ``params`` are the validated parameters with schedules already resolved for this tensor.
+    ``empty(shape, dtype)`` gives scratch or result memory on the job's device (reused across tensors by the
+    engine, which never lends memory a live tensor still views); it defaults to ``torch.empty``.
     """
 
     name: str
@@ -34,6 +36,12 @@ class TensorJob:
     layer: int | None
     num_layers: int
     stage_results: dict[str, Any] = field(default_factory=dict)
+    empty: Callable[..., torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.empty is None:
+            device = self.base.device if self.base is not None else self.models[0].device
+            self.empty = lambda shape, dtype: torch.empty(tuple(shape), dtype=dtype, device=device)
 
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_0 for every model."""
@@ -74,6 +82,8 @@ class MergeMethod:
     merge_tensor: the per-tensor kernel; stages: whole-model passes run first;
     copies_from_base(name, params): True where a tensor is taken unmerged from the base, or from the first model
     when there is no base (e.g. backbone-only);
+    elementwise: the kernel is position-wise (each output entry depends only on the inputs' entries at the same
+    position, and on parameters resolved per tensor), so the engine may call it on 1-D slices of a tensor;
     check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
     """
 
@@ -87,6 +97,7 @@ class MergeMethod:
     base: str = BASE_UNUSED
     stages: tuple[Stage, ...] = ()
     copies_from_base: Callable[[str, dict], bool] | None = None
+    elementwise: bool = False
     check: Callable[[dict, int, bool], None] | None = None
     plugin: str = ""
 
@@ -121,5 +132,6 @@ class MergeMethod:
             "max_models": self.max_models,
             "base": self.base,
             "stages": [stage.name for stage in self.stages],
+            "elementwise": self.elementwise,
             "params": [p.describe() for p in self.params],
         }

@@ -2,7 +2,8 @@
 
 Layout: 8 bytes little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}`` (plus an
 optional ``__metadata__`` of strings), then the raw little-endian tensor bytes. Reading parses the header alone
-(all checks run on it before any data is read) and reads each tensor with one ``readinto`` into a fresh buffer.
+(all checks run on it before any data is read) and reads each tensor with one ``preadv`` into a fresh or
+a pooled buffer.
 Writing knows every output shape up front, so a shard's header is written first and tensors stream after it.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .buffers import BufferPool
 from .errors import ModelInputError
 
 DTYPES = {
@@ -80,9 +82,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return ordered, metadata
 
 
-def read_tensor(file, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor from an open binary file into a new CPU tensor (the file is not memory-mapped)."""
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_tensor(file, entry: TensorEntry, pool: BufferPool | None = None) -> torch.Tensor:
+    """Read one tensor from an open binary file into a new CPU tensor, or into a buffer lent by ``pool``
+    (the file is not memory-mapped)."""
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8) if pool is None else pool.empty((entry.nbytes,), torch.uint8)
     if entry.nbytes:
         view = memoryview(buffer.numpy())
         got = os.preadv(file.fileno(), [view], entry.start)

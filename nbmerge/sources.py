@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .buffers import BufferPool
 from .errors import ModelInputError
 from .safetensors_io import TensorEntry, read_header, read_tensor
 
@@ -47,7 +48,8 @@ class ModelSource:
     folder: Path | None = None
     infos: dict[str, TensorInfo]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """The tensor ``name``; a file-backed source reads it into a buffer lent by ``pool`` when given."""
         raise NotImplementedError
 
     def check_unchanged(self) -> None:
@@ -72,9 +74,9 @@ class SafetensorsSource(ModelSource):
         self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
         self._files = {path: open(path, "rb") for path in files}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         entry = self._entries[name]
-        return read_tensor(self._files[entry.path], entry)
+        return read_tensor(self._files[entry.path], entry, pool)
 
     def check_unchanged(self) -> None:
         for path, stamp in self._stamps.items():
@@ -96,7 +98,7 @@ class StateDictSource(ModelSource):
             self._tensors[name] = value.detach()
         self.infos = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         return self._tensors[name]
 
 

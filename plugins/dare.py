@@ -28,35 +28,49 @@ WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default:
 
 
 def drop_and_rescale(task_vector: torch.Tensor, keep_mask: torch.Tensor, drop_rate: float, rescale) -> torch.Tensor:
-    kept = task_vector * keep_mask
+    """m ⊙ τ, rescaled; overwrites and returns ``task_vector`` (the caller's scratch row)."""
+    l1_before = torch.abs(task_vector, out=keep_mask.new_empty(0)).sum() if rescale == "l1" else None
+    kept = task_vector.mul_(keep_mask)
     if rescale is True:
-        return kept / (1.0 - drop_rate)
+        return kept.div_(1.0 - drop_rate)
     if rescale == "l1":
         kept_norm = kept.abs().sum()
-        return kept * (task_vector.abs().sum() / kept_norm) if kept_norm > 0 else kept
+        return kept.mul_(l1_before / kept_norm) if kept_norm > 0 else kept
     return kept
 
 
 def keep_mask(job: TensorJob, model_index: int, drop_rate: float) -> torch.Tensor:
     """Bernoulli(1 − p) mask drawn on the CPU from the (seed, tensor, model) generator, moved to the device."""
     generator = job.generator(job.params["seed"], model_index)
-    draws = torch.rand(job.base.shape, generator=generator, dtype=torch.float32)
+    draws = torch.rand(job.base.shape, generator=generator, dtype=torch.float32,
+                       out=job.empty(job.base.shape, torch.float32) if job.base.device.type == "cpu" else None)
+    if job.base.device.type == "cpu" and job.base.dtype == torch.float32:
+        return draws.ge_(drop_rate)  # in place: 1.0 where kept, 0.0 where dropped
     return (draws >= drop_rate).to(device=job.base.device, dtype=job.base.dtype)
+
+
+BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, reused temporaries)
 
 
 def _dare(job: TensorJob) -> torch.Tensor:
     params = job.params
     weights = params["weights"] or [1.0] * len(job.models)
-    sparse = torch.stack([
-        weight * drop_and_rescale(model - job.base, keep_mask(job, i, params["drop_rate"]), params["drop_rate"],
-                                  params["rescale"])
-        for i, (model, weight) in enumerate(zip(job.models, weights))
-    ])
-    if params["combine"] == "ties":
-        merged = disjoint_merge(sparse, elect_sign(sparse, "sum", 1.0), "sum", weights)
-    else:
-        merged = sparse.sum(0)
-    return job.base + params["scaling"] * merged
+    sparse = job.empty((len(job.models), *job.base.shape), job.base.dtype)
+    for i, (row, model, weight) in enumerate(zip(sparse, job.models, weights)):
+        torch.sub(model, job.base, out=row)
+        drop_and_rescale(row, keep_mask(job, i, params["drop_rate"]), params["drop_rate"], params["rescale"])
+        row.mul_(weight)
+    merged = job.empty(job.base.shape, job.base.dtype)
+    sparse_flat, merged_flat, base_flat = sparse.view(len(job.models), -1), merged.view(-1), job.base.reshape(-1)
+    for start in range(0, base_flat.numel(), BLOCK):
+        block = sparse_flat[:, start:start + BLOCK]
+        if params["combine"] == "ties":
+            combined = disjoint_merge(block, elect_sign(block, "sum", 1.0), "sum", weights)
+        else:
+            combined = block.sum(0)
+        torch.add(base_flat[start:start + BLOCK], combined.mul_(params["scaling"]),
+                  out=merged_flat[start:start + BLOCK])
+    return merged
 
 
 DARE = MergeMethod(

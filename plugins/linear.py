@@ -41,6 +41,7 @@ LINEAR = MergeMethod(
     min_models=1,
     max_models=2,
     base=BASE_OPTIONAL,
+    elementwise=True,
     check=check_two_endpoints("linear"),
 )
 

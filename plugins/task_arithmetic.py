@@ -28,6 +28,7 @@ TASK_ARITHMETIC = MergeMethod(
     merge_tensor=_task_arithmetic,
     min_models=1,
     base=BASE_REQUIRED,
+    elementwise=True,
 )
 
 

@@ -63,6 +63,7 @@ WEIGHTED_AVERAGE = MergeMethod(
     min_models=1,
     base=BASE_OPTIONAL,
     copies_from_base=_outside_backbone,
+    elementwise=True,
     check=_check,
 )
 
@@ -73,6 +74,7 @@ SIMPLE_AVERAGE = MergeMethod(
     params=(),
     merge_tensor=_average,
     min_models=1,
+    elementwise=True,
 )
 
 

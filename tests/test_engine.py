@@ -302,3 +302,59 @@ def test_input_rewritten_during_the_merge_fails_without_output(tmp_path):
         nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", on_progress=rewrite_first,
                       progress=False)
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
+
+
+# -- large tensors: pooled buffers and the chunked elementwise path ----------------------------------------------
+def big_models(tmp_path, n_models=3, dtype=torch.bfloat16):
+    """Files with tensors larger than the engine's chunk and the pool's threshold (and a few small ones)."""
+    import nbmerge.engine as engine
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"big.weight": (engine.CHUNK // 512 + 3, 512 + 1), "mid.weight": (700, 1100), "small.bias": (33,)}
+    base = {name: torch.randn(shape, generator=generator).to(dtype) for name, shape in shapes.items()}
+    models = [{name: (t.float() + 0.1 * torch.randn(t.shape, generator=generator)).to(dtype) for name, t in base.items()}
+              for _ in range(n_models)]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+    return tmp_path / "base.safetensors", [tmp_path / f"m{i}.safetensors" for i in range(n_models)], base, models
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"scaling": 0.7, "weights": [0.5, 1.0, 2.0]}),
+                                            ("weighted_average", {"weights": [0.2, 0.3, 0.5]}),
+                                            ("linear", {"t": 0.3})])
+def test_chunked_elementwise_merge_is_bit_identical_to_whole_tensor(tmp_path, monkeypatch, method, params):
+    import nbmerge.engine as engine
+
+    base, models, _, _ = big_models(tmp_path)
+    kwargs = dict(base=base if method == "task_arithmetic" else None, progress=False, **params)
+    if method == "linear":
+        kwargs["base"], models = base, models[:1]
+    chunked = nbmerge.merge(method, models, **kwargs).state_dict
+    monkeypatch.setattr(engine, "CHUNK", 1 << 40)
+    whole = nbmerge.merge(method, models, **kwargs).state_dict
+    assert set(chunked) == set(whole)
+    for name in whole:
+        assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_outputs_kept_in_memory_are_never_overwritten_by_pooled_buffers(tmp_path):
+    """Every merged tensor returned in memory must hold its own value (an independent float64 computation)."""
+    base_path, model_paths, base, models = big_models(tmp_path)
+    for method in ("task_arithmetic", "ties", "dare"):
+        params = {"scaling": 0.5} if method == "task_arithmetic" else (
+            {"trim_scope": "tensor", "density": 1.0, "merge_func": "sum"} if method == "ties" else
+            {"drop_rate": 0.0, "combine": "linear", "scaling": 0.5})
+        merged = nbmerge.merge(method, model_paths, base=base_path, progress=False, **params).state_dict
+        for name in base:
+            b = base[name].double()
+            expected = b + (1.0 if method == "ties" else 0.5) * sum(m[name].double() - b for m in models)
+            if method == "ties":  # density 1, merge_func sum: the agreeing entries of the sum's sign
+                vectors = torch.stack([m[name].double() - b for m in models])
+                sign = vectors.sum(0).sign().masked_fill_(vectors.sum(0) == 0, 1.0)
+                expected = b + (vectors * (vectors.sign() == sign)).sum(0)
+            assert merged[name].dtype == torch.bfloat16
+            assert torch.allclose(merged[name].double(), expected.to(torch.bfloat16).double(), atol=0.02, rtol=0.01), \
+                (method, name)
+        pointers = [t.data_ptr() for t in merged.values()]
+        assert len(set(pointers)) == len(pointers)

@@ -912,3 +912,41 @@ def test_ties_merges_large_tensors_block_by_block_exactly(llama_set, monkeypatch
                             device="cpu", progress=False).state_dict
     for name, value in whole.items():
         assert torch.equal(blocked[name], value), name
+
+
+# -- TIES per-tensor thresholds on tensors large enough to be sampled ---------------------------------------------
+def _large_ties_job(seed: int = 3, n_models: int = 3, numel: int = 3 * 2**20 + 17):
+    from nbmerge.method import TensorJob
+
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=generator)
+    models = []
+    for i in range(n_models):
+        delta = torch.randn(numel, generator=generator) * 0.01
+        delta[: numel // 10] = 0.0  # frozen positions (unchanged by every model) do not count towards k
+        delta[numel // 2: numel // 2 + 1000] = 0.0125  # exact duplicates straddling likely thresholds
+        models.append(base + delta)
+    return TensorJob(name="w", models=models, base=base, params={"weights": [1.0, 2.0, 0.5][:n_models]},
+                     layer=None, num_layers=0)
+
+
+def _topk_thresholds(job, density):
+    vectors = torch.stack([(m - job.base) * w for m, w in zip(job.models, job.params["weights"])])
+    keep = int(density * int((vectors != 0).any(0).sum()))
+    return [float(row.abs().topk(keep).values[-1]) for row in vectors]
+
+
+@pytest.mark.parametrize("density", [0.003, 0.2, 0.5, 0.95, 1.0])
+def test_ties_tensor_thresholds_equal_topk_on_large_tensors(density):
+    from nbmerge_plugins.ties import tensor_thresholds
+
+    job = _large_ties_job()
+    assert tensor_thresholds(job, density) == _topk_thresholds(job, density)
+
+
+def test_ties_tensor_thresholds_stay_exact_when_the_sampled_bracket_misses(monkeypatch):
+    import nbmerge_plugins.ties as ties
+
+    job = _large_ties_job(seed=5)
+    monkeypatch.setattr(ties, "_bracket", lambda sample, fraction: (0.0, 1e-9))  # a bracket far too low
+    assert ties.tensor_thresholds(job, 0.2) == _topk_thresholds(job, 0.2)
