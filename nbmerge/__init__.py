@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "api", "MergeReport": "api",
-    "MergeMethod": "method", "TensorJob": "method", "Stage": "method",
+    "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
+    "BuiltModule": "method", "UnlabeledTask": "method",
+    "save_trained": "build", "load_trained": "build",
     "Param": "params",
     "ProgressEvent": "progress",
     "register_plugin": "registry", "unregister_plugin": "registry", "reload_plugins": "registry",

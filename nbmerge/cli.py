@@ -93,6 +93,9 @@ def _demo(argv: list[str]) -> int:
     checkpoints = build_llama_set(workdir / "models", shape, shard_size=20 * 2**20)
     print(f"{'method':<17} {'models':>6} {'base':>4} {'tensors':>7} {'read MiB':>9} {'seconds':>8} {'peak RSS MiB':>12}")
     for method in all_methods().values():
+        if method.build_module is not None:
+            print(f"{method.name:<17} (builds a module adapted on a task pool's unlabeled inputs: see README)")
+            continue
         count = min(method.max_models or 3, 3)
         base = checkpoints.base if method.base == BASE_REQUIRED else None
         result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,
