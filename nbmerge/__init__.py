@@ -20,7 +20,8 @@ _LAZY = {
     "save_trained": "build", "load_trained": "build",
     "Param": "params",
     "ProgressEvent": "progress",
-    "register_plugin": "registry", "unregister_plugin": "registry", "reload_plugins": "registry",
+    "evaluate": "evaluation", "EvalReport": "evaluation", "TaskPool": "taskpool", "Task": "taskpool",
+    "task_pool": "registry", "register_plugin": "registry", "unregister_plugin": "registry", "reload_plugins": "registry",
     "NBMergeError": "errors", "ParameterError": "errors", "ModelInputError": "errors", "PluginError": "errors",
     "OutputExistsError": "errors",
 }

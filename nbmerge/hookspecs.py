@@ -17,3 +17,13 @@ def register_merge_methods(register):
     Call ``register(method)`` with an ``nbmerge.MergeMethod`` for every method the plugin provides. Two plugins
     registering the same method name is an error naming both plugins.
     """
+
+
+@hookspec
+def register_task_pools(register):
+    """Called once, when the task-pool registry is first needed (``nbmerge.task_pool``, ``nbmerge bench``).
+
+    Call ``register(name, build, description)`` for every evaluation task pool the plugin provides: ``build``
+    is called with keyword options (e.g. ``seed``, ``cache_dir``, ``progress``) and returns an
+    ``nbmerge.TaskPool``. Two plugins registering the same pool name is an error naming both plugins.
+    """

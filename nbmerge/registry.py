@@ -18,6 +18,7 @@ import pluggy
 from . import hookspecs
 from .errors import ParameterError, PluginError
 from .method import MergeMethod
+from .taskpool import TaskPool, TaskPoolSpec
 from .params import unknown_parameter_message
 
 ENTRY_POINT_GROUP = "nbmerge"
@@ -62,6 +63,7 @@ def register_plugin(plugin, name: str | None = None) -> None:
     pm.check_pending()
     with _lock:
         _state.pop("methods", None)
+        _state.pop("task_pools", None)
 
 
 def unregister_plugin(name: str) -> None:
@@ -69,6 +71,7 @@ def unregister_plugin(name: str) -> None:
     pm.unregister(name=name)
     with _lock:
         _state.pop("methods", None)
+        _state.pop("task_pools", None)
 
 
 def all_methods() -> dict[str, MergeMethod]:
@@ -111,3 +114,40 @@ def plugin_versions() -> dict[str, str]:
     pm = plugin_manager()
     versions = {pm.get_name(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
     return {pm.get_name(plugin): versions.get(pm.get_name(plugin), "") for plugin in pm.get_plugins()}
+
+
+def all_task_pools() -> dict[str, TaskPoolSpec]:
+    """Every registered evaluation task pool by name (not built: building may train models)."""
+    pm = plugin_manager()
+    with _lock:
+        if "task_pools" not in _state:
+            _state["task_pools"] = _collect_task_pools(pm)
+        return dict(_state["task_pools"])
+
+
+def _collect_task_pools(pm: pluggy.PluginManager) -> dict[str, TaskPoolSpec]:
+    pools: dict[str, TaskPoolSpec] = {}
+    for impl in reversed(pm.hook.register_task_pools.get_hookimpls()):
+
+        def register(name: str, build, description: str = "", _plugin=impl.plugin_name) -> None:
+            if name in pools:
+                raise PluginError(f"task pool {name!r} is registered by two plugins: {pools[name].plugin!r} "
+                                  f"and {_plugin!r}")
+            pools[name] = TaskPoolSpec(name, description, build, _plugin)
+
+        impl.function(register=register)
+    return dict(sorted(pools.items()))
+
+
+def task_pool(name: str, **options) -> TaskPool:
+    """Build (or load from its cache) the registered task pool ``name``; options go to its factory."""
+    pools = all_task_pools()
+    if name not in pools:
+        message = unknown_parameter_message("nbmerge", name, sorted(pools))
+        raise ParameterError(message.replace("unknown parameter", "unknown task pool")
+                                    .replace("valid parameters", "registered task pools"))
+    pool = pools[name].build(**options)
+    if not isinstance(pool, TaskPool):
+        raise PluginError(f"task pool {name!r} of plugin {pools[name].plugin!r} built {type(pool).__name__}, "
+                          "not an nbmerge.TaskPool")
+    return pool
