@@ -21,6 +21,10 @@ def _method_parser(method) -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if method.build_module is not None:
+        parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "
+                            "named after (model folder name = task name), e.g. minilm-tiny")
+        parser.add_argument("--split", default="test", help="the split whose unlabeled inputs adapt the model")
     group = parser.add_argument_group(f"{method.name} parameters")
     for param in method.params:
         text = param.help
@@ -42,9 +46,15 @@ def _merge(argv: list[str]) -> int:
     args = _method_parser(method).parse_args(argv[1:])
     params = {p.name: getattr(args, f"param_{p.name}") for p in method.params
               if getattr(args, f"param_{p.name}") is not None}
+    if method.build_module is not None:
+        from .registry import task_pool
+
+        params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
                    progress=not args.quiet, **params)
+    if result.history is not None:
+        print(result.history)
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")

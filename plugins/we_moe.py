@@ -5,7 +5,9 @@ fine-tuned models' MLPs, weighted per input by a router, W = W_0 + Σ_e r_e τ_e
 other tensor is task arithmetic θ_0 + init_lambda Σ_e τ_e. The routers (fc2(ReLU(fc1(h))), H→H→E, N(0, 0.01²)
 weights, fc2 bias init_lambda) are then trained alone for ``steps`` Adam steps (``lr``) to minimise the summed
 entropy of every task's predictions on ``batch_size`` unlabeled inputs of that task per step
-(``we_moe_adapt``). ``steps=0`` keeps the initial routers (≈ task arithmetic). Defaults are the paper's.
+(``we_moe_adapt``), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
+default); the resulting model routes every sample by itself. ``steps=0`` keeps the initial routers
+(≈ task arithmetic). Defaults are the paper's and FusionBench's (configs/method/wemoe/weight_ensembling_moe.yaml).
 
 The method builds a module, so it runs through ``nbmerge.merge("we_moe", {task: model}, base=..., pool=...)``.
 """
@@ -28,7 +30,8 @@ PARAMS = (
     Param("lr", "float", 1e-4, "Adam learning rate of the routers", low=0.0, low_inclusive=False),
     Param("steps", "int", 1000, "test-time adaptation steps (0: no adaptation)", low=0),
     Param("batch_size", "int", 16, "unlabeled inputs per task per step", low=1),
-    Param("batch_reduce", "bool", False, "one routing vector for the whole batch instead of one per sample"),
+    Param("batch_reduce", "bool", True, "during adaptation, route each batch with its mean routing vector "
+          "(FusionBench's recipe, several times faster); the result always routes per sample"),
     Param("seed", "int", 0, "seeds the routers' initialisation and the order of the unlabeled batches", low=0),
 )
 
@@ -37,8 +40,7 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
     """Upcycle job.base with job.models as experts, then adapt the routers (or load job.trained_state)."""
     params = job.params
     model = upcycle(job.base, job.models, init_lambda=params["init_lambda"],
-                    router_hidden_layers=params["router_hidden_layers"], batch_reduce=params["batch_reduce"],
-                    seed=params["seed"])
+                    router_hidden_layers=params["router_hidden_layers"], seed=params["seed"])
     history = None
     if job.trained_state is not None:
         load_routers(model, job.trained_state)
@@ -47,7 +49,8 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                                       shuffled_batches(job.tasks[name].inputs, params["batch_size"],
                                                        params["seed"] * 1000 + index))
                  for index, name in enumerate(job.models)}
-        history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], progress=job.progress)
+        history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
+                        progress=job.progress)
     trained = {name: parameter.detach().clone() for name, parameter in router_parameters(model).items()}
     return BuiltModule(model, trained, history)
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from nbmerge.errors import ParameterError
 
-from .we_moe_layers import router_parameters
+from .we_moe_layers import routed_blocks, router_parameters, set_batch_reduce
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -97,11 +97,15 @@ def shuffled_batches(inputs: Sequence[Any], batch_size: int, seed: int) -> Itera
 
 
 def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 1e-4, steps: int = 1000,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> AdaptationHistory:
+          batch_reduce: bool = True, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> AdaptationHistory:
     """Train the routers of ``model`` (upcycled by ``we_moe_layers.upcycle``) for ``steps`` Adam steps.
 
-    The model is run in eval mode (dropout off: only the routing should change the predictions). Returns the
-    loss history; on KeyboardInterrupt returns the partial history with ``interrupted=True``.
+    batch_reduce: route each training batch (one task's inputs) with its mean routing vector, as FusionBench's
+    recipe does (the layer then costs one weight build and one plain matmul instead of E expert matmuls); the
+    model's own routing mode is restored afterwards. The model is run in eval mode (dropout off: only the
+    routing should change the predictions). Returns the loss history; on KeyboardInterrupt returns the partial
+    history with ``interrupted=True``.
     """
     if not tasks:
         raise ParameterError("we_moe: test-time adaptation needs at least one task's unlabeled inputs")
@@ -110,6 +114,8 @@ def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 
     streams = {name: _endless(name, task.batches) for name, task in tasks.items()}
     history = AdaptationHistory(planned_steps=steps, task_entropy={name: [] for name in tasks})
     was_training = model.training
+    routing_modes = {path: block.batch_reduce for path, block in routed_blocks(model).items()}
+    set_batch_reduce(model, batch_reduce)
     model.eval()
     bar = None
     if progress:
@@ -143,6 +149,8 @@ def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 
         history.seconds = time.perf_counter() - started
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
+        for path, block in routed_blocks(model).items():
+            block.batch_reduce = routing_modes[path]
         if bar is not None:
             bar.close()
     return history

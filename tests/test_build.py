@@ -124,8 +124,9 @@ def test_clear_errors_for_a_module_building_method(bert_pool, capsys):
     base, fine_tuned, pool = bert_pool
     with pytest.raises(ParameterError, match=r"needs a task pool: nbmerge.merge\('we_moe', \{task: model"):
         nbmerge.merge("we_moe", fine_tuned, base=base)
-    assert cli_main(["merge", "we_moe", "a/", "b/", "--base", "c/"]) == 1
-    assert "needs a task pool" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["merge", "we_moe", "a/", "b/", "--base", "c/"])
+    assert "the following arguments are required: --pool" in capsys.readouterr().err
     with pytest.raises(ParameterError, match="'other' match no task of pool 'tiny-bert-heads'"):
         nbmerge.merge("we_moe", {"other": fine_tuned["task0"]}, base=base, pool=pool, progress=False)
     with pytest.raises(ParameterError, match="name each model by its task"):

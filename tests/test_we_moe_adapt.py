@@ -9,7 +9,7 @@ import torch
 
 from nbmerge.errors import ParameterError
 from nbmerge_plugins.we_moe_adapt import AdaptationTask, adapt, entropy, shuffled_batches
-from nbmerge_plugins.we_moe_layers import router_parameters, upcycle
+from nbmerge_plugins.we_moe_layers import routed_blocks, router_parameters, set_batch_reduce, upcycle
 from test_we_moe_layers import model_set
 
 torch.set_num_threads(1)
@@ -59,18 +59,22 @@ def test_adaptation_lowers_entropy_and_changes_only_the_routers():
     assert all(not torch.equal(p, routers_before[k]) for k, p in router_parameters(moe).items())
 
 
-def test_one_step_follows_adam_on_the_gradient_of_the_summed_entropies():
-    """Adam's first step moves each parameter by −lr·g/(|g| + eps); g computed here by plain autograd."""
+@pytest.mark.parametrize("batch_reduce", [False, True])
+def test_one_step_follows_adam_on_the_gradient_of_the_summed_entropies(batch_reduce):
+    """Adam's first step moves each parameter by −lr·g/(|g| + eps); g computed here by plain autograd, with each
+    batch routed per sample or by its mean routing vector."""
     base, fine_tuned = model_set("bert")
     moe = upcycle(base, fine_tuned)
     reference = copy.deepcopy(moe)
+    set_batch_reduce(reference, batch_reduce)
     tasks = classification_tasks()
     loss = sum(entropy(task.logits(reference, task.batches[0])) for task in tasks.values())
     loss.backward()
     expected = {k: p.detach() - 1e-3 * p.grad / (p.grad.abs() + 1e-8) for k, p in router_parameters(reference).items()}
-    adapt(moe, tasks, lr=1e-3, steps=1, progress=False)
+    adapt(moe, tasks, lr=1e-3, steps=1, batch_reduce=batch_reduce, progress=False)
     for name, parameter in router_parameters(moe).items():
         torch.testing.assert_close(parameter.detach(), expected[name], atol=1e-6, rtol=1e-5)
+    assert {block.batch_reduce for block in routed_blocks(moe).values()} == {False}   # inference routes per sample
 
 
 def test_adaptation_is_reproducible():
