@@ -19,6 +19,7 @@ writes the numbers. Exit status 0 whether or not the target is met (the numbers 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/we_moe.py --profile full                  # ~30-60 min on 2 cores
   .venv/bin/python benchmarks/we_moe.py --profile tiny --steps 100                   # a few minutes
+  nice -n 10 .venv/bin/python benchmarks/we_moe.py --max-minutes 40    # stop adapting after 40 min, evaluate
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +58,10 @@ def tuned(method: str, grid: list[float], z, fixed: dict) -> tuple[dict, object]
     return params, evaluate(merged, z.pool, split="test", name=method, progress=False)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="full", choices=sorted(zoo.PROFILES))
@@ -66,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--routers", help="save the trained routers here, or reload them if the file exists")
     parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--max-minutes", type=float, help="stop the adaptation after this long (as an interrupt "
+                        "would: the routers keep the last completed step) and evaluate what it reached")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     z = zoo.build_zoo(profile=args.profile, seed=args.seed, progress=True)
     rows = []  # (label, params text, EvalReport)
-    print(f"zoo {z.root.name}: {', '.join(f'{t.name} ({len(t.inputs('test'))} test)' for t in z.pool.tasks)}",
+    print(f"zoo {z.root.name}: " + ", ".join(f"{t.name} ({len(t.inputs('test'))} test)" for t in z.pool.tasks),
           file=sys.stderr)
     pretrained = evaluate(z.base, z.pool, name="pretrained", progress=False)
     rows.append(("pretrained", "", pretrained))
@@ -91,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         result = nbmerge.load_trained(routers, z.models, base=z.base, pool=z.pool, progress=False)
         adaptation = None
     else:
+        if args.max_minutes:
+            signal.signal(signal.SIGALRM, _interrupt)
+            signal.alarm(max(1, round(args.max_minutes * 60)))
         result = nbmerge.merge("we_moe", z.models, base=z.base, pool=z.pool, out=routers, progress=True, **recipe)
+        signal.alarm(0)
         adaptation = result.history
     we_moe = evaluate(result, z.pool, name="we_moe", progress=False)
     rows.append(("we_moe", ", ".join(f"{k}={v}" for k, v in result.recipe["params"].items()

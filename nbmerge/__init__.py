@@ -17,7 +17,7 @@ _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "api", "MergeReport": "api",
     "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
     "BuiltModule": "method", "UnlabeledTask": "method",
-    "save_trained": "build", "load_trained": "build",
+    "save_trained": "build", "load_trained": "build", "export_module": "build", "load_exported": "build",
     "Param": "params",
     "ProgressEvent": "progress",
     "evaluate": "evaluation", "EvalReport": "evaluation", "TaskPool": "taskpool", "Task": "taskpool",

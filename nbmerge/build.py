@@ -2,7 +2,8 @@
 models and a task pool's unlabeled inputs to a trained module; saving what was trained with its recipe; and
 rebuilding the module from that file without training again.
 
-The trained-state file is safetensors: the ``BuiltModule.trained`` tensors, and under the metadata key
+``export_module`` writes the whole built module instead (every tensor), reloadable from the base alone with
+``load_exported``. The trained-state file is safetensors: the ``BuiltModule.trained`` tensors, and under the metadata key
 ``nbmerge_recipe`` the recipe as JSON (method, checked parameters, model names, the split adapted on, and a
 fingerprint of the base and of every model) so that ``load_trained`` rebuilds on the same models and refuses
 others with an error naming the model that differs.
@@ -10,6 +11,7 @@ others with an error naming the model that differs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -91,6 +93,46 @@ def save_trained(result, path: str | Path, overwrite: bool = False) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def export_module(result, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a built module's whole state (every parameter and buffer) and recipe to a ``.safetensors`` file.
+
+    Self-contained: ``load_exported(path, base, pool)`` rebuilds the module from it and the base model's
+    architecture alone, without the fine-tuned models.
+    """
+    if result.module is None:
+        raise ParameterError("export_module: this result holds no built module (merge(..., out=...) writes a "
+                             "merged state dict)")
+    state = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in result.module.state_dict().items()}
+    exported = copy.copy(result)
+    exported.trained, exported.recipe = state, dict(result.recipe, exported=True)
+    return save_trained(exported, path, overwrite=overwrite)
+
+
+def load_exported(path: str | Path, base: Any, pool: Any):
+    """Rebuild the module written by ``export_module``: the base gives the architecture, the file every tensor."""
+    from .registry import get_method
+
+    tensors, recipe = read_trained(path)
+    if not recipe.get("exported"):
+        raise ModelInputError(f"{path}: holds only the trained tensors; rebuild it with load_trained(path, models, "
+                              f"base, pool)")
+    method = get_method(recipe["method"])
+    base_module = pool.load_encoder(base)
+    if fingerprint(base_module) != recipe["fingerprints"]["base"]:
+        raise ModelInputError(f"{path}: was built on a different base model than the one given")
+    # the base stands in for every model: the file's tensors replace whatever the build derives from them
+    stand_ins = {name: base_module for name in recipe["models"]}
+    tasks = {name: _unlabeled(pool.task(name), recipe.get("split", "test")) for name in recipe["models"]}
+    checked = method.validate(recipe["params"], len(stand_ins), True)
+    built = method.build_module(ModuleJob(base_module, stand_ins, checked, tasks, tensors, progress=False))
+    from .api import MergeReport, MergeResult
+
+    report = MergeReport(method=method.name, params=recipe["params"], tensors=len(tensors), bytes_read=0,
+                         bytes_written=0, seconds=0.0, peak_rss_bytes=peak_rss_bytes(), peak_device_bytes=None,
+                         device="cpu", stages=["load_exported"])
+    return MergeResult(report, recipe, module=built.module, trained=built.trained, path=Path(path))
 
 
 def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -56,8 +56,14 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
 
 
 def load_routers(model, state) -> None:
-    """Copy saved router tensors into an upcycled model; the names and shapes must match exactly."""
+    """Copy saved router tensors into an upcycled model; the names and shapes must match exactly.
+
+    A whole exported state (every tensor of an upcycled model) is loaded whole, experts included.
+    """
     parameters = router_parameters(model)
+    if len(state) > len(parameters):
+        _load_whole(model, state)
+        return
     missing, extra = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
     if missing or extra:
         raise ModelInputError(f"we_moe: the saved routers do not fit this model: missing {missing[:3]}, "
@@ -67,6 +73,19 @@ def load_routers(model, state) -> None:
             raise ModelInputError(f"we_moe: saved router tensor {name!r} has shape {tuple(state[name].shape)}, "
                                   f"the model's is {tuple(parameter.shape)}")
         parameter.data.copy_(state[name])
+
+
+def _load_whole(model, state) -> None:
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ModelInputError(f"we_moe: the exported state does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for name, tensor in own.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ModelInputError(f"we_moe: exported tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                  f"the model's is {tuple(tensor.shape)}")
+    model.load_state_dict(state)
 
 
 WE_MOE = MergeMethod(

@@ -145,3 +145,21 @@ def test_a_method_declares_exactly_one_way_to_merge():
         MergeMethod(name="neither", summary="", formula="", params=(), merge_tensor=None)
     assert nbmerge.methods()["we_moe"].describe()["builds_module"] is True
     assert nbmerge.methods()["ties"].describe()["builds_module"] is False
+
+
+def test_exported_module_reloads_from_the_base_alone(bert_pool, tmp_path):
+    base, fine_tuned, pool = bert_pool
+    result = nbmerge.merge("we_moe", fine_tuned, base=base, pool=pool, steps=2, lr=1e-2, progress=False)
+    path = nbmerge.export_module(result, tmp_path / "we_moe.safetensors")
+    tensors, recipe = read_trained(path)
+    assert recipe["exported"] and set(tensors) == set(result.module.state_dict())
+    reloaded = nbmerge.load_exported(path, base=base, pool=pool)
+    ids = torch.randint(0, 60, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.module(input_ids=ids).last_hidden_state,
+                                   result.module(input_ids=ids).last_hidden_state, atol=0, rtol=0)
+    routers_only = nbmerge.save_trained(result, tmp_path / "routers.safetensors")
+    with pytest.raises(ModelInputError, match="holds only the trained tensors; rebuild it with load_trained"):
+        nbmerge.load_exported(routers_only, base=base, pool=pool)
+    with pytest.raises(ModelInputError, match="different base model"):
+        nbmerge.load_exported(path, base=fine_tuned["task0"], pool=pool)
