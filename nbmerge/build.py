@@ -64,7 +64,7 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
         "nbmerge_version": __version__, "method": method.name, "plugin": method.plugin,
         "params": {p.name: p.plain(checked[p.name]) for p in method.params},
         "models": list(named), "base": _label(base), "pool": getattr(pool, "name", ""), "split": split,
-        "fingerprints": fingerprints,
+        "fingerprints": fingerprints, "build": built.record,
     }
     state = built.module.state_dict()
     report = MergeReport(method=method.name, params=recipe["params"], tensors=len(state), bytes_read=0,

@@ -100,11 +100,13 @@ class ModuleJob:
 @dataclass
 class BuiltModule:
     """A module-building method's result: the module, the tensors it trained (by state-dict name; what is saved
-    and reloaded), and a training history (anything with a readable ``str``; None when nothing was trained)."""
+    and reloaded), a training history (anything with a readable ``str``; None when nothing was trained), and
+    ``record``: JSON-able facts about this build for the recipe (e.g. steps done when interrupted)."""
 
     module: torch.nn.Module
     trained: dict[str, torch.Tensor]
     history: Any = None
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
     params = job.params
     model = upcycle(job.base, job.models, init_lambda=params["init_lambda"],
                     router_hidden_layers=params["router_hidden_layers"], seed=params["seed"])
-    history = None
+    history, record = None, {}
     if job.trained_state is not None:
         load_routers(model, job.trained_state)
     elif params["steps"] > 0:
@@ -51,8 +51,10 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                  for index, name in enumerate(job.models)}
         history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
                         progress=job.progress)
+        record = {"steps_done": history.steps, "interrupted": history.interrupted,
+                  "adaptation_seconds": round(history.seconds, 2)}
     trained = {name: parameter.detach().clone() for name, parameter in router_parameters(model).items()}
-    return BuiltModule(model, trained, history)
+    return BuiltModule(model, trained, history, record)
 
 
 def load_routers(model, state) -> None:

@@ -69,6 +69,7 @@ def test_merge_builds_and_adapts_the_module(bert_pool):
     assert result.history.steps == 4 and result.history.loss[-1] < result.history.loss[0]
     assert set(result.trained) == set(router_parameters(result.module))
     assert result.recipe["params"]["steps"] == 4 and result.recipe["models"] == ["task0", "task1", "task2"]
+    assert result.recipe["build"]["steps_done"] == 4 and result.recipe["build"]["interrupted"] is False
     assert result.recipe["fingerprints"]["models"]["task1"] == fingerprint(fine_tuned["task1"])
     assert "module=BertModel" in repr(result)
 
