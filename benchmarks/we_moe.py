@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                                      if k in ("steps", "lr", "batch_size", "init_lambda")), we_moe))
 
     tasks = list(we_moe.accuracy)
-    header = f"{'model':<16}{'params':<44}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>9}{'norm.':>7}"
+    header = f"{'model':<16}{'params':<52}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>9}{'norm.':>7}"
     print(header)
-    print(f"{'individual':<16}{'':<44}" + "".join(f"{individual[t]:>11.1f}" for t in tasks)
+    print(f"{'individual':<16}{'':<52}" + "".join(f"{individual[t]:>11.1f}" for t in tasks)
           + f"{sum(individual.values()) / len(individual):>9.1f}{100.0:>7.1f}")
     for label, params, report in rows:
         norm = report.normalized_average
-        print(f"{label:<16}{params:<44}" + "".join(f"{report.accuracy[t]:>11.1f}" for t in tasks)
+        print(f"{label:<16}{params:<52}" + "".join(f"{report.accuracy[t]:>11.1f}" for t in tasks)
               + f"{report.average:>9.1f}{'' if norm is None else f'{norm:.1f}':>7}")
 
     individual_avg = sum(individual.values()) / len(individual)
