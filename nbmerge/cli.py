@@ -117,11 +117,37 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from .bench import run_bench
+
+    parser = argparse.ArgumentParser(prog="nbmerge bench", description="Evaluate every merge method (defaults and a "
+                                     "validation-tuned grid) next to the pretrained and the individual models.")
+    parser.add_argument("--profile", choices=("tiny", "full"), default="tiny",
+                        help="the MiniLM zoo's size (default: tiny); ignored when --pool is given")
+    parser.add_argument("--pool", help="a registered task pool (default: minilm-PROFILE)")
+    parser.add_argument("--methods", nargs="+", help="methods to run (default: every registered method)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="zoo seeds (default: 0 1 2)")
+    parser.add_argument("--no-tune", action="store_true", help="defaults only, no validation grid")
+    parser.add_argument("--cache-dir", help="where zoos are built and cached (default: $NBMERGE_CACHE or "
+                        "~/.cache/nbmerge)")
+    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    result = run_bench(args.pool or f"minilm-{args.profile}", methods=args.methods, seeds=args.seeds,
+                       tune=not args.no_tune, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(result)
+    if args.json:
+        result.to_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"merge": _merge, "methods": _methods, "demo": _demo}
+    commands = {"merge": _merge, "methods": _methods, "demo": _demo, "bench": _bench}
     if not argv or argv[0] not in commands:
-        print("usage: nbmerge {merge,methods,demo} ...\n  nbmerge methods [--json]\n  nbmerge demo [--workdir DIR]\n"
+        print("usage: nbmerge {merge,methods,demo,bench} ...\n  nbmerge methods [--json]\n"
+              "  nbmerge demo [--workdir DIR]\n  nbmerge bench [--profile tiny|full] [--methods M...] [--json PATH]\n"
               "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
         return 2
     try:

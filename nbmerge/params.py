@@ -42,6 +42,7 @@ class Param:
     high_inclusive: bool = True
     choices: tuple = ()
     per_model: bool = False
+    grid: tuple = ()  # values a benchmark's tuned run tries on the validation split (``nbmerge bench``)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,6 +76,7 @@ class Param:
             "high_inclusive": self.high_inclusive,
             "choices": [_jsonable(c) for c in self.choices],
             "per_model": self.per_model,
+            "grid": [_jsonable(v) for v in self.grid],
         }
 
     def plain(self, value: Any) -> Any:

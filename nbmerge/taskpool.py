@@ -40,6 +40,7 @@ class TaskPool:
 
     name: str
     tasks: list[Task]
+    base: Any = None  # the pretrained model the individual models were fine-tuned from
 
     def load_encoder(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError

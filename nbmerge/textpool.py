@@ -111,7 +111,7 @@ class TextTaskPool(TaskPool):
             model = model.module
         if isinstance(model, torch.nn.Module):
             return model
-        state_dict = _state_dict_of(model)
+        state_dict = state_dict_of(model)
         encoder = copy.deepcopy(self._template)
         wanted = encoder.state_dict()
         missing = [key for key in wanted if key not in state_dict]
@@ -126,7 +126,7 @@ class TextTaskPool(TaskPool):
         return encoder.eval()
 
 
-def _state_dict_of(model: Any) -> Mapping[str, torch.Tensor]:
+def state_dict_of(model: Any) -> Mapping[str, torch.Tensor]:
     from .api import MergeResult
     from .sources import open_model
 

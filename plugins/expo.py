@@ -21,7 +21,7 @@ from nbmerge.params import Param
 from nbmerge_plugins.dare import RESCALE, SEED, drop_and_rescale, keep_mask
 
 PARAMS = (
-    Param("alpha", "float", 0.1, "extrapolation factor α"),
+    Param("alpha", "float", 0.1, "extrapolation factor α", grid=(0.1, 0.3, 0.5, 1.0)),
     Param("attention_scaling", "float", 1.0, "attention projections use α · attention_scaling"),
     Param("on_linear_weights", "bool", True, "extrapolate 2-D weights"),
     Param("on_linear_bias", "bool", False, "extrapolate biases"),

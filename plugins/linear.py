@@ -10,7 +10,7 @@ from nbmerge.method import BASE_OPTIONAL, MergeMethod, TensorJob
 from nbmerge.params import Param
 
 T = Param("t", "schedule", 0.5, "interpolation factor: 0 gives the first endpoint, 1 the second",
-          low=0.0, high=1.0)
+          low=0.0, high=1.0, grid=(0.3, 0.5, 0.7))
 
 
 def endpoints(job: TensorJob):

@@ -18,7 +18,7 @@ from nbmerge_plugins.linear import check_two_endpoints, endpoints
 
 DOT_THRESHOLD = 0.9995
 T = Param("t", "schedule", 0.5, "interpolation factor: a number, anchors over layer depth, or per-filter entries",
-          low=0.0, high=1.0)
+          low=0.0, high=1.0, grid=(0.3, 0.5, 0.7))
 EPS = Param("eps", "float", 1e-8, "norms at or below eps are not normalised (zero vectors)", low=0.0)
 
 

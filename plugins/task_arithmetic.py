@@ -7,7 +7,8 @@ from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
 from nbmerge.params import Param
 
-SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors")
+SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
+                grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
 WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
 

@@ -25,11 +25,11 @@ from nbmerge.params import Param
 GLOBAL_THRESHOLD = "global trim threshold"
 
 DENSITY = Param("density", "float", 0.2, "fraction of each task vector's changed entries kept by magnitude",
-                low=0.0, high=1.0, low_inclusive=False)
+                low=0.0, high=1.0, low_inclusive=False, grid=(0.1, 0.2, 0.4))
 SIGN = Param("sign", "choice", "sum", "sign election: by summed mass or by count of signs", choices=("sum", "count"))
 MERGE_FUNC = Param("merge_func", "choice", "mean", "how agreeing entries combine",
                    choices=("mean", "sum", "max"))
-SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector")
+SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector", grid=(0.5, 0.7, 1.0))
 TRIM_SCOPE = Param("trim_scope", "choice", "model", "rank magnitudes per tensor or over the whole model",
                    choices=("tensor", "model"))
 WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
