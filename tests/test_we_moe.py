@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import nbmerge
-from nbmerge import zoo
 from nbmerge.cli import main as cli_main
 from nbmerge.evaluation import evaluate
 from nbmerge_plugins.we_moe_adapt import entropy
@@ -22,8 +21,8 @@ STEPS, LR, BATCH = 40, 1e-4, 16
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return zoo.build_zoo("tiny", seed=0, progress=False)
+def tiny(tiny_zoo):
+    return tiny_zoo
 
 
 @pytest.fixture(scope="module")
