@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "api", "MergeReport": "api",
-    "MergeMethod": "method", "TensorJob": "method", "Stage": "method",
+    "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
+    "BuiltModule": "method", "UnlabeledTask": "method",
+    "save_trained": "build", "load_trained": "build", "export_module": "build", "load_exported": "build",
     "Param": "params",
     "ProgressEvent": "progress",
     "evaluate": "evaluation", "EvalReport": "evaluation", "TaskPool": "taskpool", "Task": "taskpool",

@@ -51,15 +51,30 @@ class MergeReport:
 
 @dataclass
 class MergeResult:
-    """The merged model: ``state_dict`` when merged in memory, ``path`` when written; plus the ``report``."""
+    """The merged model: ``state_dict`` when merged in memory, ``path`` when written; plus the ``report``.
+
+    A module-building method fills ``module`` (the built nn.Module), ``trained`` (the tensors it trained, what
+    ``nbmerge.save_trained`` writes) and ``history`` (its training history); ``path`` is then the trained-state
+    file when ``out`` was given.
+    """
 
     report: MergeReport
     recipe: dict
     state_dict: dict[str, torch.Tensor] | None = None
     path: Path | None = None
+    module: torch.nn.Module | None = None
+    trained: dict[str, torch.Tensor] | None = None
+    history: Any = None
 
     def __repr__(self) -> str:
-        where = f"path={str(self.path)!r}" if self.path is not None else f"state_dict=<{len(self.state_dict)} tensors>"
+        if self.module is not None:
+            where = f"module={type(self.module).__name__}, trained=<{len(self.trained)} tensors>"
+            if self.path is not None:
+                where += f", path={str(self.path)!r}"
+        elif self.path is not None:
+            where = f"path={str(self.path)!r}"
+        else:
+            where = f"state_dict=<{len(self.state_dict)} tensors>"
         return f"MergeResult({where}, report={str(self.report)!r})"
 
 
@@ -69,7 +84,8 @@ methods = all_methods  # every registered merge method by name (built-ins and in
 def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = None, out: str | Path | None = None,
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
           overwrite: bool = False, progress: bool = True,
-          on_progress: Callable[[ProgressEvent], None] | None = None, **params: Any) -> MergeResult:
+          on_progress: Callable[[ProgressEvent], None] | None = None, pool: Any = None, split: str = "test",
+          **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -79,8 +95,19 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       state dict. device: "cpu", "cuda", "cuda:N" or "auto". Arithmetic is float32 (float64 stays float64);
       tensors are stored in the reference model's dtype unless ``out_dtype`` is given. Every check that headers
       allow (method, parameters, keys, shapes, dtypes, output path) runs before any tensor data is read.
+
+    Methods that build a module (test-time adaptation on unlabeled inputs) need ``pool``, a task pool whose
+    tasks are named like the models ({task: model}); they adapt on the inputs of ``split`` and ``out`` is a
+    ``.safetensors`` file for what they trained (reload it with ``nbmerge.load_trained``).
     """
     merge_method = get_method(method)
+    if merge_method.build_module is not None:
+        from .build import build_merge
+
+        return build_merge(merge_method, models, base, pool, params, split=split, out=out, overwrite=overwrite,
+                           progress=progress)
+    if pool is not None:
+        raise ParameterError(f"{merge_method.name}: merges tensor by tensor and uses no task pool; drop pool=...")
     labelled = _labelled_models(models)
     checked = merge_method.validate(params, len(labelled), base is not None)
     target_device = _device(device)

@@ -27,6 +27,10 @@ def method_parser(method, prog: str, models_help: str,
     parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if method.build_module is not None:
+        parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "
+                            "named after (model folder name = task name), e.g. minilm-tiny")
+        parser.add_argument("--split", default="test", help="the split whose unlabeled inputs adapt the model")
     group = parser.add_argument_group(f"{method.name} parameters")
     for param in method.params:
         text = param.help

@@ -150,6 +150,10 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
         raise ParameterError(f"bench: unknown method {unknown[0]!r}; registered: {', '.join(registered)}")
     rows: dict[str, BenchRow] = {}
     skipped: dict[str, str] = {}
+    if not methods:
+        # module-building methods train at test time (minutes to hours on a CPU): only when asked for by name
+        skipped.update({name: f"builds a module adapted on unlabeled inputs (slow); ask for it: methods=[{name!r}]"
+                        for name, method in registered.items() if method.build_module is not None})
     for seed in seeds:
         pools = task_pool(pool, seed=seed, cache_dir=cache_dir, progress=progress)
         runnable = [name for name in chosen if name not in skipped and _applicable(registered[name], pools, skipped)]
@@ -202,6 +206,8 @@ def _grid(method) -> list[dict]:
 def _merged(method, pool: TaskPool, params: dict):
     models = pool.individual_models()
     base = pool.base if method.base == "required" else None
+    if method.build_module is not None:
+        params = dict(params, pool=pool)
     return merge(method.name, models, base=base, progress=False, **params)
 
 

@@ -23,9 +23,15 @@ def _merge(argv: list[str]) -> int:
                            "model paths: .safetensors files or Hugging Face folders")
     args = parser.parse_args(argv[1:])
     params = params_from_args(method, args)
+    if method.build_module is not None:
+        from .registry import task_pool
+
+        params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
                    progress=not args.quiet, **params)
+    if result.history is not None:
+        print(result.history)
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")
@@ -74,6 +80,9 @@ def _demo(argv: list[str]) -> int:
     checkpoints = build_llama_set(workdir / "models", shape, shard_size=20 * 2**20)
     print(f"{'method':<17} {'models':>6} {'base':>4} {'tensors':>7} {'read MiB':>9} {'seconds':>8} {'peak RSS MiB':>12}")
     for method in all_methods().values():
+        if method.build_module is not None:
+            print(f"{method.name:<17} (builds a module adapted on a task pool's unlabeled inputs: see README)")
+            continue
         count = min(method.max_models or 3, 3)
         base = checkpoints.base if method.base == BASE_REQUIRED else None
         result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,

@@ -186,6 +186,7 @@ class MergeMagics(Magics):
     # -- %merge ------------------------------------------------------------------------------------------------
     def _merge_line(self, line: str):
         from .arguments import method_parser, params_from_args, unknown_flag_message
+        from .errors import NBMergeError
 
         words = _split(line)
         if not words or words[0].startswith("-"):
@@ -205,6 +206,13 @@ class MergeMagics(Magics):
         base = None if args.base is None else self._model(args.base)
         options = dict(out=args.out, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
                        overwrite=args.overwrite)
+        if method.build_module is not None:  # test-time adaptation on a task pool's unlabeled inputs
+            from .registry import task_pool
+
+            try:
+                options.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
+            except NBMergeError as exc:
+                raise UsageError(one_line(exc)) from None
         return self._run(method.name, models, base, options, params_from_args(method, args), args.var, args.quiet)
 
     # -- %%merge -----------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""What a merge method declares once, and what its per-tensor kernel receives.
+"""What a merge method declares once, and what its per-tensor kernel (or its module builder) receives.
 
 A plugin builds a ``MergeMethod`` and hands it to the ``register`` callback of the ``register_merge_methods``
 hook. The engine, the CLI flags, the magic's arguments and the widget's controls are all derived from it.
 A method never opens files and never prints: its kernel receives a ``TensorJob`` and returns one tensor.
+
+Most methods merge tensor by tensor. A method that instead builds a module from whole models and trains part
+of it on unlabeled task inputs (test-time adaptation) declares ``build_module`` in place of ``merge_tensor``:
+it receives a ``ModuleJob`` and returns a ``BuiltModule``; ``nbmerge.merge`` then needs a task pool.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -73,6 +77,47 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class UnlabeledTask:
+    """One task's unlabeled inputs (never its labels) and how a model scores them.
+
+    ``logits(module, inputs)`` returns [len(inputs), classes] logits, differentiable with respect to the module.
+    """
+
+    name: str
+    inputs: Sequence[Any]
+    logits: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor]
+
+
+@dataclass
+class ModuleJob:
+    """What a module-building method receives: whole models instead of one tensor at a time.
+
+    base and models (fine-tuned, by name) are the caller's modules: a builder copies, never modifies them.
+    tasks: per model name, the unlabeled inputs of that model's task. trained_state: the tensors a previous
+    build trained (``BuiltModule.trained``), to rebuild the same module without training again.
+    """
+
+    base: torch.nn.Module
+    models: dict[str, torch.nn.Module]
+    params: dict[str, Any]
+    tasks: dict[str, UnlabeledTask]
+    trained_state: dict[str, torch.Tensor] | None = None
+    progress: bool = True
+
+
+@dataclass
+class BuiltModule:
+    """A module-building method's result: the module, the tensors it trained (by state-dict name; what is saved
+    and reloaded), a training history (anything with a readable ``str``; None when nothing was trained), and
+    ``record``: JSON-able facts about this build for the recipe (e.g. steps done when interrupted)."""
+
+    module: torch.nn.Module
+    trained: dict[str, torch.Tensor]
+    history: Any = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A merge method's declaration.
 
@@ -80,6 +125,7 @@ class MergeMethod:
     params: the typed parameters; min_models / max_models: how many models it takes (base not counted);
     base: whether it needs a base (pretrained) model: "required", "optional" or "unused";
     merge_tensor: the per-tensor kernel; stages: whole-model passes run first;
+    build_module: instead of merge_tensor, builds a module from whole models and unlabeled task data;
     copies_from_base(name, params): True where a tensor is taken unmerged from the base, or from the first model
     when there is no base (e.g. backbone-only);
     elementwise: the kernel is position-wise (each output entry depends only on the inputs' entries at the same
@@ -91,7 +137,7 @@ class MergeMethod:
     summary: str
     formula: str
     params: tuple[Param, ...]
-    merge_tensor: Callable[[TensorJob], torch.Tensor]
+    merge_tensor: Callable[[TensorJob], torch.Tensor] | None
     min_models: int = 2
     max_models: int | None = None
     base: str = BASE_UNUSED
@@ -99,7 +145,12 @@ class MergeMethod:
     copies_from_base: Callable[[str, dict], bool] | None = None
     elementwise: bool = False
     check: Callable[[dict, int, bool], None] | None = None
+    build_module: Callable[[ModuleJob], BuiltModule] | None = None
     plugin: str = ""
+
+    def __post_init__(self):
+        if (self.merge_tensor is None) == (self.build_module is None):
+            raise ValueError(f"merge method {self.name!r}: declare exactly one of merge_tensor and build_module")
 
     def validate(self, given: Mapping[str, Any], n_models: int, has_base: bool) -> dict:
         """Validate user parameters and the model count before any tensor is read; return canonical params."""
@@ -133,5 +184,6 @@ class MergeMethod:
             "base": self.base,
             "stages": [stage.name for stage in self.stages],
             "elementwise": self.elementwise,
+            "builds_module": self.build_module is not None,
             "params": [p.describe() for p in self.params],
         }

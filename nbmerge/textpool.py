@@ -103,7 +103,12 @@ class TextTaskPool(TaskPool):
         """An encoder module (eval mode) from a folder/.safetensors path, a state dict, a MergeResult or a module.
 
         State dicts may carry extra entries (a pooler, buffers); every weight the encoder needs must be present.
+        A MergeResult of a module-building method is its module.
         """
+        from .api import MergeResult
+
+        if isinstance(model, MergeResult) and model.module is not None:
+            model = model.module
         if isinstance(model, torch.nn.Module):
             return model
         state_dict = state_dict_of(model)

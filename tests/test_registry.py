@@ -14,7 +14,8 @@ import nbmerge
 from nbmerge import registry
 from nbmerge.errors import PluginError
 
-BUILTIN = {"dare", "expo", "linear", "simple_average", "slerp", "task_arithmetic", "ties", "weighted_average"}
+BUILTIN = {"dare", "expo", "linear", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
+           "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""
