@@ -21,9 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ModelInputError
+from .statedicts import check_fits, state_dict_of
 from .textdata import package_folder
-from .textpool import state_dict_of
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXPORT_NAME = "smollm2-135m-instruct-bf16-v1"
@@ -92,13 +91,7 @@ def load_causal_lm(model: Any, config_folder: str | Path) -> torch.nn.Module:
         state.pop("lm_head.weight", None)
     wanted = {k: v.shape for k, v in module.state_dict().items()
               if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ModelInputError(f"causal LM state lacks {len(missing)} weight(s), e.g. {missing[0]!r}")
-    for key, shape in wanted.items():
-        if state[key].shape != shape:
-            raise ModelInputError(f"tensor {key!r} has shape {tuple(state[key].shape)}, the config at "
-                                  f"{config_folder} expects {tuple(shape)}")
+    check_fits(state, wanted, "causal LM state", hint=f" (config at {config_folder})")
     module.load_state_dict({k: state[k].float() for k in wanted}, strict=False)
     module.tie_weights()
     return module.eval()

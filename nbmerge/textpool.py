@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import ModelInputError
+from .statedicts import check_fits, state_dict_of
 from .taskpool import Task, TaskPool
 from .textdata import SPLITS
 
@@ -114,28 +114,8 @@ class TextTaskPool(TaskPool):
         state_dict = state_dict_of(model)
         encoder = copy.deepcopy(self._template)
         wanted = encoder.state_dict()
-        missing = [key for key in wanted if key not in state_dict]
-        if missing:
-            raise ModelInputError(f"model for task pool {self.name!r} lacks {len(missing)} encoder weight(s), "
-                                  f"e.g. {missing[0]!r}: is it a {type(encoder).__name__} checkpoint?")
-        for key, target in wanted.items():
-            if tuple(state_dict[key].shape) != tuple(target.shape):
-                raise ModelInputError(f"tensor {key!r} has shape {tuple(state_dict[key].shape)}, the pool's "
-                                      f"encoder expects {tuple(target.shape)}")
+        check_fits(state_dict, {key: value.shape for key, value in wanted.items()},
+                   f"model for task pool {self.name!r}", noun="encoder weight",
+                   hint=f": is it a {type(encoder).__name__} checkpoint?")
         encoder.load_state_dict({key: state_dict[key] for key in wanted})
         return encoder.eval()
-
-
-def state_dict_of(model: Any) -> Mapping[str, torch.Tensor]:
-    from .api import MergeResult
-    from .sources import open_model
-
-    if isinstance(model, MergeResult):
-        model = model.state_dict if model.state_dict is not None else model.path
-    if isinstance(model, Mapping):
-        return model
-    source = open_model(model, str(model))
-    try:
-        return {name: source.read(name) for name in source.infos}
-    finally:
-        source.close()

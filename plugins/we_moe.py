@@ -15,9 +15,9 @@ The method builds a module, so it runs through ``nbmerge.merge("we_moe", {task: 
 from __future__ import annotations
 
 from nbmerge import hookimpl
-from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
 from nbmerge.params import Param
+from nbmerge.statedicts import check_fits
 
 from .we_moe_adapt import AdaptationTask, adapt, shuffled_batches
 from .we_moe_layers import router_parameters, upcycle
@@ -66,29 +66,16 @@ def load_routers(model, state) -> None:
     if len(state) > len(parameters):
         _load_whole(model, state)
         return
-    missing, extra = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
-    if missing or extra:
-        raise ModelInputError(f"we_moe: the saved routers do not fit this model: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
+    check_fits(state, {name: p.shape for name, p in parameters.items()}, "we_moe: the saved routers",
+               noun="router tensor", allow_extra=False)
     for name, parameter in parameters.items():
-        if tuple(state[name].shape) != tuple(parameter.shape):
-            raise ModelInputError(f"we_moe: saved router tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                  f"the model's is {tuple(parameter.shape)}")
         parameter.data.copy_(state[name])
 
 
 def _load_whole(model, state) -> None:
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ModelInputError(f"we_moe: the exported state does not fit this model: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
-    for name, tensor in own.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ModelInputError(f"we_moe: exported tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                  f"the model's is {tuple(tensor.shape)}")
+    check_fits(state, {name: t.shape for name, t in model.state_dict().items()}, "we_moe: the exported state",
+               noun="tensor", allow_extra=False)
     model.load_state_dict(state)
-
 
 WE_MOE = MergeMethod(
     name="we_moe",

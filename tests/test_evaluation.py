@@ -69,3 +69,11 @@ def test_wrong_architecture_and_names_are_clear_errors(tiny_zoo, llama_set):
         nbmerge.evaluate(tiny_zoo.base, "minilm-tine", progress=False)
     with pytest.raises(ValueError, match="split must be one of"):
         nbmerge.evaluate(tiny_zoo.base, tiny_zoo.pool, split="dev", progress=False)
+
+
+def test_wrong_shapes_are_named(tiny_zoo):
+    state = dict(tiny_zoo.pool.load_encoder(tiny_zoo.base).state_dict())
+    state["encoder.layer.0.output.dense.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ModelInputError, match=r"tensor 'encoder.layer.0.output.dense.weight' has shape \(3, 3\), "
+                                              r"expected \(384, 1536\)"):
+        tiny_zoo.pool.load_encoder(state)
