@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--objective", default="entropy", choices=["entropy", "information_max"],
+                        help="adaptation objective (default: the paper's entropy)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--routers", help="save the trained routers here, or reload them if the file exists")
     parser.add_argument("--json", help="write the numbers to this file")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += statics
 
     routers = Path(args.routers) if args.routers else None
-    recipe = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    recipe = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, objective=args.objective)
     load_avg_before = os.getloadavg()
     if routers is not None and routers.exists():
         result = nbmerge.load_trained(routers, z.models, base=z.base, pool=z.pool, progress=False)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         adaptation = result.history
     we_moe = evaluate(result, z.pool, name="we_moe", progress=False)
     rows.append(("we_moe", ", ".join(f"{k}={v}" for k, v in result.recipe["params"].items()
-                                     if k in ("steps", "lr", "batch_size", "init_lambda")), we_moe))
+                                     if k in ("steps", "lr", "batch_size", "objective")), we_moe))
 
     tasks = list(we_moe.accuracy)
     header = f"{'model':<16}{'params':<52}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>9}{'norm.':>7}"
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaptation: {adaptation.steps} steps x {len(tasks)} tasks x {args.batch_size} inputs in "
               f"{adaptation.seconds:.0f} s ({per_step:.2f} s/step) on {args.threads} torch thread(s), "
               f"{os.cpu_count()} CPUs, load average before {load_avg_before[0]:.1f}; "
-              f"entropy {adaptation.loss[0]:.3f} -> {adaptation.loss[-1]:.3f}"
+              f"{args.objective} loss {adaptation.loss[0]:.3f} -> {adaptation.loss[-1]:.3f}"
               + (" (INTERRUPTED)" if adaptation.interrupted else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -5,7 +5,8 @@ fine-tuned models' MLPs, weighted per input by a router, W = W_0 + Σ_e r_e τ_e
 other tensor is task arithmetic θ_0 + init_lambda Σ_e τ_e. The routers (fc2(ReLU(fc1(h))), H→H→E, N(0, 0.01²)
 weights, fc2 bias init_lambda) are then trained alone for ``steps`` Adam steps (``lr``) to minimise the summed
 entropy of every task's predictions on ``batch_size`` unlabeled inputs of that task per step
-(``we_moe_adapt``), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
+(``we_moe_adapt``; ``objective="information_max"`` subtracts the entropy of each batch's mean prediction,
+against the collapse of few-class tasks onto one class), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
 default); the resulting model routes every sample by itself. ``steps=0`` keeps the initial routers
 (≈ task arithmetic). Defaults are the paper's and FusionBench's (configs/method/wemoe/weight_ensembling_moe.yaml).
 
@@ -19,7 +20,7 @@ from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
 from nbmerge.params import Param
 from nbmerge.statedicts import check_fits
 
-from .we_moe_adapt import AdaptationTask, adapt, shuffled_batches
+from .we_moe_adapt import OBJECTIVES, AdaptationTask, adapt, shuffled_batches
 from .we_moe_layers import router_parameters, upcycle
 
 PARAMS = (
@@ -32,6 +33,9 @@ PARAMS = (
     Param("batch_size", "int", 16, "unlabeled inputs per task per step", low=1),
     Param("batch_reduce", "bool", True, "during adaptation, route each batch with its mean routing vector "
           "(FusionBench's recipe, several times faster); the result always routes per sample"),
+    Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
+          "(the paper's), or 'information_max' = entropy − entropy of the batch's mean prediction, which keeps "
+          "few-class tasks from collapsing onto one class", choices=OBJECTIVES),
     Param("seed", "int", 0, "seeds the routers' initialisation and the order of the unlabeled batches", low=0),
 )
 
@@ -50,7 +54,7 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                                                        params["seed"] * 1000 + index))
                  for index, name in enumerate(job.models)}
         history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
-                        progress=job.progress)
+                        objective=params["objective"], progress=job.progress)
         record = {"steps_done": history.steps, "interrupted": history.interrupted,
                   "adaptation_seconds": round(history.seconds, 2)}
     trained = {name: parameter.detach().clone() for name, parameter in router_parameters(model).items()}

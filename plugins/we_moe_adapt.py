@@ -1,8 +1,13 @@
 """Test-time adaptation of a weight-ensembling MoE model: entropy minimisation on unlabeled inputs.
 
-Each step draws one unlabeled batch per task and minimises L = Σ_tasks H(softmax(logits_task(model, batch))),
-H(p) = −Σ_c p_c log p_c averaged over the batch, with Adam (lr 1e-4 by default) over the router parameters only;
-every other tensor of the model stays bit-identical. The gradient of the sum is accumulated task by task (one
+Each step draws one unlabeled batch per task and minimises L = Σ_tasks ℓ(softmax(logits_task(model, batch)))
+with Adam (lr 1e-4 by default) over the router parameters only; every other tensor of the model stays
+bit-identical. The objective ℓ is
+
+- ``"entropy"`` (the paper's): the mean prediction entropy  (1/B) Σ_b H(p_b),  H(p) = −Σ_c p_c log p_c;
+- ``"information_max"``: (1/B) Σ_b H(p_b) − H(p̄),  p̄ = (1/B) Σ_b p_b  (SHOT, Liang et al. 2020). The second
+  term rewards a batch whose predictions spread over the classes, so a task cannot lower its loss by predicting
+  one class for everything, which entropy alone rewards and which happens on few-class tasks. The gradient of the sum is accumulated task by task (one
 backward per task), which gives the same gradient with one task's activations in memory at a time.
 
 An interrupt (KeyboardInterrupt) stops between steps: the routers keep the last completed step and the history
@@ -38,7 +43,7 @@ class AdaptationTask:
 
 @dataclass
 class AdaptationHistory:
-    """The loss curve: per completed step the summed entropy and each task's entropy (nats)."""
+    """The loss curve: per completed step the summed objective and each task's mean prediction entropy (nats)."""
 
     planned_steps: int
     loss: list[float] = field(default_factory=list)
@@ -55,7 +60,7 @@ class AdaptationHistory:
         first = f"{self.loss[0]:.4f}" if self.loss else "-"
         last = f"{self.loss[-1]:.4f}" if self.loss else "-"
         return (f"test-time adaptation {state}: {self.steps}/{self.planned_steps} steps in {self.seconds:.1f} s, "
-                f"summed entropy {first} -> {last}")
+                f"summed loss {first} -> {last}")
 
     def to_dict(self) -> dict:
         return {"planned_steps": self.planned_steps, "loss": self.loss, "task_entropy": self.task_entropy,
@@ -71,7 +76,7 @@ class AdaptationHistory:
             ax.plot(range(1, len(values) + 1), _moving_average(values, smooth), label=label,
                     linewidth=2 if label == "sum" else 1)
         ax.set_xlabel("step")
-        ax.set_ylabel("entropy (nats)")
+        ax.set_ylabel("nats (sum: the loss; tasks: entropy)")
         ax.set_title("WE-MoE test-time adaptation")
         ax.legend(fontsize="small")
         return figure
@@ -81,6 +86,25 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of H(softmax(logits)) = −Σ_c p_c log p_c."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1).mean()
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(p̄) of the batch's mean prediction p̄ = (1/B) Σ_b softmax(logits_b)."""
+    mean = F.softmax(logits.float(), dim=-1).mean(0)
+    return -(mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()
+
+
+OBJECTIVES = ("entropy", "information_max")
+
+
+def objective_loss(logits: torch.Tensor, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean entropy): loss = entropy, or entropy − H(p̄) for ``"information_max"``."""
+    mean_entropy = entropy(logits)
+    if objective == "entropy":
+        return mean_entropy, mean_entropy
+    if objective == "information_max":
+        return mean_entropy - marginal_entropy(logits), mean_entropy
+    raise ParameterError(f"we_moe: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
 
 def shuffled_batches(inputs: Sequence[Any], batch_size: int, seed: int) -> Iterator[list]:
@@ -97,7 +121,7 @@ def shuffled_batches(inputs: Sequence[Any], batch_size: int, seed: int) -> Itera
 
 
 def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 1e-4, steps: int = 1000,
-          batch_reduce: bool = True, progress: bool = True,
+          batch_reduce: bool = True, objective: str = "entropy", progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> AdaptationHistory:
     """Train the routers of ``model`` (upcycled by ``we_moe_layers.upcycle``) for ``steps`` Adam steps.
 
@@ -109,6 +133,8 @@ def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 
     """
     if not tasks:
         raise ParameterError("we_moe: test-time adaptation needs at least one task's unlabeled inputs")
+    if objective not in OBJECTIVES:
+        raise ParameterError(f"we_moe: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     parameters = list(router_parameters(model).values())
     optimizer = torch.optim.Adam(parameters, lr=lr)
     streams = {name: _endless(name, task.batches) for name, task in tasks.items()}
@@ -126,19 +152,20 @@ def adapt(model: nn.Module, tasks: Mapping[str, AdaptationTask], *, lr: float = 
     try:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            step_entropy = {}
+            step_entropy, total = {}, 0.0
             for name, task in tasks.items():
-                loss = entropy(_check_logits(name, task.logits(model, next(streams[name]))))
+                loss, mean_entropy = objective_loss(_check_logits(name, task.logits(model, next(streams[name]))),
+                                                    objective)
                 loss.backward()
-                step_entropy[name] = loss.item()
+                step_entropy[name] = mean_entropy.item()
+                total += loss.item()
             _step_uninterrupted(optimizer)
-            total = sum(step_entropy.values())
             history.loss.append(total)
             for name, value in step_entropy.items():
                 history.task_entropy[name].append(value)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(entropy=f"{total:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             if on_step is not None:
                 on_step(history.steps, total)
     except KeyboardInterrupt:

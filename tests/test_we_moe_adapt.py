@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nbmerge.errors import ParameterError
-from nbmerge_plugins.we_moe_adapt import AdaptationTask, adapt, entropy, shuffled_batches
+from nbmerge_plugins.we_moe_adapt import AdaptationTask, adapt, entropy, objective_loss, shuffled_batches
 from nbmerge_plugins.we_moe_layers import routed_blocks, router_parameters, set_batch_reduce, upcycle
 from test_we_moe_layers import model_set
 
@@ -39,6 +39,26 @@ def test_entropy_is_the_mean_shannon_entropy_of_the_softmax():
     assert entropy(torch.zeros(4, 5)).item() == pytest.approx(torch.log(torch.tensor(5.0)).item(), rel=1e-6)
 
 
+def test_information_max_subtracts_the_entropy_of_the_mean_prediction():
+    logits = torch.tensor([[3.0, 0.0, -1.0], [0.5, 0.5, 2.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    p = torch.softmax(logits.double(), -1)
+    mean_entropy = float(-(p * p.log()).sum(-1).mean())
+    p_bar = p.mean(0)
+    loss, reported = objective_loss(logits, "information_max")
+    assert loss.item() == pytest.approx(mean_entropy + float((p_bar * p_bar.log()).sum()), rel=1e-5)
+    assert reported.item() == pytest.approx(mean_entropy, rel=1e-5)
+    # a batch predicting one class confidently: low entropy, but information_max charges it log(3) for the collapse
+    collapsed = torch.tensor([[9.0, 0.0, 0.0]] * 4)
+    spread = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]])
+    def loss(logits, objective):
+        return objective_loss(logits, objective)[0].item()
+
+    assert loss(collapsed, "entropy") == pytest.approx(loss(spread, "entropy"), rel=1e-6)
+    assert loss(collapsed, "information_max") > loss(spread, "information_max") + 1.0
+    with pytest.raises(ParameterError, match="objective must be one of entropy, information_max"):
+        objective_loss(logits, "mutual")
+
+
 def test_adaptation_lowers_entropy_and_changes_only_the_routers():
     base, fine_tuned = model_set("bert")
     moe = upcycle(base, fine_tuned)
@@ -59,19 +79,28 @@ def test_adaptation_lowers_entropy_and_changes_only_the_routers():
     assert all(not torch.equal(p, routers_before[k]) for k, p in router_parameters(moe).items())
 
 
-@pytest.mark.parametrize("batch_reduce", [False, True])
-def test_one_step_follows_adam_on_the_gradient_of_the_summed_entropies(batch_reduce):
+def independent_information_max(logits):
+    p = torch.softmax(logits, -1)
+    p_bar = p.mean(0)
+    return -(p * p.log()).sum(-1).mean() + (p_bar * p_bar.log()).sum()
+
+
+@pytest.mark.parametrize("batch_reduce,objective", [(False, "entropy"), (True, "entropy"),
+                                                    (False, "information_max")])
+def test_one_step_follows_adam_on_the_gradient_of_the_summed_objective(batch_reduce, objective):
     """Adam's first step moves each parameter by −lr·g/(|g| + eps); g computed here by plain autograd, with each
     batch routed per sample or by its mean routing vector."""
+    per_task = entropy if objective == "entropy" else independent_information_max
     base, fine_tuned = model_set("bert")
     moe = upcycle(base, fine_tuned)
     reference = copy.deepcopy(moe)
     set_batch_reduce(reference, batch_reduce)
     tasks = classification_tasks()
-    loss = sum(entropy(task.logits(reference, task.batches[0])) for task in tasks.values())
+    loss = sum(per_task(task.logits(reference, task.batches[0])) for task in tasks.values())
     loss.backward()
     expected = {k: p.detach() - 1e-3 * p.grad / (p.grad.abs() + 1e-8) for k, p in router_parameters(reference).items()}
-    adapt(moe, tasks, lr=1e-3, steps=1, batch_reduce=batch_reduce, progress=False)
+    history = adapt(moe, tasks, lr=1e-3, steps=1, batch_reduce=batch_reduce, objective=objective, progress=False)
+    assert history.loss[0] == pytest.approx(loss.item(), rel=1e-5)
     for name, parameter in router_parameters(moe).items():
         torch.testing.assert_close(parameter.detach(), expected[name], atol=1e-6, rtol=1e-5)
     assert {block.batch_reduce for block in routed_blocks(moe).values()} == {False}   # inference routes per sample
