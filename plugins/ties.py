@@ -4,8 +4,8 @@ With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
 1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
    some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
    each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
-   per task vector, found by a streaming radix selection, one pass per 16-bit digit of the magnitudes (two for
-   float32; the paper and FusionBench). Entries equal to the threshold are all kept.
+   per task vector (the paper and FusionBench), found in two streamed passes: a strided sample brackets it, a
+   counting pass collects the entries inside the bracket. Entries equal to the threshold are all kept.
 2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
    (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
 3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
@@ -144,8 +144,11 @@ def changed_positions(magnitudes: torch.Tensor) -> int:
 def _sampled_magnitudes(job: TensorJob) -> torch.Tensor:
     """|w_i τ_i| at up to SAMPLE evenly strided positions: [n, samples]."""
     total = job.base.numel()
-    stride = max(1, total // SAMPLE)
-    positions = torch.arange(0, total, stride, device=job.base.device)
+    return _magnitudes_at(job, torch.arange(0, total, max(1, total // SAMPLE), device=job.base.device))
+
+
+def _magnitudes_at(job: TensorJob, positions: torch.Tensor) -> torch.Tensor:
+    """|w_i τ_i| at the given flat positions: [n, positions]."""
     weights = job.params.get("weights") or [1.0] * len(job.models)
     base = job.base.reshape(-1)[positions]
     return torch.stack([(model.reshape(-1)[positions] - base).mul_(weight).abs_()
@@ -175,53 +178,56 @@ def _radix_threshold(magnitudes: torch.Tensor, keep: int) -> float:
     return _value(prefix, bits.dtype)
 
 
-# -- the whole-model stage: exact global thresholds by streaming radix selection -----------------------------------
+# -- the whole-model stage: exact global thresholds from a sampled bracket ------------------------------------------
+MODEL_SAMPLE_STRIDE = 127      # a prime: the strided sample does not line up with power-of-two rows
+MODEL_SAMPLE_BUDGET = 1 << 22  # samples kept per task vector; beyond it every other one is dropped, stride doubled
+
+
 def threshold_passes(params: dict, wide: bool) -> int:
-    """One pass per 16-bit digit of the magnitudes' bit pattern (2 for float32, 4 for float64), plus the sign pass."""
-    return _digits(wide) + 1
+    """A sampling pass, a counting pass and the sign pass (the radix fallback, almost never needed, adds more)."""
+    return 3
 
 
 def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
 
-    Non-negative floats order like their integer bit patterns, so the k-th largest |τ_i| is found exactly by
-    radix selection, one streamed pass per 16-bit digit: a histogram of the top digit, then of the next digit
-    among the entries sharing the selected prefix, and so on. (A model with float64 tensors is ranked in float64.)
-    The last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
+    The k-th largest |w_i τ_i| over the model, k = int(density · positions changed by any model), exactly:
+    1. a strided sample of every |τ_i| (every 127th position of the concatenated model, thinned to at most
+       4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial spread);
+    2. one streamed pass counts the changed positions and, per task vector, the entries above hi, and collects
+       the entries inside [lo, hi] (a fraction of a percent of the model); the k-th largest is then the right
+       order statistic of that band. Should the bracket miss (the exact counts say so), a streaming radix
+       selection on the magnitudes' bit patterns (one pass per 16-bit digit) finds the value instead.
+    3. the last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
+    (A model with float64 tensors is ranked in float64.)
     """
-    digits = _digits(wide)
-    selections: list[list[int]] = []  # per task vector: [prefix, rank]
-    changed = [0]
+    sampler = _ModelSample()
+    stream(sampler.visit)
+    changed_fraction = sampler.changed_fraction()
+    brackets = [_bracket(row, params["density"] * changed_fraction) for row in sampler.rows()]
+    changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
-    def magnitudes_of(job: TensorJob) -> torch.Tensor:
-        magnitudes = weighted_task_vectors(job).abs_().flatten(1)
-        return magnitudes.double() if wide else magnitudes
+    def count(job: TensorJob) -> None:
+        magnitudes = _magnitudes(job, wide)
+        changed[0] += sum(changed_positions(magnitudes[:, start:start + BLOCK])
+                          for start in range(0, magnitudes.shape[1], BLOCK))
+        for i, (row, (lo, hi)) in enumerate(zip(magnitudes, brackets)):
+            above[i] += int(torch.count_nonzero(row > hi))
+            bands[i].append(row[(row >= lo).logical_and_(row <= hi)])
 
-    for level in range(digits):
-        counts: list[torch.Tensor] = []
-
-        def count(job: TensorJob, level=level, counts=counts) -> None:
-            magnitudes = magnitudes_of(job)
-            if level == 0:
-                changed[0] += sum(changed_positions(magnitudes[:, start:start + BLOCK])
-                                  for start in range(0, magnitudes.shape[1], BLOCK))
-            for i, bits in enumerate(_bits(magnitudes)):
-                prefix = selections[i][0] if level else 0
-                if len(counts) <= i:
-                    counts.append(torch.zeros(1 << _DIGIT, dtype=torch.int64))
-                counts[i] += _digit_counts(bits, level, digits, prefix)
-
-        stream(count)
-        if level == 0:
-            keep = int(params["density"] * changed[0])
-            if keep == 0:
-                return {"thresholds": [float("inf")] * len(counts), "majority_sign": 1.0}
-            selections = [[0, keep] for _ in counts]
-        for selection, histogram in zip(selections, counts):
-            digit, selection[1] = _select(histogram, selection[1])
-            selection[0] = (selection[0] << _DIGIT) | digit
-    pattern_dtype = torch.int64 if wide else torch.int32
-    thresholds = [_value(prefix, pattern_dtype) for prefix, _ in selections]
+    stream(count)
+    keep = int(params["density"] * changed[0])
+    if keep == 0:
+        return {"thresholds": [float("inf")] * len(brackets), "majority_sign": 1.0}
+    thresholds = []
+    for i, band in enumerate(bands):
+        band = torch.cat(band)
+        rank_in_band = keep - above[i]  # 1-based, from the top
+        thresholds.append(float(band.kthvalue(band.numel() - rank_in_band + 1).values)
+                          if 0 < rank_in_band <= band.numel() else None)
+    if any(threshold is None for threshold in thresholds):
+        radix = _radix_global_thresholds(stream, keep, len(thresholds), wide)
+        thresholds = [radix[i] if threshold is None else threshold for i, threshold in enumerate(thresholds)]
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
@@ -232,6 +238,62 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
 
     stream(count_signs)
     return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
+
+
+def _magnitudes(job: TensorJob, wide: bool) -> torch.Tensor:
+    magnitudes = weighted_task_vectors(job).abs_().flatten(1)
+    return magnitudes.double() if wide else magnitudes
+
+
+class _ModelSample:
+    """|w_i τ_i| at every ``stride``-th position of the model's tensors taken end to end; when a task vector's
+    sample passes MODEL_SAMPLE_BUDGET, every other value is dropped and the stride doubles (still uniform)."""
+
+    def __init__(self):
+        self.stride, self.offset = MODEL_SAMPLE_STRIDE, 0
+        self.parts: list[torch.Tensor] = []  # [n, samples] per tensor
+        self.count = 0
+
+    def visit(self, job: TensorJob) -> None:
+        total = job.base.numel()
+        if self.offset < total:
+            positions = torch.arange(self.offset, total, self.stride, device=job.base.device)
+            self.parts.append(_magnitudes_at(job, positions).double().cpu())
+            self.count += positions.numel()
+            self.offset = int(positions[-1]) + self.stride - total
+        else:
+            self.offset -= total
+        if self.count > MODEL_SAMPLE_BUDGET:
+            thinned = torch.cat(self.parts, 1)[:, ::2]
+            self.parts, self.count, self.stride = [thinned], thinned.shape[1], self.stride * 2
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.parts, 1) if self.parts else torch.zeros(0, 0, dtype=torch.float64)
+
+    def changed_fraction(self) -> float:
+        rows = self.rows()
+        return float((rows != 0).any(0).double().mean()) if rows.numel() else 1.0
+
+
+def _radix_global_thresholds(stream, keep: int, n: int, wide: bool) -> list[float]:
+    """The keep-th largest |w_i τ_i| over the model for each of the n task vectors, by streaming radix
+    selection: a histogram of the top 16-bit digit of the bit patterns, then of the next digit among the entries
+    sharing the selected prefix, and so on (non-negative floats order like their bit patterns)."""
+    digits = _digits(wide)
+    selections = [[0, keep] for _ in range(n)]  # per task vector: [prefix, rank]
+    for level in range(digits):
+        counts = [torch.zeros(1 << _DIGIT, dtype=torch.int64) for _ in range(n)]
+
+        def count(job: TensorJob, level=level, counts=counts) -> None:
+            for i, bits in enumerate(_bits(_magnitudes(job, wide))):
+                counts[i] += _digit_counts(bits, level, digits, selections[i][0] if level else 0)
+
+        stream(count)
+        for selection, histogram in zip(selections, counts):
+            digit, selection[1] = _select(histogram, selection[1])
+            selection[0] = (selection[0] << _DIGIT) | digit
+    pattern_dtype = torch.int64 if wide else torch.int32
+    return [_value(prefix, pattern_dtype) for prefix, _ in selections]
 
 
 # -- radix selection on bit patterns (exact, and several times faster than kthvalue on the CPU) -------------------

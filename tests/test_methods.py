@@ -398,6 +398,50 @@ def test_ties_model_scope_uses_one_global_threshold():
         assert_matches(per_tensor[name], expected_per_tensor[name], name=name)
 
 
+def many_valued_ties_inputs():
+    """Three task vectors over three tensors of different sizes and scales, ~90k entries each, a fifth unchanged."""
+    shapes = {UP.format(0): (300, 257), Q.format(0): (64, 64), BIAS.format(0): (257,)}
+    base = {name: randn(*shape, seed=1) for name, shape in shapes.items()}
+    models = []
+    for i in range(3):
+        model = {}
+        for j, (name, shape) in enumerate(shapes.items()):
+            delta = randn(*shape, seed=100 + 10 * i + j) * (0.5 + j)
+            delta.view(-1)[::5] = 0.0
+            model[name] = base[name] + delta
+        models.append(model)
+    return base, models
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 97])
+def test_ties_model_scope_threshold_is_exact_on_many_values(monkeypatch, budget):
+    """The sampled bracket (also thinned down to a tiny sample budget) gives the exact global threshold, without
+    the radix fallback."""
+    from nbmerge_plugins import ties
+
+    def no_fallback(*args):
+        raise AssertionError("the sampled bracket missed the threshold")
+
+    monkeypatch.setattr(ties, "MODEL_SAMPLE_BUDGET", budget)
+    monkeypatch.setattr(ties, "_radix_global_thresholds", no_fallback)
+    base, models = many_valued_ties_inputs()
+    merged = merge("ties", models, base=base, density=0.3, trim_scope="model")
+    expected = ties_reference(base, models, density=0.3, trim_scope="model")
+    for name in base:
+        assert_matches(merged[name], expected[name], name=name)
+
+
+def test_ties_model_scope_falls_back_to_radix_selection_when_the_bracket_misses(monkeypatch):
+    from nbmerge_plugins import ties
+
+    monkeypatch.setattr(ties, "_bracket", lambda sample, kept_fraction: (1e6, 2e6))   # holds no entry at all
+    base, models = many_valued_ties_inputs()
+    merged = merge("ties", models, base=base, density=0.3, trim_scope="model")
+    expected = ties_reference(base, models, density=0.3, trim_scope="model")
+    for name in base:
+        assert_matches(merged[name], expected[name], name=name)
+
+
 def test_ties_model_scope_is_the_default():
     base, models = two_scale_ties_inputs()
     default = merge("ties", models, base=base, density=0.4)
