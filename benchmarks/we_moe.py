@@ -58,6 +58,24 @@ def tuned(method: str, grid: list[float], z, fixed: dict) -> tuple[dict, object]
     return params, evaluate(merged, z.pool, split="test", name=method, progress=False)
 
 
+def oracle_routing(z, init_lambda: float = 0.3):
+    """The ceiling of any routing: each task evaluated with every router emitting that task's one-hot vector, so
+    each MLP is exactly that task's fine-tuned MLP (W_0 + τ_task) and the rest is task arithmetic as in we_moe."""
+    from nbmerge.evaluation import EvalReport, individual_accuracy, task_accuracy
+    from nbmerge_plugins.we_moe_layers import routed_blocks
+
+    result = nbmerge.merge("we_moe", z.models, base=z.base, pool=z.pool, steps=0, init_lambda=init_lambda,
+                           router_hidden_layers=0, progress=False)
+    accuracy, examples = {}, {}
+    for index, task in enumerate(z.pool.tasks):
+        with torch.no_grad():
+            for block in routed_blocks(result.module).values():
+                block.router.constant.copy_(torch.nn.functional.one_hot(torch.tensor(index), len(z.models)))
+        accuracy[task.name], examples[task.name] = task_accuracy(result.module, task, "test")
+    return EvalReport(model="oracle routing", pool=z.pool.name, split="test", accuracy=accuracy,
+                      examples=examples, individual=individual_accuracy(z.pool, "test", list(accuracy)))
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         params, report = tuned(method, grid, z, fixed)
         statics.append((method, ", ".join(f"{k}={v}" for k, v in params.items()), report))
     rows += statics
+    rows.append(("oracle routing", "MLP = the task's own (routing ceiling)", oracle_routing(z)))
 
     routers = Path(args.routers) if args.routers else None
     recipe = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, objective=args.objective)

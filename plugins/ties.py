@@ -208,12 +208,11 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
     def count(job: TensorJob) -> None:
-        magnitudes = _magnitudes(job, wide)
-        changed[0] += sum(changed_positions(magnitudes[:, start:start + BLOCK])
-                          for start in range(0, magnitudes.shape[1], BLOCK))
-        for i, (row, (lo, hi)) in enumerate(zip(magnitudes, brackets)):
-            above[i] += int(torch.count_nonzero(row > hi))
-            bands[i].append(row[(row >= lo).logical_and_(row <= hi)])
+        for magnitudes in _blocks_of_magnitudes(job, wide):
+            changed[0] += changed_positions(magnitudes)
+            for i, (row, (lo, hi)) in enumerate(zip(magnitudes, brackets)):
+                above[i] += int(torch.count_nonzero(row > hi))
+                bands[i].append(row[(row >= lo).logical_and_(row <= hi)])
 
     stream(count)
     keep = int(params["density"] * changed[0])
@@ -231,18 +230,17 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
-        vectors = weighted_task_vectors(job).flatten(1)
-        for start in range(0, vectors.shape[1], BLOCK):
-            trimmed = trim(vectors[:, start:start + BLOCK], thresholds)
-            balance[0] += int(elect_sign(trimmed, params["sign"], 0.0).sum())
+        for _, _, vectors in blocks_of_task_vectors(job):
+            balance[0] += int(elect_sign(trim(vectors, thresholds), params["sign"], 0.0).sum())
 
     stream(count_signs)
     return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
 
 
-def _magnitudes(job: TensorJob, wide: bool) -> torch.Tensor:
-    magnitudes = weighted_task_vectors(job).abs_().flatten(1)
-    return magnitudes.double() if wide else magnitudes
+def _blocks_of_magnitudes(job: TensorJob, wide: bool):
+    """|w_i τ_i| BLOCK positions at a time ([n, positions], float64 when the model is ranked in float64)."""
+    for _, _, rows in blocks_of_task_vectors(job):
+        yield rows.abs_().double() if wide else rows.abs_()
 
 
 class _ModelSample:
@@ -285,8 +283,9 @@ def _radix_global_thresholds(stream, keep: int, n: int, wide: bool) -> list[floa
         counts = [torch.zeros(1 << _DIGIT, dtype=torch.int64) for _ in range(n)]
 
         def count(job: TensorJob, level=level, counts=counts) -> None:
-            for i, bits in enumerate(_bits(_magnitudes(job, wide))):
-                counts[i] += _digit_counts(bits, level, digits, selections[i][0] if level else 0)
+            for magnitudes in _blocks_of_magnitudes(job, wide):
+                for i, bits in enumerate(_bits(magnitudes)):
+                    counts[i] += _digit_counts(bits, level, digits, selections[i][0] if level else 0)
 
         stream(count)
         for selection, histogram in zip(selections, counts):
