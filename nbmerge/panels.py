@@ -194,7 +194,7 @@ class MergePanel(_BackgroundPanel):
         method = self._methods[name]
         for control in self.controls.values():
             control.close()
-        self.controls = {param.name: make_control(param) for param in method.params}
+        self.controls = {param.name: make_control(param, name) for param in method.params}
         self.params_box.children = tuple(self.controls.values())
         self.formula.value = f"{html.escape(method.summary)}: <code>{html.escape(method.formula)}</code>"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 import nbmerge
 from nbmerge.panels import MergePanel
@@ -143,6 +144,32 @@ def test_merge_without_waiting_returns_at_once_and_wait_joins(llama_set):
     result = panel.wait(60)
     assert result is panel.result and panel.error is None
     assert_state_close(result.state_dict, task_arithmetic(llama_set.base, llama_set.models[:2], 0.3, [1, 1]))
+
+
+def test_slerp_anchors_typed_in_the_panel_schedule_t_over_depth(llama_set):
+    a, b = llama_set.models[:2]
+    panel = MergePanel([a, b], method="slerp")
+    t = panel.controls["t"]
+    t.anchors.value = "0, 1"  # t = 0 at the first layer, 1 at the last; tensors outside the layers take 0
+    click(panel.merge_button, panel)
+    assert panel.error is None and panel.result.recipe["params"]["t"] == [0.0, 1.0]
+    merged = panel.result.state_dict
+    last = max(int(k.split(".")[2]) for k in a if k.startswith("model.layers."))
+    for name in a:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer in (None, 0):
+            assert torch.allclose(merged[name], a[name], atol=1e-6), name  # slerp at t = 0 is the first endpoint
+        elif layer == last:
+            assert torch.allclose(merged[name], b[name], atol=1e-6), name
+    middle = [k for k in a if k.startswith("model.layers.1.")]
+    t.anchors.value = ""
+    t.slider.value = 0.5  # layer 1 of 0..2 sits at depth 0.5: the anchors give it t = 0.5
+    click(panel.merge_button, panel)
+    assert_state_close({k: merged[k] for k in middle}, {k: panel.result.state_dict[k] for k in middle}, atol=1e-6)
+    t.anchors.value = "0, 1.5"
+    assert "must be in [0, 1], got 1.5" in t.message.value
+    click(panel.merge_button, panel)
+    assert panel.error == "slerp: parameter 't' must be in [0, 1], got 1.5" and "error" in panel.status.value
 
 
 def test_a_method_that_cannot_merge_the_models_is_refused():
