@@ -47,6 +47,12 @@ class ScheduleControl(widgets.VBox):
         """The value as ``Param.check`` canonicalises it (raises ParameterError on a bad entry)."""
         return self.param.check(self.value, self.method)
 
+    def close(self) -> None:
+        """Close the parts too (the panel closes a method's controls when another method is chosen)."""
+        for part in (self.slider, self.anchors, self.message, *self.children):
+            part.close()
+        super().close()
+
     def _check(self) -> None:
         self.slider.disabled = bool(self.anchors.value.strip())
         try:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .cache import build_once
-from .textdata import _chat_folder, _chat_lines
+from .textdata import _chat_folder
 
 VARIANTS_VERSION = 1
 SFT_TOPICS = ("ai", "botprofile", "computers", "conversations", "emotion", "food", "gossip", "greetings", "humor")
