@@ -28,7 +28,7 @@ _LAZY = {
     "evaluate": "evaluation", "EvalReport": "evaluation", "TaskPool": "taskpool", "Task": "taskpool",
     "task_pool": "registry", "register_plugin": "registry", "unregister_plugin": "registry", "reload_plugins": "registry",
     "NBMergeError": "errors", "ParameterError": "errors", "ModelInputError": "errors", "PluginError": "errors",
-    "OutputExistsError": "errors",
+    "OutputExistsError": "errors", "MergeCancelled": "errors",
     "MergePanel": "panels", "SweepPanel": "panels", "sweep": "sweep", "SweepResult": "sweep",
 }
 

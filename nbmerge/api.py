@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,8 @@ methods = all_methods  # every registered merge method by name (built-ins and in
 def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = None, out: str | Path | None = None,
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
           overwrite: bool = False, progress: bool = True,
-          on_progress: Callable[[ProgressEvent], None] | None = None, pool: Any = None, split: str = "test",
-          **params: Any) -> MergeResult:
+          on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
+          pool: Any = None, split: str = "test", **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -95,6 +96,9 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       state dict. device: "cpu", "cuda", "cuda:N" or "auto". Arithmetic is float32 (float64 stays float64);
       tensors are stored in the reference model's dtype unless ``out_dtype`` is given. Every check that headers
       allow (method, parameters, keys, shapes, dtypes, output path) runs before any tensor data is read.
+      cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
+      the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
+      leaves no output behind.
 
     Methods that build a module (test-time adaptation on unlabeled inputs) need ``pool``, a task pool whose
     tasks are named like the models ({task: model}); they adapt on the inputs of ``split`` and ``out`` is a
@@ -105,7 +109,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         from .build import build_merge
 
         return build_merge(merge_method, models, base, pool, params, split=split, out=out, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, on_progress=on_progress, cancel=cancel)
     if pool is not None:
         raise ParameterError(f"{merge_method.name}: merges tensor by tensor and uses no task pool; drop pool=...")
     labelled = _labelled_models(models)
@@ -124,17 +128,17 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         plan = make_plan(merge_method, checked, model_sources, base_source, dtype)
         recipe = _recipe(merge_method, checked, labelled, base, dtype)
         return _run(merge_method, checked, plan, model_sources, base_source, target_device, recipe, out_path,
-                    parse_size(shard_size), overwrite, progress, on_progress)
+                    parse_size(shard_size), overwrite, progress, on_progress, cancel)
     finally:
         for source in sources:
             source.close()
 
 
 def _run(method, params, plan, models, base, device, recipe, out_path, shard_size, overwrite, progress,
-         on_progress) -> MergeResult:
+         on_progress, cancel) -> MergeResult:
     stage_passes = sum(stage.pass_count(params, plan.wide) for stage in method.stages if stage.applies(params))
     total = plan.bytes_for() + stage_passes * plan.bytes_for("merge")
-    tracker = Progress(total, progress, on_progress, f"nbmerge {method.name}")
+    tracker = Progress(total, progress, on_progress, f"nbmerge {method.name}", cancel)
     config_folder = base.folder if base is not None else models[0].folder
     sink = (MemorySink() if out_path is None
             else FolderSink(out_path, plan, recipe, shard_size, overwrite, config_folder))

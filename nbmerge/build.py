@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,13 +34,22 @@ _SAMPLES_PER_TENSOR = 4096
 def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], base: Any, pool: Any,
                 params: dict[str, Any], *, split: str = "test", out: str | Path | None = None,
                 overwrite: bool = False, progress: bool = True, trained_state: dict | None = None,
-                expected_fingerprints: dict | None = None, source: str = ""):
+                expected_fingerprints: dict | None = None, source: str = "", on_progress=None,
+                cancel: threading.Event | None = None):
     """Run ``method.build_module`` on modules from ``pool`` and return a MergeResult with ``.module``.
 
     models: {task name: model} (or a list of paths whose folder names are task names); every model's task in
     ``pool`` gives the unlabeled inputs of ``split``. out: a ``.safetensors`` file for the trained state.
+    on_progress gets a ProgressEvent("adapt", steps done, steps planned) after each training step; a set
+    ``cancel`` event stops the build before its next step (MergeCancelled; nothing is written).
     """
     from .api import MergeReport, MergeResult
+    from .progress import ProgressEvent, check_cancel
+
+    def step_done(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(ProgressEvent("adapt", done, total))
+        check_cancel(cancel, f"after training step {done} of {total}")
 
     if pool is None:
         raise ParameterError(
@@ -58,7 +68,8 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
     if expected_fingerprints is not None:
         _check_same_models(source, expected_fingerprints, fingerprints)
     tasks = {name: _unlabeled(pool.task(name), split) for name in named}
-    built = method.build_module(ModuleJob(base_module, modules, checked, tasks, trained_state, progress))
+    check_cancel(cancel, "before training")
+    built = method.build_module(ModuleJob(base_module, modules, checked, tasks, trained_state, progress, step_done))
     seconds = time.perf_counter() - started
     recipe = {
         "nbmerge_version": __version__, "method": method.name, "plugin": method.plugin,

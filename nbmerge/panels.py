@@ -5,12 +5,19 @@ The panels are thin: their controls come from the methods' ``Param`` declaration
 buttons call ``nbmerge.merge`` / ``nbmerge.sweep.sweep`` — the API the magics call. Errors (bad values, unreadable
 models, an interrupt) are shown in the panel and kept in ``.error``. With a task pool, MergePanel evaluates every
 merge and shows the report and a per-task bar chart of the merges so far.
+
+A button runs its work in a background thread, so the kernel stays free to receive the next widget message: a
+click on **Stop** sets the run's ``cancel`` event, and the API stops at the next tensor (a merge), the next training
+step (a module-building method) or the next point (a sweep), writing nothing. From code, ``panel.merge()`` /
+``panel.sweep()`` run in the calling thread and return the result (``wait=False`` does what the button does;
+``panel.wait()`` joins).
 """
 
 from __future__ import annotations
 
 import html
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import ipywidgets as widgets
 
@@ -20,12 +27,67 @@ from .display import human_bytes, merge_summary
 HISTORY = 6  # merges kept in the panel's bar chart
 
 
-class MergePanel(widgets.VBox):
+class _BackgroundPanel(widgets.VBox):
+    """A Run button and a Stop button around one unit of work that may run in a background thread.
+
+    Subclasses build ``run_button`` and call ``_launch(work, wait)``; ``work`` gets the run's ``cancel`` event
+    and reports its own outcome in the panel (it must not raise).
+    """
+
+    def _make_stop_button(self) -> widgets.Button:
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True,
+                                          tooltip="stop at the next tensor, training step or sweep point")
+        self.stop_button.on_click(lambda _button: self.stop())
+        return self.stop_button
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Ask the running work to stop (what the Stop button does); it stops at its next checkpoint."""
+        if self.running or self.run_button.disabled:
+            self._cancel.set()
+            self.stop_button.disabled = True
+
+    def wait(self, timeout: float | None = None):
+        """Wait for work started with ``wait=False`` (or by a click); returns ``.result`` (None after an error)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.result if self.error is None else None
+
+    def _check_idle(self) -> None:
+        if self.running:
+            raise RuntimeError("this panel is already running; stop() it or wait() for it first")
+
+    def _launch(self, work: Callable[[threading.Event], Any], wait: bool):
+        self._check_idle()
+        self._cancel = threading.Event()
+        self.run_button.disabled, self.stop_button.disabled = True, False
+
+        def run():
+            try:
+                work(self._cancel)
+            finally:
+                self.run_button.disabled, self.stop_button.disabled = False, True
+
+        if wait:
+            run()
+            return self.result if self.error is None else None
+        self._thread = threading.Thread(target=run, name=f"nbmerge-{type(self).__name__}", daemon=True)
+        self._thread.start()
+        return None
+
+
+class MergePanel(_BackgroundPanel):
     """``MergePanel(models, base=None, pool=None, method=None, out=None, device="auto")``.
 
     models/base: what ``nbmerge.merge`` accepts (paths, state dicts, nn.Modules; a list or a {name: model} dict).
-    pool: a task pool (or its registered name) to evaluate each merge on. ``.result`` is the last MergeResult,
-    ``.report`` its evaluation, ``.error`` the last error message (None after a successful merge).
+    pool: a task pool (or its registered name) to evaluate each merge on (a module-building method such as
+    we_moe adapts on it too). ``.result`` is the last MergeResult, ``.report`` its evaluation, ``.error`` the last
+    error message (None after a successful merge; "stopped ..." after a click on Stop).
     """
 
     def __init__(self, models, base=None, *, pool=None, method: str | None = None, out=None, device: str = "auto",
@@ -50,19 +112,20 @@ class MergePanel(widgets.VBox):
         self.formula = widgets.HTML()
         self.controls: dict[str, widgets.Widget] = {}
         self.params_box = widgets.VBox()
-        self.merge_button = widgets.Button(description="Merge", button_style="primary", icon="play")
+        self.merge_button = self.run_button = widgets.Button(description="Merge", button_style="primary", icon="play")
+        self._make_stop_button()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="", layout={"width": "420px"})
         self.progress_text = widgets.HTML()
         self.status = widgets.HTML()
         self.output = widgets.Output()
         self.method.observe(self._method_changed, names="value")
-        self.merge_button.on_click(lambda _button: self.merge())
+        self.merge_button.on_click(lambda _button: self.merge(wait=False))
         self._show_controls(chosen)
         title = widgets.HTML(f"<b>nbmerge</b>: {_count(models)} model(s)"
                              f"{', base model' if base is not None else ''}"
                              f"{', evaluated on ' + html.escape(_pool_name(pool)) if pool is not None else ''}")
         super().__init__([title, self.method, self.formula, self.params_box,
-                          widgets.HBox([self.merge_button, self.progress, self.progress_text]),
+                          widgets.HBox([self.merge_button, self.stop_button, self.progress, self.progress_text]),
                           self.status, self.output])
 
     # -- building the call -------------------------------------------------------------------------------------
@@ -72,33 +135,44 @@ class MergePanel(widgets.VBox):
         values = {p.name: control_value(p, self.controls[p.name]) for p in method.params}
         return {name: value for name, value in values.items() if value is not None}
 
-    def merge(self):
-        """Merge with the chosen method and parameters (what the Merge button does); returns the MergeResult."""
-        from .api import merge
-        from .errors import NBMergeError
+    def merge(self, wait: bool = True):
+        """Merge with the chosen method and parameters, then evaluate on the pool if one was given.
 
-        self.merge_button.disabled = True
+        wait=True: in this thread; returns the MergeResult (None after an error or a stop, see ``.error``).
+        wait=False (the Merge button): in a background thread, returns None at once; ``stop()`` / ``wait()``.
+        """
+        self._check_idle()
+        method, params = self.method.value, self.params()
         self.progress.bar_style = ""
         self.progress.value = 0
+        self.progress_text.value = ""
         self._set_status("merging…")
+        return self._launch(lambda cancel: self._merge(method, params, cancel), wait)
+
+    def _merge(self, method: str, params: dict, cancel: threading.Event) -> None:
+        from .api import merge
+        from .errors import MergeCancelled, NBMergeError
+
         try:
-            result = merge(self.method.value, self.models, base=self.base, out=self.out, device=self.device,
-                           overwrite=self.out is not None, progress=False, on_progress=self._on_progress,
-                           **self.params())
+            if self._methods[method].build_module is not None:  # trains on the pool's unlabeled inputs
+                where = {"pool": _resolve_pool(self) if self.pool is not None else None, "split": self.split}
+            else:
+                where = {"device": self.device}
+            result = merge(method, self.models, base=self.base, out=self.out, overwrite=self.out is not None,
+                           progress=False, on_progress=self._on_progress, cancel=cancel, **where, **params)
             if self.pool is not None:
-                self._evaluate(result)
+                self._evaluate(result, cancel)
+        except MergeCancelled as exc:
+            return self._fail(str(exc), stopped=True)
         except NBMergeError as exc:
             return self._fail(str(exc))
         except KeyboardInterrupt:
             return self._fail("interrupted; nothing was written")
         except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
             return self._fail(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.merge_button.disabled = False
         self.result, self.error = result, None
         self.progress.bar_style = "success"
         self._set_status(html.escape(merge_summary(result)))
-        return result
 
     # -- callbacks ---------------------------------------------------------------------------------------------
     def _on_progress(self, event) -> None:
@@ -107,6 +181,9 @@ class MergePanel(widgets.VBox):
         # one widget message per percent at most: a model has thousands of tensors
         if event.done == event.total or event.done - self.progress.value >= event.total / 100:
             self.progress.value = event.done
+            if event.phase == "adapt":
+                self.progress_text.value = f"training step {event.done} / {event.total}"
+                return
             phase = "" if event.phase in ("", "merge") else f" ({html.escape(event.phase)})"
             self.progress_text.value = f"{human_bytes(event.done)} / {human_bytes(event.total)}{phase}"
 
@@ -117,24 +194,27 @@ class MergePanel(widgets.VBox):
         method = self._methods[name]
         for control in self.controls.values():
             control.close()
-        self.controls = {param.name: make_control(param) for param in method.params}
+        self.controls = {param.name: make_control(param, name) for param in method.params}
         self.params_box.children = tuple(self.controls.values())
         self.formula.value = f"{html.escape(method.summary)}: <code>{html.escape(method.formula)}</code>"
 
-    def _fail(self, message: str):
+    def _fail(self, message: str, stopped: bool = False):
         self.error = message
-        self.progress.bar_style = "danger"
-        self._set_status(f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
+        self.progress.bar_style = "warning" if stopped else "danger"
+        self._set_status(f"<span style='color:#8a5300'>{html.escape(message)}</span>" if stopped
+                         else f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
         return None
 
     def _set_status(self, text: str) -> None:
         self.status.value = f"<div class='nbmerge-status'>{text}</div>"
 
     # -- evaluation --------------------------------------------------------------------------------------------
-    def _evaluate(self, result) -> None:
+    def _evaluate(self, result, cancel: threading.Event) -> None:
         from . import plots
         from .evaluation import evaluate
+        from .progress import check_cancel
 
+        check_cancel(cancel, "before evaluating the merge")
         self._set_status("evaluating…")
         report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=_label(result),
                           progress=False)
@@ -203,12 +283,12 @@ def _output(value) -> dict:
 SWEEPABLE = ("float", "int", "schedule")
 
 
-class SweepPanel(widgets.VBox):
+class SweepPanel(_BackgroundPanel):
     """``SweepPanel(models, base=None, *, pool, method=None, tasks=None, split="test")``.
 
     Choose a method, one of its numeric parameters, a range and a number of points; **Sweep** merges and evaluates
     each point (the other parameters at their defaults) and redraws the accuracy curve after every point.
-    ``.result`` is the SweepResult, ``.error`` the last error message.
+    ``.result`` is the SweepResult (after a stop: the points done), ``.error`` the last error message.
     """
 
     def __init__(self, models, base=None, *, pool, method: str | None = None, tasks=None, split: str = "test",
@@ -231,18 +311,20 @@ class SweepPanel(widgets.VBox):
         self.span = widgets.FloatRangeSlider(description="range", readout_format=".2f", continuous_update=False,
                                              layout={"width": "420px"})
         self.points = widgets.IntSlider(value=5, min=2, max=15, description="points")
-        self.sweep_button = widgets.Button(description="Sweep", button_style="primary", icon="play")
+        self.sweep_button = self.run_button = widgets.Button(description="Sweep", button_style="primary", icon="play")
+        self._make_stop_button()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout={"width": "420px"})
         self.status = widgets.HTML()
         self.output = widgets.Output()
         self.method.observe(lambda change: self._method_changed(), names="value")
         self.param.observe(lambda change: self._param_changed(), names="value")
-        self.sweep_button.on_click(lambda _button: self.sweep())
+        self.sweep_button.on_click(lambda _button: self.sweep(wait=False))
         self._method_changed()
         super().__init__([widgets.HTML(f"<b>nbmerge sweep</b>: {_count(models)} model(s) on "
                                        f"{html.escape(_pool_name(pool))}"),
                           self.method, self.param, self.span, self.points,
-                          widgets.HBox([self.sweep_button, self.progress]), self.status, self.output])
+                          widgets.HBox([self.sweep_button, self.stop_button, self.progress]), self.status,
+                          self.output])
 
     def values(self) -> list:
         """The points of the sweep: ``points`` values evenly spaced over the range (integers rounded)."""
@@ -254,41 +336,48 @@ class SweepPanel(widgets.VBox):
             return sorted({int(round(v)) for v in values})
         return [round(v, 6) for v in values]
 
-    def sweep(self):
-        """Run the sweep (what the Sweep button does); returns the SweepResult."""
+    def sweep(self, wait: bool = True):
+        """Run the sweep; wait=True: in this thread, returns the SweepResult; wait=False (the Sweep button): in a
+        background thread (``stop()`` ends it after the point in progress, ``wait()`` joins)."""
+        self._check_idle()
+        values = self.values()
+        method, param = self.method.value, self.param.value
+        self.progress.bar_style, self.progress.value, self.progress.max = "", 0, len(values)
+        self.status.value = f"sweeping {html.escape(param)} over {len(values)} values…"
+        self.output.outputs = ()
+        return self._launch(lambda cancel: self._sweep(method, param, values, cancel), wait)
+
+    def _sweep(self, method: str, param: str, values: list, cancel: threading.Event) -> None:
         from . import plots
-        from .errors import NBMergeError
+        from .errors import MergeCancelled, NBMergeError
         from .sweep import sweep
 
-        values = self.values()
-        self.sweep_button.disabled = True
-        self.progress.bar_style, self.progress.value, self.progress.max = "", 0, len(values)
-        self.status.value = f"sweeping {html.escape(self.param.value)} over {len(values)} values…"
-        self.output.outputs = ()
+        done = []
 
         def on_point(so_far) -> None:
+            done[:] = [so_far]
             self.progress.value = len(so_far.values)
             self.output.outputs = (_output(plots.sweep_curve(so_far.param, so_far.values, so_far.reports)),)
             self.status.value = (f"{so_far.param}={so_far.values[-1]}: average accuracy "
                                  f"{so_far.reports[-1].average:.1f} ({len(so_far.values)}/{len(values)})")
 
         try:
-            result = sweep(self.method.value, self.models, self.base, param=self.param.value, values=values,
-                           pool=_resolve_pool(self), split=self.split, tasks=self.tasks, on_point=on_point,
-                           device=self.device)
+            result = sweep(method, self.models, self.base, param=param, values=values, pool=_resolve_pool(self),
+                           split=self.split, tasks=self.tasks, on_point=on_point, device=self.device, cancel=cancel)
+        except MergeCancelled:
+            self.result = done[0] if done else None
+            points = len(done[0].values) if done else 0
+            return self._fail(f"stopped after {points} of {len(values)} points", stopped=True)
         except NBMergeError as exc:
             return self._fail(str(exc))
         except KeyboardInterrupt:
             return self._fail("interrupted")
         except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
             return self._fail(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.sweep_button.disabled = False
         self.result, self.error = result, None
         self.progress.bar_style = "success"
         self.status.value = (f"<div class='nbmerge-status'>best {html.escape(result.param)} = {result.best} "
                              f"(average accuracy {max(result.averages):.1f})</div>")
-        return result
 
     def _declared(self):
         return next(p for p in self._methods[self.method.value].params if p.name == self.param.value)
@@ -317,10 +406,11 @@ class SweepPanel(widgets.VBox):
         if len(numbers) >= 2:
             self.points.value = min(len(numbers), self.points.max)
 
-    def _fail(self, message: str):
+    def _fail(self, message: str, stopped: bool = False):
         self.error = message
-        self.progress.bar_style = "danger"
-        self.status.value = f"<span style='color:#b00020'>error: {html.escape(message)}</span>"
+        self.progress.bar_style = "warning" if stopped else "danger"
+        self.status.value = (f"<span style='color:#8a5300'>{html.escape(message)}</span>" if stopped
+                             else f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
         return None
 
 

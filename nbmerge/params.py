@@ -147,7 +147,7 @@ class Param:
         if self.kind == "layers" and text == "half":
             return "half"
         if self.kind in ("floats", "schedule") and not text.startswith(("[", "{")) and "," in text:
-            return [_as_float(part, where) for part in text.split(",") if part.strip()]
+            return [_as_float(part.strip(), where) for part in text.split(",") if part.strip()]
         try:
             return json.loads(text)
         except json.JSONDecodeError:

@@ -1,14 +1,19 @@
-"""Progress of a merge in bytes read: a tqdm bar (a widget in notebooks) and events a panel can follow."""
+"""Progress of a merge in bytes read: a tqdm bar (a widget in notebooks) and events a panel can follow; and the
+point where a merge asked to stop (a set ``cancel`` event) stops: after the tensor in hand, before the next."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
+
+from .errors import MergeCancelled
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """``phase`` is a stage name or "merge"; ``done``/``total`` count input bytes over all passes."""
+    """``phase`` is a stage name or "merge", ``done``/``total`` then count input bytes over all passes; or
+    "adapt" (a module-building method's training), ``done``/``total`` then count steps."""
 
     phase: str
     done: int
@@ -18,9 +23,10 @@ class ProgressEvent:
 
 class Progress:
     def __init__(self, total: int, show: bool, on_progress: Callable[[ProgressEvent], None] | None,
-                 description: str):
+                 description: str, cancel: threading.Event | None = None):
         self.total, self.done, self.phase_name = total, 0, ""
         self._on_progress = on_progress
+        self._cancel = cancel
         self._bar = None
         if show:
             from tqdm.auto import tqdm
@@ -29,6 +35,7 @@ class Progress:
                              leave=False, dynamic_ncols=True)
 
     def phase(self, name: str) -> None:
+        check_cancel(self._cancel, f"before the {name} pass")
         self.phase_name = name
         if self._bar is not None:
             self._bar.set_postfix_str(name, refresh=False)
@@ -39,6 +46,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(nbytes)
         self._emit(tensor)
+        check_cancel(self._cancel, f"after tensor {tensor!r}")
 
     def _emit(self, tensor: str) -> None:
         if self._on_progress is not None:
@@ -47,3 +55,9 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def check_cancel(cancel: threading.Event | None, where: str) -> None:
+    """Raise MergeCancelled when ``cancel`` is set (called between units of work: tensors, steps, points)."""
+    if cancel is not None and cancel.is_set():
+        raise MergeCancelled(f"stopped {where}; nothing was written")

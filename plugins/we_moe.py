@@ -54,7 +54,8 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                                                        params["seed"] * 1000 + index))
                  for index, name in enumerate(job.models)}
         history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
-                        objective=params["objective"], progress=job.progress)
+                        objective=params["objective"], progress=job.progress,
+                        on_step=lambda done, _loss: job.step_done(done, params["steps"]))
         record = {"steps_done": history.steps, "interrupted": history.interrupted,
                   "adaptation_seconds": round(history.seconds, 2)}
     trained = {name: parameter.detach().clone() for name, parameter in router_parameters(model).items()}

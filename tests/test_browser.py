@@ -1,4 +1,5 @@
-"""A real browser on a real JupyterLab: open the panel notebook, run it, move a slider, click Merge, check what renders.
+"""A real browser on a real JupyterLab: open the panel notebook, run it, move a slider, click Merge and Stop, click
+Merge again, check what renders.
 
 JupyterLab serves on 127.0.0.1 with a token; headless Chromium (Debian's /usr/bin/chromium, which `make test`
 installs) is driven by Python Playwright. Deselect locally with ``-m "not browser"``; `make test` runs it.
@@ -121,7 +122,19 @@ def test_panel_in_jupyterlab(lab):
             for _ in range(5):  # one slider step (a hundredth of the declared range) per key press
                 handle.press("ArrowRight")
             expect(density.locator(".widget-readout")).to_have_text("0.45")
-            panel.locator(".widget-button", has_text="Merge").click()
+            merge_button = panel.locator(".widget-button", has_text="Merge")
+            stop_button = panel.locator(".widget-button", has_text="Stop")
+            expect(stop_button).to_be_disabled()
+            # Stop while the merge runs: the kernel takes the click at once (the merge runs in a background thread)
+            merge_button.click()
+            expect(stop_button).to_be_enabled(timeout=10_000)
+            expect(merge_button).to_be_disabled()
+            stop_button.click()
+            expect(status).to_contain_text("stopped", timeout=30_000)
+            expect(status).to_contain_text("nothing was written")
+            expect(merge_button).to_be_enabled()
+            expect(stop_button).to_be_disabled()
+            merge_button.click()
             # the merge summary, then the evaluation table of the new merge and the bar chart of both merges
             expect(status).to_contain_text("ties(density=0.45, sign=\"sum\", merge_func=\"mean\"", timeout=180_000)
             expect(status).to_contain_text("of 5 model(s) onto ")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import ipywidgets as widgets
 import pytest
 
-from nbmerge.controls import control_value, make_control
+from nbmerge.errors import ParameterError
+from nbmerge.controls import ScheduleControl, control_value, make_control
 from nbmerge.params import Param
 from nbmerge.registry import all_methods
 
@@ -23,7 +26,7 @@ def test_kinds_map_to_controls_with_declared_ranges():
     sign = make_control(Param("rescale", "choice", True, "r", choices=(True, False, "l1")))
     assert isinstance(sign, widgets.Dropdown) and sign.options == (("true", True), ("false", False), ("l1", "l1"))
     t = make_control(Param("t", "schedule", 0.5, "t", low=0.0, high=1.0))
-    assert isinstance(t, widgets.FloatSlider) and (t.min, t.max) == (0.0, 1.0)
+    assert isinstance(t, ScheduleControl) and (t.slider.min, t.slider.max, t.value) == (0.0, 1.0, 0.5)
     for kind, default in (("floats", None), ("layers", 0)):
         assert isinstance(make_control(Param("x", kind, default, "x")), widgets.Text)
     ratio = make_control(Param("ratio", "float", None, "r", low=0.0, high=1.0))
@@ -52,3 +55,24 @@ def test_every_builtin_parameter_gets_a_control_whose_default_validates(name):
             given[param.name] = value
     checked = {p.name: p.check(given[p.name], name) for p in method.params if p.name in given}
     assert all(checked[k] == p.check(p.default, name) for p in method.params for k in [p.name] if k in checked)
+
+
+def test_a_schedule_takes_anchors_over_depth_checked_as_the_cli_checks_them():
+    t = all_methods()["slerp"].params[0]
+    control = make_control(t, "slerp")
+    assert control_value(t, control) == 0.5 and not control.slider.disabled
+    control.anchors.value = " 0, 0.3, 1 "
+    assert control.slider.disabled and control.message.value == ""
+    assert t.check(control_value(t, control), "slerp") == ((None, (0.0, 0.3, 1.0)),)
+    assert control.checked() == t.check(t.parse_text("0, 0.3, 1", "slerp"), "slerp")  # the CLI's parse
+    control.anchors.value = '[{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]'
+    assert control.checked() == (("self_attn", (0.0, 1.0)), (None, (0.5,)))
+    for typed, error in (("0, 1.5", "slerp: parameter 't' must be in [0, 1], got 1.5"),
+                         ("0, x", "slerp: parameter 't' must be a number, got 'x'"),
+                         ("[{\"value\": 1", "slerp: parameter 't': cannot read '[{\"value\": 1' as schedule")):
+        control.anchors.value = typed
+        assert error.replace("'", "&#x27;").replace('"', "&quot;") in control.message.value, control.message.value
+        with pytest.raises(ParameterError, match=re.escape(error)):
+            control.checked()
+    control.anchors.value = ""
+    assert control.message.value == "" and not control.slider.disabled and control_value(t, control) == 0.5

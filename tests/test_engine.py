@@ -172,6 +172,32 @@ def test_interrupted_merge_leaves_nothing_behind(llama_set, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_set_cancel_event_stops_after_the_tensor_in_hand_and_writes_nothing(llama_set, tmp_path):
+    import threading
+
+    from nbmerge.errors import MergeCancelled
+
+    out, cancel, seen = tmp_path / "merged", threading.Event(), []
+
+    def stop_after_three(event):  # another thread (a panel's Stop button) would set it
+        if event.tensor:
+            seen.append(event.tensor)
+        if len(seen) == 3:
+            cancel.set()
+
+    # TIES (model scope) streams a threshold pass before the merge pass: cancel reaches both
+    with pytest.raises(MergeCancelled, match=r"stopped after tensor .*; nothing was written"):
+        nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, out=out, on_progress=stop_after_three,
+                      cancel=cancel, progress=False)
+    assert len(seen) == 3 and os.listdir(tmp_path) == []
+    with pytest.raises(MergeCancelled, match="before the "):  # already set: not one tensor is read
+        nbmerge.merge("task_arithmetic", llama_set.models, base=llama_set.base, cancel=cancel, progress=False)
+    cancel.clear()
+    merged = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, out=out, cancel=cancel,
+                           progress=False)
+    assert merged.path == out and out.is_dir()
+
+
 def test_integer_buffers_must_agree_and_failure_leaves_no_output(tmp_path):
     a = {"w": torch.ones(4), "steps": torch.tensor([7])}
     b = {"w": torch.zeros(4), "steps": torch.tensor([7])}
