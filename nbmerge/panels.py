@@ -62,6 +62,31 @@ class _BackgroundPanel(widgets.VBox):
         if self.running:
             raise RuntimeError("this panel is already running; stop() it or wait() for it first")
 
+    def _outcome(self, work: Callable[[], Any], interrupted: str, stopped: Callable[[Exception], str] = str):
+        """``work()``'s result; or None once the panel shows why it failed or stopped (an exception escaping a
+        click handler would be lost in the kernel log). ``stopped(exc)`` words a stop asked for with Stop."""
+        from .errors import MergeCancelled, NBMergeError
+
+        try:
+            return work()
+        except MergeCancelled as exc:
+            return self._fail(stopped(exc), stopped=True)
+        except NBMergeError as exc:
+            return self._fail(str(exc))
+        except KeyboardInterrupt:
+            return self._fail(interrupted)
+        except Exception as exc:
+            return self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, message: str, stopped: bool = False) -> None:
+        self.error = message
+        self.progress.bar_style = "warning" if stopped else "danger"
+        self._set_status(f"<span style='color:#8a5300'>{html.escape(message)}</span>" if stopped
+                         else f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
+
+    def _set_status(self, text: str) -> None:
+        self.status.value = f"<div class='nbmerge-status'>{text}</div>"
+
     def _launch(self, work: Callable[[threading.Event], Any], wait: bool):
         self._check_idle()
         self._cancel = threading.Event()
@@ -150,26 +175,10 @@ class MergePanel(_BackgroundPanel):
         return self._launch(lambda cancel: self._merge(method, params, cancel), wait)
 
     def _merge(self, method: str, params: dict, cancel: threading.Event) -> None:
-        from .api import merge
-        from .errors import MergeCancelled, NBMergeError
-
-        try:
-            if self._methods[method].build_module is not None:  # trains on the pool's unlabeled inputs
-                where = {"pool": _resolve_pool(self) if self.pool is not None else None, "split": self.split}
-            else:
-                where = {"device": self.device}
-            result = merge(method, self.models, base=self.base, out=self.out, overwrite=self.out is not None,
-                           progress=False, on_progress=self._on_progress, cancel=cancel, **where, **params)
-            if self.pool is not None:
-                self._evaluate(result, cancel)
-        except MergeCancelled as exc:
-            return self._fail(str(exc), stopped=True)
-        except NBMergeError as exc:
-            return self._fail(str(exc))
-        except KeyboardInterrupt:
-            return self._fail("interrupted; nothing was written")
-        except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
-            return self._fail(f"{type(exc).__name__}: {exc}")
+        result = self._outcome(lambda: self._merged_and_evaluated(method, params, cancel),
+                               interrupted="interrupted; nothing was written")
+        if result is None:
+            return
         self.result, self.error = result, None
         self.progress.bar_style = "success"
         self._set_status(html.escape(merge_summary(result)))
@@ -198,15 +207,18 @@ class MergePanel(_BackgroundPanel):
         self.params_box.children = tuple(self.controls.values())
         self.formula.value = f"{html.escape(method.summary)}: <code>{html.escape(method.formula)}</code>"
 
-    def _fail(self, message: str, stopped: bool = False):
-        self.error = message
-        self.progress.bar_style = "warning" if stopped else "danger"
-        self._set_status(f"<span style='color:#8a5300'>{html.escape(message)}</span>" if stopped
-                         else f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
-        return None
+    def _merged_and_evaluated(self, method: str, params: dict, cancel: threading.Event):
+        from .api import merge
 
-    def _set_status(self, text: str) -> None:
-        self.status.value = f"<div class='nbmerge-status'>{text}</div>"
+        if self._methods[method].build_module is not None:  # trains on the pool's unlabeled inputs
+            where = {"pool": _resolve_pool(self) if self.pool is not None else None, "split": self.split}
+        else:
+            where = {"device": self.device}
+        result = merge(method, self.models, base=self.base, out=self.out, overwrite=self.out is not None,
+                       progress=False, on_progress=self._on_progress, cancel=cancel, **where, **params)
+        if self.pool is not None:
+            self._evaluate(result, cancel)
+        return result
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def _evaluate(self, result, cancel: threading.Event) -> None:
@@ -349,7 +361,6 @@ class SweepPanel(_BackgroundPanel):
 
     def _sweep(self, method: str, param: str, values: list, cancel: threading.Event) -> None:
         from . import plots
-        from .errors import MergeCancelled, NBMergeError
         from .sweep import sweep
 
         done = []
@@ -361,19 +372,16 @@ class SweepPanel(_BackgroundPanel):
             self.status.value = (f"{so_far.param}={so_far.values[-1]}: average accuracy "
                                  f"{so_far.reports[-1].average:.1f} ({len(so_far.values)}/{len(values)})")
 
-        try:
-            result = sweep(method, self.models, self.base, param=param, values=values, pool=_resolve_pool(self),
-                           split=self.split, tasks=self.tasks, on_point=on_point, device=self.device, cancel=cancel)
-        except MergeCancelled:
-            self.result = done[0] if done else None
-            points = len(done[0].values) if done else 0
-            return self._fail(f"stopped after {points} of {len(values)} points", stopped=True)
-        except NBMergeError as exc:
-            return self._fail(str(exc))
-        except KeyboardInterrupt:
-            return self._fail("interrupted")
-        except Exception as exc:  # a click handler's exception would be lost in the kernel log: show it
-            return self._fail(f"{type(exc).__name__}: {exc}")
+        def stopped(_exc) -> str:
+            self.result = done[0] if done else None  # a stopped sweep keeps its points so far
+            return f"stopped after {len(done[0].values) if done else 0} of {len(values)} points"
+
+        result = self._outcome(lambda: sweep(method, self.models, self.base, param=param, values=values,
+                                             pool=_resolve_pool(self), split=self.split, tasks=self.tasks,
+                                             on_point=on_point, device=self.device, cancel=cancel),
+                               interrupted="interrupted", stopped=stopped)
+        if result is None:
+            return
         self.result, self.error = result, None
         self.progress.bar_style = "success"
         self.status.value = (f"<div class='nbmerge-status'>best {html.escape(result.param)} = {result.best} "
@@ -405,13 +413,6 @@ class SweepPanel(_BackgroundPanel):
             self.span.min, self.span.max, self.span.step, self.span.value = low, high, step, chosen
         if len(numbers) >= 2:
             self.points.value = min(len(numbers), self.points.max)
-
-    def _fail(self, message: str, stopped: bool = False):
-        self.error = message
-        self.progress.bar_style = "warning" if stopped else "danger"
-        self.status.value = (f"<span style='color:#8a5300'>{html.escape(message)}</span>" if stopped
-                             else f"<span style='color:#b00020'>error: {html.escape(message)}</span>")
-        return None
 
 
 def _is_sweepable(param) -> bool:
