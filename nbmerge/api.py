@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import __version__
-from .engine import Engine, compute_threads
+from .engine import Engine, collector_paused, compute_threads
 from .errors import ParameterError
 from .memory import peak_rss_bytes, reset_peak_rss
 from .method import MergeMethod
@@ -148,7 +148,7 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     started = time.perf_counter()
     engine = Engine(method, params, plan, models, base, device, tracker)
     try:
-        with compute_threads(device):
+        with compute_threads(device), collector_paused():
             engine.run_stages()
             engine.merge_into(sink.put)
         for source in models + ([base] if base is not None else []):

@@ -12,7 +12,7 @@ it receives a ``ModuleJob`` and returns a ``BuiltModule``; ``nbmerge.merge`` the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -31,6 +31,10 @@ class TensorJob:
     ``params`` are the validated parameters with schedules already resolved for this tensor.
     ``empty(shape, dtype)`` gives scratch or result memory on the job's device (reused across tensors by the
     engine, which never lends memory a live tensor still views); it defaults to ``torch.empty``.
+    ``out_dtype``: the dtype the merged tensor is stored in; a kernel may return its result in it directly.
+    For a method declared ``stored_inputs``, models and base on the CPU arrive in their stored floating dtype
+    (float32, bfloat16 or float16; float64 inputs still make a float64 job): ``upcast()`` gives the job in the
+    compute dtype for code that needs it.
     """
 
     name: str
@@ -41,20 +45,40 @@ class TensorJob:
     num_layers: int
     stage_results: dict[str, Any] = field(default_factory=dict)
     empty: Callable[..., torch.Tensor] | None = None
+    out_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.empty is None:
             device = self.base.device if self.base is not None else self.models[0].device
             self.empty = lambda shape, dtype: torch.empty(tuple(shape), dtype=dtype, device=device)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float64 when some input is float64, else float32."""
+        inputs = self.models + ([self.base] if self.base is not None else [])
+        return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+
+    def upcast(self) -> "TensorJob":
+        """This job with every input in the compute dtype (itself when they already are)."""
+        compute = self.compute_dtype
+
+        def converted(tensor):
+            return tensor if tensor is None or tensor.dtype == compute else \
+                self.empty(tensor.shape, compute).copy_(tensor)
+
+        if all(t.dtype == compute for t in self.models) and (self.base is None or self.base.dtype == compute):
+            return self
+        return replace(self, models=[converted(t) for t in self.models], base=converted(self.base))
+
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_0 for every model."""
         return [model - self.base for model in self.models]
 
-    def generator(self, seed: int, model_index: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, tensor name, model index): draws do not depend on processing order."""
+    def random_key(self, seed: int, model_index: int) -> int:
+        """A 64-bit key from (seed, tensor name, model index) for counter-based draws: a tensor's random numbers
+        depend on nothing else (not on processing order, device or the other tensors)."""
         digest = hashlib.blake2b(f"{seed}\0{self.name}\0{model_index}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        return int.from_bytes(digest, "little")
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,8 @@ class MergeMethod:
     build_module: instead of merge_tensor, builds a module from whole models and unlabeled task data;
     copies_from_base(name, params): True where a tensor is taken unmerged from the base, or from the first model
     when there is no base (e.g. backbone-only);
+    stored_inputs: on the CPU the kernel takes float32 jobs' inputs in their stored dtype (``TensorJob``) and
+    converts what it needs itself (a fused kernel reading bfloat16 saves the engine's conversion pass);
     elementwise: the kernel is position-wise (each output entry depends only on the inputs' entries at the same
     position, and on parameters resolved per tensor), so the engine may call it on 1-D slices of a tensor;
     check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
@@ -147,6 +173,7 @@ class MergeMethod:
     stages: tuple[Stage, ...] = ()
     copies_from_base: Callable[[str, dict], bool] | None = None
     elementwise: bool = False
+    stored_inputs: bool = False
     check: Callable[[dict, int, bool], None] | None = None
     build_module: Callable[[ModuleJob], BuiltModule] | None = None
     plugin: str = ""

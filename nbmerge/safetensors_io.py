@@ -2,8 +2,9 @@
 
 Layout: 8 bytes little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}`` (plus an
 optional ``__metadata__`` of strings), then the raw little-endian tensor bytes. Reading parses the header alone
-(all checks run on it before any data is read) and reads each tensor with one ``preadv`` into a fresh or
-a pooled buffer.
+(all checks run on it before any data is read); each tensor is then mapped (``map_tensor``: a private mapping of
+its own byte range, populated by the reading thread, so nothing is copied and the page cache's pages are used as
+they are) or, where mapping fails, read with one ``preadv`` into a fresh or a pooled buffer.
 Writing knows every output shape up front, so a shard's header is written first and tensors stream after it.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
     ordered = dict(sorted(entries.items(), key=lambda item: item[1].start))
     return ordered, metadata
+
+
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+: map the pages in, read-only
+
+
+def map_tensor(file, entry: TensorEntry) -> torch.Tensor:
+    """The tensor as a private (copy-on-write) mapping of its byte range in ``file``: no copy and no anonymous
+    memory. Its pages are mapped in here, in the calling (reader) thread, reading them from disk if they are
+    not cached, so the thread that computes on the tensor does not stop on page faults. The mapping lives as
+    long as the tensor or a view of it. Raises OSError where the file cannot be mapped (the caller reads it)."""
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    if os.fstat(file.fileno()).st_size < entry.end:
+        raise ModelInputError(f"{entry.path}: file ended inside a tensor (truncated while reading?)")
+    start = entry.start - entry.start % _PAGE
+    mapping = mmap.mmap(file.fileno(), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
+    try:
+        mapping.madvise(_MADV_POPULATE_READ)
+    except OSError:  # older kernels: fault the pages in by reading them
+        mapping.madvise(mmap.MADV_WILLNEED)
+        memoryview(mapping)[::_PAGE].tobytes()
+    with warnings.catch_warnings():  # frombuffer warns for any buffer it cannot prove writable; this one is
+        warnings.simplefilter("ignore")
+        flat = torch.frombuffer(mapping, dtype=entry.dtype, count=entry.nbytes // entry.dtype.itemsize,
+                                offset=entry.start - start)
+    return flat.reshape(entry.shape)
 
 
 def read_tensor(file, entry: TensorEntry, pool: BufferPool | None = None) -> torch.Tensor:

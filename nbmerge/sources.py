@@ -20,7 +20,7 @@ import torch
 
 from .buffers import BufferPool
 from .errors import ModelInputError
-from .safetensors_io import TensorEntry, read_header, read_tensor
+from .safetensors_io import TensorEntry, map_tensor, read_header, read_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -73,9 +73,15 @@ class SafetensorsSource(ModelSource):
                 self._entries[name] = entry
         self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
         self._files = {path: open(path, "rb") for path in files}
+        self._mappable = True
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         entry = self._entries[name]
+        if self._mappable:
+            try:
+                return map_tensor(self._files[entry.path], entry)
+            except OSError:  # a file system that cannot map: read from now on
+                self._mappable = False
         return read_tensor(self._files[entry.path], entry, pool)
 
     def check_unchanged(self) -> None:

@@ -4,8 +4,9 @@
 the survivors by (1 − p) (the paper); "l1" multiplies by ‖τ_i‖₁ / ‖τ̃_i‖₁ (mergekit); false leaves them.
 ``combine="linear"``: θ = θ_0 + λ Σ_i w_i τ̃_i (dare_linear). ``combine="ties"``: θ = θ_0 + λ Σ_i w_i τ̃_i [sign
 agrees with γ], γ = sign(Σ_i w_i τ̃_i), exact ties electing + (dare_ties, not normalised, as in mergekit).
-The mask of tensor ``name`` for model i is drawn from a generator seeded by (``seed``, name, i), so a merge is
-reproducible from its seed whatever the order or device tensors are processed in.
+The mask of tensor ``name`` for model i comes from counter-based draws keyed by (``seed``, name, i): the draw at
+flat position j is u = SplitMix64(key + (j + 1) · φ) >> 40, · 2⁻²⁴, and the entry is kept when u >= p, so a merge
+is reproducible from its seed whatever the order, device or split of positions tensors are processed in.
 """
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
 from nbmerge.params import Param
+from nbmerge_plugins import native
 from nbmerge_plugins.ties import disjoint_merge, elect_sign
 
 DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry",
@@ -39,20 +41,58 @@ def drop_and_rescale(task_vector: torch.Tensor, keep_mask: torch.Tensor, drop_ra
     return kept
 
 
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+DRAW_CHUNK = 1 << 20  # positions hashed at a time by the torch draws (int64 temporaries stay small)
+
+
+def _wrapped(constant: int) -> int:
+    """A 64-bit constant as the int64 with the same bits (torch's int64 arithmetic wraps modulo 2⁶⁴)."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+def _shifted_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_draws(key: int, start: int, count: int, device=None) -> torch.Tensor:
+    """The float32 draws u ∈ [0, 1) at flat positions [start, start + count) for ``key`` (kernels.c draws the
+    same numbers): z = key + (j + 1) · φ; z = (z ⊕ z >> 30) · M1; z = (z ⊕ z >> 27) · M2; z ⊕= z >> 31;
+    u = (z >> 40) · 2⁻²⁴."""
+    draws = torch.empty(count, dtype=torch.float32, device=device)
+    for offset in range(0, count, DRAW_CHUNK):
+        positions = torch.arange(start + offset + 1, start + min(offset + DRAW_CHUNK, count) + 1,
+                                 dtype=torch.int64, device=device)
+        z = positions.mul_(_wrapped(_GOLDEN)).add_(_wrapped(key))
+        z = (z ^ _shifted_right(z, 30)).mul_(_wrapped(_MIX1))
+        z = (z ^ _shifted_right(z, 27)).mul_(_wrapped(_MIX2))
+        z = z ^ _shifted_right(z, 31)
+        draws[offset:offset + positions.numel()] = _shifted_right(z, 40).float().mul_(2.0 ** -24)
+    return draws
+
+
+def keep_from(drop_rate: float) -> float:
+    """p rounded up to float32: for float32 draws u, u >= keep_from(p) exactly when u >= p."""
+    rounded = torch.tensor(drop_rate, dtype=torch.float32)
+    if float(rounded) < drop_rate:
+        rounded = torch.nextafter(rounded, torch.tensor(float("inf")))
+    return float(rounded)
+
+
 def keep_mask(job: TensorJob, model_index: int, drop_rate: float) -> torch.Tensor:
-    """Bernoulli(1 − p) mask drawn on the CPU from the (seed, tensor, model) generator, moved to the device."""
-    generator = job.generator(job.params["seed"], model_index)
-    draws = torch.rand(job.base.shape, generator=generator, dtype=torch.float32,
-                       out=job.empty(job.base.shape, torch.float32) if job.base.device.type == "cpu" else None)
-    if job.base.device.type == "cpu" and job.base.dtype == torch.float32:
-        return draws.ge_(drop_rate)  # in place: 1.0 where kept, 0.0 where dropped
-    return (draws >= drop_rate).to(device=job.base.device, dtype=job.base.dtype)
+    """The Bernoulli(1 − p) mask of model ``model_index`` for this tensor, in the job's dtype and device."""
+    draws = uniform_draws(job.random_key(job.params["seed"], model_index), 0, job.base.numel(), job.base.device)
+    return (draws >= keep_from(drop_rate)).to(job.base.dtype).view(job.base.shape)
 
 
 BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, reused temporaries)
 
 
 def _dare(job: TensorJob) -> torch.Tensor:
+    if native.accepts(job):
+        return native.dare_merge(job, [job.random_key(job.params["seed"], i) for i in range(len(job.models))],
+                                 keep_from(job.params["drop_rate"]))
+    job = job.upcast()
     params = job.params
     weights = params["weights"] or [1.0] * len(job.models)
     sparse = job.empty((len(job.models), *job.base.shape), job.base.dtype)
@@ -79,6 +119,7 @@ DARE = MergeMethod(
     formula="θ = θ_0 + λ · combine_i(w_i · m_i ⊙ τ_i / (1 − p)), m_i ~ Bernoulli(1 − p)",
     params=(DROP_RATE, RESCALE, SEED, COMBINE, SCALING, WEIGHTS),
     merge_tensor=_dare,
+    stored_inputs=True,
     min_models=1,
     base=BASE_REQUIRED,
 )

@@ -10,11 +10,13 @@ outside the layer stack take the first anchor.
 """
 
 import math
+from dataclasses import replace
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_OPTIONAL, MergeMethod, TensorJob
 from nbmerge.params import Param
-from nbmerge_plugins.linear import check_two_endpoints, endpoints
+from nbmerge_plugins import native
+from nbmerge_plugins.linear import check_two_endpoints, endpoints, interpolate
 
 DOT_THRESHOLD = 0.9995
 T = Param("t", "schedule", 0.5, "interpolation factor: a number, anchors over layer depth, or per-filter entries",
@@ -22,24 +24,36 @@ T = Param("t", "schedule", 0.5, "interpolation factor: a number, anchors over la
 EPS = Param("eps", "float", 1e-8, "norms at or below eps are not normalised (zero vectors)", low=0.0)
 
 
-def slerp(first, second, t: float, eps: float):
-    """The SLERP of two same-shaped tensors (see the module docstring)."""
-    first_norm = first.norm().item()
-    second_norm = second.norm().item()
-    dot = first.flatten().dot(second.flatten()).item()
+def slerp_weights(first_norm: float, second_norm: float, dot: float, t: float, eps: float) -> tuple[float, float] | None:
+    """(sin((1 − t)Θ)/sin Θ, sin(tΘ)/sin Θ) from the norms and the raw dot product, or None when the normalised
+    vectors are (anti-)parallel (|cos Θ| > DOT_THRESHOLD: interpolate linearly instead)."""
     dot /= (first_norm if first_norm > eps else 1.0) * (second_norm if second_norm > eps else 1.0)
     if abs(dot) > DOT_THRESHOLD:
-        return first.lerp(second, t)
+        return None
     theta = math.acos(max(-1.0, min(1.0, dot)))
     sin_theta = math.sin(theta)
-    first_weight = math.sin((1.0 - t) * theta) / sin_theta
-    second_weight = math.sin(t * theta) / sin_theta
-    return first * first_weight + second * second_weight
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp(first, second, t: float, eps: float):
+    """The SLERP of two same-shaped tensors (see the module docstring)."""
+    weights = slerp_weights(first.norm().item(), second.norm().item(), first.flatten().dot(second.flatten()).item(),
+                            t, eps)
+    if weights is None:
+        return first.lerp(second, t)
+    return first * weights[0] + second * weights[1]
 
 
 def _slerp(job: TensorJob):
     first, second = endpoints(job)
-    return slerp(first, second, job.params["t"], job.params["eps"])
+    pair = replace(job, base=None, models=[first, second])
+    if not native.accepts(pair, needs_base=False):
+        first, second = endpoints(job.upcast())
+        return slerp(first, second, job.params["t"], job.params["eps"])
+    weights = slerp_weights(*native.dot_and_norms(first, second), job.params["t"], job.params["eps"])
+    if weights is None:
+        return interpolate(job)
+    return native.linear_combination(pair, list(weights), with_base=False)
 
 
 SLERP = MergeMethod(
@@ -48,6 +62,7 @@ SLERP = MergeMethod(
     formula="θ = sin((1−t)Θ)/sinΘ · θ_A + sin(tΘ)/sinΘ · θ_B, Θ = arccos(θ̂_A · θ̂_B); lerp when |cos Θ| > 0.9995",
     params=(T, EPS),
     merge_tensor=_slerp,
+    stored_inputs=True,
     min_models=1,
     max_models=2,
     base=BASE_OPTIONAL,

@@ -6,6 +6,7 @@
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
 from nbmerge.params import Param
+from nbmerge_plugins import native
 
 SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
                 grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
@@ -14,6 +15,9 @@ WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default:
 
 def _task_arithmetic(job: TensorJob):
     weights = job.params["weights"] or [1.0] * len(job.models)
+    if native.accepts(job):
+        return native.linear_combination(job, [job.params["scaling"] * w for w in weights], with_base=True)
+    job = job.upcast()
     merged = job.base.clone()
     for model, weight in zip(job.models, weights):
         merged.add_(model - job.base, alpha=job.params["scaling"] * weight)
@@ -29,6 +33,7 @@ TASK_ARITHMETIC = MergeMethod(
     min_models=1,
     base=BASE_REQUIRED,
     elementwise=True,
+    stored_inputs=True,
 )
 
 

@@ -21,6 +21,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Stage, TensorJob
 from nbmerge.params import Param
+from nbmerge_plugins import native
 
 GLOBAL_THRESHOLD = "global trim threshold"
 
@@ -104,32 +105,54 @@ def tensor_thresholds(job: TensorJob, density: float) -> list[float]:
     is then the right order statistic of that band. Should the bracket miss (the pass's exact counts say so), the
     radix selection below finds the value instead.
     """
-    n, total = len(job.models), job.base.numel()
     samples = _sampled_magnitudes(job)
     changed_fraction = float((samples != 0).any(0).float().mean()) if samples.numel() else 1.0
-    brackets = [_bracket(row, density * changed_fraction) for row in samples]
-    lows = torch.tensor([lo for lo, _ in brackets], dtype=job.base.dtype, device=job.base.device)
-    highs = torch.tensor([hi for _, hi in brackets], dtype=job.base.dtype, device=job.base.device)
-    changed, above = 0, [0] * n
-    bands: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for _, _, rows in blocks_of_task_vectors(job):
-        rows.abs_()
-        changed += changed_positions(rows)
-        for i, row in enumerate(rows):
-            above[i] += int(torch.count_nonzero(row > highs[i]))
-            bands[i].append(row[(row >= lows[i]).logical_and_(row <= highs[i])])
+    brackets = native.map_in_threads(lambda row: _bracket(row, density * changed_fraction), list(samples))
+    changed, above, bands = count_in_brackets(job, brackets, _band_fractions(samples, brackets), wide=False)
     keep = int(density * changed)
     if keep == 0:
-        return [float("inf")] * n
-    thresholds = []
-    for i in range(n):
-        band = torch.cat(bands[i])
-        rank_in_band = keep - above[i]  # 1-based, from the top
-        if 0 < rank_in_band <= band.numel():
-            thresholds.append(float(band.kthvalue(band.numel() - rank_in_band + 1).values))
-        else:
-            thresholds.append(_radix_threshold(weighted_task_vectors(job)[i].abs().flatten(), keep))
-    return thresholds
+        return [float("inf")] * len(job.models)
+    thresholds = native.map_in_threads(lambda band_above: _order_statistic(*band_above, keep), zip(bands, above))
+    return [_radix_threshold(weighted_task_vectors(job.upcast())[i].abs().flatten(), keep) if threshold is None
+            else threshold for i, threshold in enumerate(thresholds)]
+
+
+def _order_statistic(band: torch.Tensor, above: int, keep: int) -> float | None:
+    """The keep-th largest value overall, from the band and the count of values above it; None when the band
+    does not hold it (the bracket missed)."""
+    rank_in_band = keep - above  # 1-based, from the top
+    if 0 < rank_in_band <= band.numel():
+        return float(band.kthvalue(band.numel() - rank_in_band + 1).values)
+    return None
+
+
+def count_in_brackets(job: TensorJob, brackets: list[tuple[float, float]], band_fractions: list[float],
+                      wide: bool) -> tuple[int, list[int], list[torch.Tensor]]:
+    """One pass over m_i = |w_i τ_i|: the positions some model changed, #{m_i > hi_i} per task vector, and the
+    m_i inside [lo_i, hi_i] (the band; about ``band_fractions[i]`` of the positions, as the sample saw it).
+    The fused native kernel when it applies (its band buffer sized at twice the sampled fraction, the torch
+    pass should that overflow), else BLOCK positions at a time in torch."""
+    if native.accepts(job):
+        capacity = int(2 * max(band_fractions, default=1.0) * job.base.numel()) + 4096
+        changed, above, bands = native.ties_band(job, brackets, capacity)
+        if bands is not None:
+            return changed, above, [band.double() for band in bands] if wide else bands
+    changed, above, bands = 0, [0] * len(brackets), [[] for _ in brackets]
+    for magnitudes in _blocks_of_magnitudes(job.upcast(), wide):
+        changed += changed_positions(magnitudes)
+        for i, (row, (lo, hi)) in enumerate(zip(magnitudes, brackets)):
+            above[i] += int(torch.count_nonzero(row > hi))
+            bands[i].append(row[(row >= lo).logical_and_(row <= hi)])
+    return changed, above, [torch.cat(band) for band in bands]
+
+
+def _band_fractions(samples: torch.Tensor, brackets: list[tuple[float, float]]) -> list[float]:
+    """Per task vector, the fraction of the sample inside its bracket."""
+    if not samples.numel():
+        return [1.0] * len(brackets)
+    lows = torch.tensor([lo for lo, _ in brackets], dtype=samples.dtype).unsqueeze(1)
+    highs = torch.tensor([hi for _, hi in brackets], dtype=samples.dtype).unsqueeze(1)
+    return ((samples >= lows) & (samples <= highs)).sum(1).div(samples.shape[1]).tolist()
 
 
 SAMPLE = 1 << 16
@@ -144,14 +167,15 @@ def changed_positions(magnitudes: torch.Tensor) -> int:
 def _sampled_magnitudes(job: TensorJob) -> torch.Tensor:
     """|w_i τ_i| at up to SAMPLE evenly strided positions: [n, samples]."""
     total = job.base.numel()
-    return _magnitudes_at(job, torch.arange(0, total, max(1, total // SAMPLE), device=job.base.device))
+    return _magnitudes_at(job, slice(0, total, max(1, total // SAMPLE)))
 
 
-def _magnitudes_at(job: TensorJob, positions: torch.Tensor) -> torch.Tensor:
-    """|w_i τ_i| at the given flat positions: [n, positions]."""
+def _magnitudes_at(job: TensorJob, positions: slice) -> torch.Tensor:
+    """|w_i τ_i| at the flat positions of a strided slice: [n, positions] (strided views, no index tensor)."""
     weights = job.params.get("weights") or [1.0] * len(job.models)
-    base = job.base.reshape(-1)[positions]
-    return torch.stack([(model.reshape(-1)[positions] - base).mul_(weight).abs_()
+    compute = job.compute_dtype
+    base = job.base.reshape(-1)[positions].to(compute)
+    return torch.stack([(model.reshape(-1)[positions].to(compute) - base).mul_(weight).abs_()
                         for model, weight in zip(job.models, weights)])
 
 
@@ -205,32 +229,32 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     stream(sampler.visit)
     changed_fraction = sampler.changed_fraction()
     brackets = [_bracket(row, params["density"] * changed_fraction) for row in sampler.rows()]
+    fractions = _band_fractions(sampler.rows(), brackets)
     changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
     def count(job: TensorJob) -> None:
-        for magnitudes in _blocks_of_magnitudes(job, wide):
-            changed[0] += changed_positions(magnitudes)
-            for i, (row, (lo, hi)) in enumerate(zip(magnitudes, brackets)):
-                above[i] += int(torch.count_nonzero(row > hi))
-                bands[i].append(row[(row >= lo).logical_and_(row <= hi)])
+        job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
+        changed[0] += job_changed
+        for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
+            above[i] += count_above
+            bands[i].append(band)
 
     stream(count)
     keep = int(params["density"] * changed[0])
     if keep == 0:
         return {"thresholds": [float("inf")] * len(brackets), "majority_sign": 1.0}
-    thresholds = []
-    for i, band in enumerate(bands):
-        band = torch.cat(band)
-        rank_in_band = keep - above[i]  # 1-based, from the top
-        thresholds.append(float(band.kthvalue(band.numel() - rank_in_band + 1).values)
-                          if 0 < rank_in_band <= band.numel() else None)
+    thresholds = native.map_in_threads(lambda band_above: _order_statistic(torch.cat(band_above[0]),
+                                                                           band_above[1], keep), zip(bands, above))
     if any(threshold is None for threshold in thresholds):
         radix = _radix_global_thresholds(stream, keep, len(thresholds), wide)
         thresholds = [radix[i] if threshold is None else threshold for i, threshold in enumerate(thresholds)]
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
-        for _, _, vectors in blocks_of_task_vectors(job):
+        if native.accepts(job):
+            balance[0] += native.ties_sign_balance(job, thresholds, params["sign"])
+            return
+        for _, _, vectors in blocks_of_task_vectors(job.upcast()):
             balance[0] += int(elect_sign(trim(vectors, thresholds), params["sign"], 0.0).sum())
 
     stream(count_signs)
@@ -255,10 +279,11 @@ class _ModelSample:
     def visit(self, job: TensorJob) -> None:
         total = job.base.numel()
         if self.offset < total:
-            positions = torch.arange(self.offset, total, self.stride, device=job.base.device)
-            self.parts.append(_magnitudes_at(job, positions).double().cpu())
-            self.count += positions.numel()
-            self.offset = int(positions[-1]) + self.stride - total
+            sampled = _magnitudes_at(job, slice(self.offset, total, self.stride)).double().cpu()
+            self.parts.append(sampled)
+            self.count += sampled.shape[1]
+            last = self.offset + (sampled.shape[1] - 1) * self.stride
+            self.offset = last + self.stride - total
         else:
             self.offset -= total
         if self.count > MODEL_SAMPLE_BUDGET:
@@ -283,7 +308,7 @@ def _radix_global_thresholds(stream, keep: int, n: int, wide: bool) -> list[floa
         counts = [torch.zeros(1 << _DIGIT, dtype=torch.int64) for _ in range(n)]
 
         def count(job: TensorJob, level=level, counts=counts) -> None:
-            for magnitudes in _blocks_of_magnitudes(job, wide):
+            for magnitudes in _blocks_of_magnitudes(job.upcast(), wide):
                 for i, bits in enumerate(_bits(magnitudes)):
                     counts[i] += _digit_counts(bits, level, digits, selections[i][0] if level else 0)
 
@@ -335,14 +360,18 @@ BLOCK = 1 << 18  # positions merged at a time: the kernel's temporaries stay a f
 
 
 def _ties(job: TensorJob) -> torch.Tensor:
+    job = job if native.accepts(job) else job.upcast()
     params = job.params
     if params["trim_scope"] == "model":
         stage = job.stage_results[GLOBAL_THRESHOLD]
         thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
     else:
         thresholds, tie_sign = tensor_thresholds(job, params["density"]), 1.0
-    weights = params["weights"] or [1.0] * len(job.models)
+    if native.accepts(job):
+        return native.ties_merge(job, thresholds, params["sign"], tie_sign, params["merge_func"],
+                                 params["scaling"])
     merged = job.empty(job.base.shape, job.base.dtype)
+    weights = params["weights"] or [1.0] * len(job.models)
     merged_flat, base_flat = merged.view(-1), job.base.reshape(-1)
     for start, stop, vectors in blocks_of_task_vectors(job):
         trimmed = trim(vectors, thresholds)
@@ -358,6 +387,7 @@ TIES = MergeMethod(
     formula="θ = θ_0 + λ · disjoint_merge(trim_density(w_i τ_i), γ), γ = sign(Σ_i w_i τ̂_i)",
     params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, WEIGHTS),
     merge_tensor=_ties,
+    stored_inputs=True,
     min_models=1,
     base=BASE_REQUIRED,
     stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,

@@ -13,6 +13,7 @@ from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_OPTIONAL, MergeMethod, TensorJob
 from nbmerge.names import is_backbone
 from nbmerge.params import Param
+from nbmerge_plugins import native
 
 WEIGHTS = Param("weights", "floats", None, "one weight per model (default: equal weights)", per_model=True)
 NORMALIZE = Param("normalize", "bool", True, "divide the weights by their sum")
@@ -38,7 +39,10 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
 
 
 def _average(job: TensorJob) -> torch.Tensor:
-    return weighted_sum(job.models, model_weights(job.params, len(job.models)))
+    weights = model_weights(job.params, len(job.models))
+    if native.accepts(job, needs_base=False):
+        return native.linear_combination(job, weights, with_base=False)
+    return weighted_sum(job.upcast().models, weights)
 
 
 def _check(params: dict, n_models: int, has_base: bool) -> None:
@@ -64,6 +68,7 @@ WEIGHTED_AVERAGE = MergeMethod(
     base=BASE_OPTIONAL,
     copies_from_base=_outside_backbone,
     elementwise=True,
+    stored_inputs=True,
     check=_check,
 )
 
@@ -75,6 +80,7 @@ SIMPLE_AVERAGE = MergeMethod(
     merge_tensor=_average,
     min_models=1,
     elementwise=True,
+    stored_inputs=True,
 )
 
 

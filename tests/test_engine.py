@@ -384,3 +384,21 @@ def test_outputs_kept_in_memory_are_never_overwritten_by_pooled_buffers(tmp_path
                 (method, name)
         pointers = [t.data_ptr() for t in merged.values()]
         assert len(set(pointers)) == len(pointers)
+
+
+def test_the_garbage_collector_is_paused_during_a_merge_and_restored_after():
+    import gc
+
+    from nbmerge.engine import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own setting stays
+    finally:
+        gc.enable()

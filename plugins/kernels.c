@@ -1,0 +1,360 @@
+/* Fused CPU kernels for TIES over float32 or bfloat16 tensors, computing in float32.
+ *
+ * The torch formulation of TIES runs about 25 elementwise operations per block of task vectors, each a pass over
+ * memory; these kernels make one pass per stage instead, over tiles of TILE positions kept in the L1/L2 cache,
+ * with branch-free inner loops the compiler vectorises. They compute exactly what plugins/ties.py's torch path
+ * computes (that path's docstrings state the formulas); tests/test_kernels.py compares the two.
+ *
+ * Inputs: n models (x_i), the base (b), each float32 or bfloat16 (a dtype code per tensor: DTYPE_F32,
+ * DTYPE_BF16), float32 weights w_i; τ_i = w_i (x_i − b) computed as (x_i − b) · w_i in float32, like the torch
+ * path. Outputs are float32, or bfloat16 rounded to nearest even (as torch converts). Loaded through ctypes (which releases the GIL while a kernel runs), so the
+ * engine's reader and writer threads keep working meanwhile. No allocation, no global state: reentrant.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 1024
+#define MAX_MODELS 16 /* rows of a tile kept on the stack; more models take the torch path */
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+/* A tile of an input as float32: a pointer into it when it is float32, else converted into `scratch`. */
+VECTOR_CLONES
+static const float *input_tile(const void *tensor, int dtype, int64_t start, int64_t len, float *scratch) {
+    if (dtype == DTYPE_F32) return (const float *)tensor + start;
+    const uint16_t *bits = (const uint16_t *)tensor + start;
+    uint32_t *widened = (uint32_t *)scratch;
+    for (int64_t j = 0; j < len; j++) widened[j] = (uint32_t)bits[j] << 16;
+    return scratch;
+}
+
+/* Writes a float32 tile into the output as float32, or as bfloat16 rounded to nearest even (NaN -> 0x7FC0). */
+VECTOR_CLONES
+static void store_tile(void *out, int dtype, int64_t start, int64_t len, const float *values) {
+    if (dtype == DTYPE_F32) {
+        memcpy((float *)out + start, values, sizeof(float) * (size_t)len);
+        return;
+    }
+    uint16_t *bits = (uint16_t *)out + start;
+    for (int64_t j = 0; j < len; j++) {
+        uint32_t u;
+        memcpy(&u, &values[j], sizeof u);
+        uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        bits[j] = values[j] != values[j] ? (uint16_t)0x7FC0 : rounded;
+    }
+}
+
+static inline float sign_of(float v) { return (float)(v > 0.0f) - (float)(v < 0.0f); }
+
+/* The τ_i of one tile, trimmed: |τ| >= threshold keeps τ, otherwise 0 (torch's mul gives τ · 0, a signed zero;
+ * no step below tells the two zeros apart). */
+VECTOR_CLONES
+static void trimmed_tile(int64_t len, const float *model, const float *base, float weight, float threshold,
+                         float *out) {
+    for (int64_t j = 0; j < len; j++) {
+        float tau = (model[j] - base[j]) * weight;
+        out[j] = fabsf(tau) >= threshold || tau != tau ? tau : 0.0f; /* NaN is kept: it propagates, as in torch */
+    }
+}
+
+/* γ per position from the trimmed rows: sign of Σ τ̂_i (by_count = 0) or of Σ sign(τ̂_i); 0 becomes tie_sign. */
+VECTOR_CLONES
+static void elect_tile(int64_t n, int64_t len, float trimmed[][TILE], int by_count, float tie_sign,
+                       float *elected) {
+    for (int64_t j = 0; j < len; j++) elected[j] = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = trimmed[i];
+        if (by_count)
+            for (int64_t j = 0; j < len; j++) elected[j] += sign_of(row[j]);
+        else
+            for (int64_t j = 0; j < len; j++) elected[j] += row[j];
+    }
+    for (int64_t j = 0; j < len; j++) {
+        float s = sign_of(elected[j]);
+        elected[j] = s == 0.0f ? tie_sign : s;
+    }
+}
+
+/* merge_func: 0 = mean (Σ agreeing τ̂ / Σ agreeing w), 1 = sum, 2 = max (γ · max agreeing |τ̂|). */
+VECTOR_CLONES
+static void disjoint_tile(int64_t n, int64_t len, float trimmed[][TILE], const float *elected,
+                          const float *weights, int merge_func, float *combined, float *divisor) {
+    for (int64_t j = 0; j < len; j++) combined[j] = 0.0f, divisor[j] = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = trimmed[i];
+        const float weight = weights[i];
+        if (merge_func == 2) {
+            for (int64_t j = 0; j < len; j++) {
+                float kept = fabsf(row[j]) * (float)(sign_of(row[j]) == elected[j]);
+                combined[j] = kept > combined[j] || kept != kept ? kept : combined[j];
+            }
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                float agrees = (float)(sign_of(row[j]) == elected[j]);
+                combined[j] += row[j] * agrees;
+                divisor[j] += weight * agrees;
+            }
+        }
+    }
+    if (merge_func == 0)
+        for (int64_t j = 0; j < len; j++) combined[j] /= divisor[j] == 0.0f ? 1.0f : divisor[j];
+    else if (merge_func == 2)
+        for (int64_t j = 0; j < len; j++) combined[j] *= elected[j];
+}
+
+/* θ = θ_0 + λ · disjoint_merge(trim(τ_i), γ) over `count` positions, written to `out` (out_dtype). Returns 0,
+ * or -1 when n exceeds MAX_MODELS (the caller then uses the torch path). */
+int nbm_ties_merge(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                   int base_dtype, const float *weights, const float *thresholds, int sign_by_count, float tie_sign,
+                   int merge_func, float scaling, void *out, int out_dtype) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float trimmed[MAX_MODELS][TILE];
+    float elected[TILE], combined[TILE], divisor[TILE], base_scratch[TILE], model_scratch[TILE];
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++)
+            trimmed_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
+                         thresholds[i], trimmed[i]);
+        elect_tile(n, len, trimmed, sign_by_count, tie_sign, elected);
+        disjoint_tile(n, len, trimmed, elected, weights, merge_func, combined, divisor);
+        if (scaling == 1.0f)
+            for (int64_t j = 0; j < len; j++) combined[j] = b[j] + combined[j];
+        else
+            for (int64_t j = 0; j < len; j++) combined[j] = b[j] + scaling * combined[j];
+        store_tile(out, out_dtype, start, len, combined);
+    }
+    return 0;
+}
+
+/* Σ over positions of the elected sign with exact ties counted 0 (the model-wide majority sign's balance). */
+int nbm_ties_sign_balance(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                          int base_dtype, const float *weights, const float *thresholds, int sign_by_count,
+                          int64_t *balance) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float trimmed[MAX_MODELS][TILE];
+    float elected[TILE], base_scratch[TILE], model_scratch[TILE];
+    int64_t total = 0;
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++)
+            trimmed_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
+                         thresholds[i], trimmed[i]);
+        elect_tile(n, len, trimmed, sign_by_count, 0.0f, elected);
+        float tile_sum = 0.0f; /* at most TILE in magnitude: exact in float32 */
+        for (int64_t j = 0; j < len; j++) tile_sum += elected[j];
+        total += (int64_t)tile_sum;
+    }
+    *balance += total;
+    return 0;
+}
+
+/* The counting pass of the threshold selection. Per task vector i, over m = |τ_i|:
+ *   above[i] += #{m > high[i]};  the m with low[i] <= m <= high[i] are appended to bands[i] (band_lengths[i]
+ *   counts them all; only the first band_capacity are stored, so a length above it means "overflowed");
+ * and *changed += #{positions where some m != 0}. */
+VECTOR_CLONES
+static void magnitudes_tile(int64_t len, const float *model, const float *base, float weight, float high,
+                            float *magnitude, float *any_changed, int64_t *above) {
+    int32_t over = 0;
+    for (int64_t j = 0; j < len; j++) {
+        float m = fabsf((model[j] - base[j]) * weight);
+        magnitude[j] = m;
+        any_changed[j] += m;
+        over += m > high;
+    }
+    *above += over;
+}
+
+/* Appends the tile's m inside [low, high] to band (branch-free: every m is written, the length grows only for
+ * those inside), returning the new length; past the capacity only the count grows. */
+static int64_t append_band(int64_t len, const float *magnitude, float low, float high, float *band,
+                           int64_t stored, int64_t capacity) {
+    if (stored + len <= capacity) {
+        for (int64_t j = 0; j < len; j++) {
+            band[stored] = magnitude[j];
+            stored += (magnitude[j] >= low) & (magnitude[j] <= high);
+        }
+        return stored;
+    }
+    for (int64_t j = 0; j < len; j++)
+        if (magnitude[j] >= low && magnitude[j] <= high) {
+            if (stored < capacity) band[stored] = magnitude[j];
+            stored++;
+        }
+    return stored;
+}
+
+int nbm_ties_band(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                  int base_dtype, const float *weights, const float *lows, const float *highs, int64_t *above,
+                      float *const *bands, int64_t *band_lengths, int64_t band_capacity, int64_t *changed) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float magnitude[TILE], any_changed[TILE], base_scratch[TILE], model_scratch[TILE];
+    int64_t changed_total = 0;
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        memset(any_changed, 0, sizeof(float) * (size_t)len);
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++) {
+            magnitudes_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
+                            highs[i], magnitude, any_changed, &above[i]);
+            band_lengths[i] = append_band(len, magnitude, lows[i], highs[i], bands[i], band_lengths[i],
+                                          band_capacity);
+        }
+        for (int64_t j = 0; j < len; j++) changed_total += any_changed[j] != 0.0f;
+    }
+    *changed += changed_total;
+    return 0;
+}
+
+/* ---- DARE ---------------------------------------------------------------------------------------------------
+ * Counter-based draws: the uniform draw of model i at flat position j of a tensor is a pure function of
+ * (key_i, j) (SplitMix64's finaliser of key + (j + 1) · φ), so any range of positions is drawn on its own and
+ * the same positions give the same draws whatever the split. u = top 24 bits · 2⁻²⁴ ∈ [0, 1); an entry is kept
+ * when u >= p (keep_from = p rounded up to float32, so the float compare is exact). plugins/dare.py computes the
+ * same draws in torch. */
+static inline float uniform_draw(uint64_t key, uint64_t position) {
+    uint64_t z = key + (position + 1) * UINT64_C(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    z ^= z >> 31;
+    return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+/* The dropped and rescaled w_i τ_i of one tile: ((m ⊙ τ) / divisor · multiplier) · w, m = [u >= keep_from]. */
+VECTOR_CLONES
+static void sparse_tile(int64_t len, const float *model, const float *base, uint64_t key, uint64_t first,
+                        float keep_from, float divisor, float multiplier, float weight, float *out) {
+    for (int64_t j = 0; j < len; j++) {
+        float tau = model[j] - base[j];
+        float kept = uniform_draw(key, first + (uint64_t)j) >= keep_from || tau != tau ? tau : 0.0f;
+        out[j] = kept / divisor * multiplier * weight;
+    }
+}
+
+/* Per model: Σ|τ_i| and Σ|m_i ⊙ τ_i| (in double) over `count` positions from `first` (the L1 rescale). */
+int nbm_dare_l1(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                int base_dtype, const uint64_t *keys, int64_t first, float keep_from, double *before,
+                double *after) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float base_scratch[TILE], model_scratch[TILE];
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++) {
+            const float *x = input_tile(models[i], dtypes[i], start, len, model_scratch);
+            float all = 0.0f, kept = 0.0f; /* a tile's partial sums in float, the totals in double */
+            for (int64_t j = 0; j < len; j++) {
+                float magnitude = fabsf(x[j] - b[j]);
+                all += magnitude;
+                kept += uniform_draw(keys[i], (uint64_t)(first + start + j)) >= keep_from ? magnitude : 0.0f;
+            }
+            before[i] += all;
+            after[i] += kept;
+        }
+    }
+    return 0;
+}
+
+/* θ_0 + λ · combine_i(w_i · m_i ⊙ τ_i, rescaled): combine 0 = Σ (dare_linear), 1 = Σ over the entries whose sign
+ * agrees with sign(Σ), exact ties electing + (dare_ties, not normalised, as in mergekit). */
+int nbm_dare_merge(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                   int base_dtype, const float *weights, const uint64_t *keys, int64_t first, float keep_from,
+                   const float *divisors, const float *multipliers, int combine, float scaling, void *out,
+                   int out_dtype) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float sparse[MAX_MODELS][TILE];
+    float elected[TILE], combined[TILE], divisor[TILE], base_scratch[TILE], model_scratch[TILE];
+    static const float ones[MAX_MODELS] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++)
+            sparse_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, keys[i],
+                        (uint64_t)(first + start), keep_from, divisors[i], multipliers[i], weights[i], sparse[i]);
+        if (combine == 1) {
+            elect_tile(n, len, sparse, 0, 1.0f, elected);
+            disjoint_tile(n, len, sparse, elected, ones, 1, combined, divisor);
+        } else {
+            for (int64_t j = 0; j < len; j++) combined[j] = 0.0f;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < len; j++) combined[j] += sparse[i][j];
+        }
+        for (int64_t j = 0; j < len; j++) combined[j] = b[j] + combined[j] * scaling;
+        store_tile(out, out_dtype, start, len, combined);
+    }
+    return 0;
+}
+
+/* total += c · (x − b), or total += c · x when base is NULL. */
+VECTOR_CLONES
+static void accumulate_difference(int64_t len, const float *model, const float *base, float weight, float *total) {
+    if (base)
+        for (int64_t j = 0; j < len; j++) total[j] += weight * (model[j] - base[j]);
+    else
+        for (int64_t j = 0; j < len; j++) total[j] += weight * model[j];
+}
+
+/* ---- linear combinations --------------------------------------------------------------------------------------
+ * With a base: θ = b + Σ_i c_i (x_i − b), accumulated in the order of the models (task arithmetic, lerp); without
+ * (base == NULL): θ = Σ_i c_i x_i (weighted average). `weights` are the coefficients c_i. */
+int nbm_linear(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+               int base_dtype, const float *weights, void *out, int out_dtype) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float total[TILE], base_scratch[TILE], model_scratch[TILE];
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        if (base) {
+            const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+            memcpy(total, b, sizeof(float) * (size_t)len);
+            for (int64_t i = 0; i < n; i++)
+                accumulate_difference(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b,
+                                      weights[i], total);
+        } else {
+            memset(total, 0, sizeof(float) * (size_t)len);
+            for (int64_t i = 0; i < n; i++)
+                accumulate_difference(len, input_tile(models[i], dtypes[i], start, len, model_scratch), NULL,
+                                      weights[i], total);
+        }
+        store_tile(out, out_dtype, start, len, total);
+    }
+    return 0;
+}
+
+/* ---- SLERP's reductions ---------------------------------------------------------------------------------------
+ * sums[0] += Σ a², sums[1] += Σ b², sums[2] += Σ a·b over `count` positions, accumulated in double in 8 lanes
+ * (a vertical sum the compiler vectorises; the lanes add up at the end). */
+#define LANES 8
+VECTOR_CLONES
+static void dot_norms_tile(int64_t len, const float *x, const float *y, double *aa, double *bb, double *ab) {
+    int64_t j = 0;
+    for (; j + LANES <= len; j += LANES)
+        for (int k = 0; k < LANES; k++) {
+            double a = x[j + k], b = y[j + k];
+            aa[k] += a * a, bb[k] += b * b, ab[k] += a * b;
+        }
+    for (; j < len; j++) {
+        double a = x[j], b = y[j];
+        aa[0] += a * a, bb[0] += b * b, ab[0] += a * b;
+    }
+}
+
+int nbm_dot_norms(int64_t count, const void *a, int a_dtype, const void *b, int b_dtype, double *sums) {
+    float a_scratch[TILE], b_scratch[TILE];
+    double aa[LANES] = {0}, bb[LANES] = {0}, ab[LANES] = {0};
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        dot_norms_tile(len, input_tile(a, a_dtype, start, len, a_scratch),
+                       input_tile(b, b_dtype, start, len, b_scratch), aa, bb, ab);
+    }
+    for (int k = 0; k < LANES; k++) sums[0] += aa[k], sums[1] += bb[k], sums[2] += ab[k];
+    return 0;
+}

@@ -1,0 +1,67 @@
+"""Reading safetensors files: mapped tensors hold the file's values, never write back, and fail cleanly."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nbmerge.errors import ModelInputError
+from nbmerge.safetensors_io import map_tensor, read_header, read_tensor
+
+
+@pytest.fixture
+def stored(tmp_path):
+    tensors = {"a.weight": torch.randn(300, 70), "b.bias": torch.arange(5, dtype=torch.bfloat16),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_a_mapped_tensor_holds_the_stored_values_and_matches_a_read_one(stored):
+    path, tensors = stored
+    entries, _ = read_header(path)
+    with open(path, "rb") as f:
+        for name, expected in tensors.items():
+            mapped = map_tensor(f, entries[name])
+            assert mapped.dtype == expected.dtype and torch.equal(mapped, expected)
+            assert torch.equal(read_tensor(f, entries[name]), expected)
+
+
+def test_writing_to_a_mapped_tensor_never_changes_the_file(stored):
+    path, tensors = stored
+    before = path.read_bytes()
+    entries, _ = read_header(path)
+    with open(path, "rb") as f:
+        mapped = map_tensor(f, entries["a.weight"])
+        mapped.mul_(0)  # a private mapping: the page is copied on write
+        assert float(mapped.abs().sum()) == 0
+        assert torch.equal(map_tensor(f, entries["a.weight"]), tensors["a.weight"])
+    assert path.read_bytes() == before
+
+
+def test_a_file_truncated_after_its_header_was_read_is_reported(stored):
+    path, _ = stored
+    entries, _ = read_header(path)
+    with open(path, "rb") as f:
+        os.truncate(path, entries["a.weight"].start + 10)
+        with pytest.raises(ModelInputError, match=r"model.safetensors: file ended inside a tensor"):
+            map_tensor(f, entries["a.weight"])
+
+
+def test_a_source_whose_files_cannot_be_mapped_reads_them_instead(stored, monkeypatch):
+    from nbmerge import sources
+
+    path, tensors = stored
+
+    def unmappable(file, entry):
+        raise OSError("no mmap on this file system")
+
+    monkeypatch.setattr(sources, "map_tensor", unmappable)
+    source = sources.SafetensorsSource([path], "model", None)
+    try:
+        assert torch.equal(source.read("a.weight"), tensors["a.weight"])
+        assert torch.equal(source.read("b.bias"), tensors["b.bias"])
+    finally:
+        source.close()
