@@ -101,6 +101,7 @@ def map_tensor(file, entry: TensorEntry) -> torch.Tensor:
     start = entry.start - entry.start % _PAGE
     mapping = mmap.mmap(file.fileno(), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
     try:
+        mapping.madvise(mmap.MADV_SEQUENTIAL)  # large readahead when the pages are not cached
         mapping.madvise(_MADV_POPULATE_READ)
     except OSError:  # older kernels: fault the pages in by reading them
         mapping.madvise(mmap.MADV_WILLNEED)
