@@ -174,22 +174,30 @@ static void magnitudes_tile(int64_t len, const float *model, const float *base, 
     *above += over;
 }
 
-/* Appends the tile's m inside [low, high] to band (branch-free: every m is written, the length grows only for
- * those inside), returning the new length; past the capacity only the count grows. */
+/* inside[j] = low <= m[j] <= high, zero-padded to a multiple of 8. */
+VECTOR_CLONES
+static void band_flags(int64_t len, const float *magnitude, float low, float high, uint8_t *inside) {
+    for (int64_t j = 0; j < len; j++) inside[j] = (magnitude[j] >= low) & (magnitude[j] <= high);
+    for (int64_t j = len; j % 8; j++) inside[j] = 0;
+}
+
+/* Appends the tile's m inside [low, high] to band, in position order, returning the new length; past the
+ * capacity only the count grows. The band holds a few percent of the entries: flags are tested 8 at a time and
+ * groups with none inside are skipped. */
 static int64_t append_band(int64_t len, const float *magnitude, float low, float high, float *band,
                            int64_t stored, int64_t capacity) {
-    if (stored + len <= capacity) {
-        for (int64_t j = 0; j < len; j++) {
-            band[stored] = magnitude[j];
-            stored += (magnitude[j] >= low) & (magnitude[j] <= high);
-        }
-        return stored;
+    uint8_t inside[TILE + 8];
+    band_flags(len, magnitude, low, high, inside);
+    for (int64_t j = 0; j < len; j += 8) {
+        uint64_t group;
+        memcpy(&group, inside + j, sizeof group);
+        if (!group) continue;
+        for (int64_t k = j; k < j + 8 && k < len; k++)
+            if (inside[k]) {
+                if (stored < capacity) band[stored] = magnitude[k];
+                stored++;
+            }
     }
-    for (int64_t j = 0; j < len; j++)
-        if (magnitude[j] >= low && magnitude[j] <= high) {
-            if (stored < capacity) band[stored] = magnitude[j];
-            stored++;
-        }
     return stored;
 }
 
