@@ -158,13 +158,22 @@ class Engine:
             loaded["base"] = self.base.read(tensor.name, self.pool)
         return loaded
 
+    def _advise(self, tensor: TensorPlan) -> None:
+        """Start reading ``tensor``'s bytes from disk now (asynchronously), for every input that holds it."""
+        sources = [self.base or self.models[0]] if tensor.route == BASE else self.models + [self.base]
+        for source in sources:
+            if source is not None:
+                source.advise(tensor.name)
+
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
-        """Yield (tensor, its loaded inputs) while a reader thread loads the next PREFETCH_DEPTH tensors."""
+        """Yield (tensor, its loaded inputs) while a reader thread loads the next PREFETCH_DEPTH tensors (whose
+        bytes the disk is asked for as they are queued, so a cold read keeps every input file busy at once)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-read") as reader:
             pending: deque[tuple[TensorPlan, Future]] = deque()
             upcoming = iter(tensors)
             try:
                 for tensor in upcoming:
+                    self._advise(tensor)
                     pending.append((tensor, reader.submit(self._read, tensor)))
                     if len(pending) > PREFETCH_DEPTH:
                         done, future = pending.popleft()

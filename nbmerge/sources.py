@@ -52,6 +52,9 @@ class ModelSource:
         """The tensor ``name``; a file-backed source reads it into a buffer lent by ``pool`` when given."""
         raise NotImplementedError
 
+    def advise(self, name: str) -> None:
+        """Hint that ``name`` will be read soon (a file-backed source starts reading it from disk meanwhile)."""
+
     def check_unchanged(self) -> None:
         """Raise ModelInputError if a file changed since it was opened (checked before an output is finalised)."""
 
@@ -83,6 +86,11 @@ class SafetensorsSource(ModelSource):
             except OSError:  # a file system that cannot map: read from now on
                 self._mappable = False
         return read_tensor(self._files[entry.path], entry, pool)
+
+    def advise(self, name: str) -> None:
+        entry = self._entries[name]
+        if entry.nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._files[entry.path].fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def check_unchanged(self) -> None:
         for path, stamp in self._stamps.items():

@@ -402,3 +402,25 @@ def test_the_garbage_collector_is_paused_during_a_merge_and_restored_after():
         assert not gc.isenabled()  # a caller's own setting stays
     finally:
         gc.enable()
+
+
+def test_every_input_tensor_is_asked_from_disk_before_it_is_read(llama_set, monkeypatch):
+    """A cold merge keeps the disk busy: each tensor's bytes are requested (posix_fadvise) as it is queued."""
+    from nbmerge import sources
+
+    advised, read = [], []
+    real_advise, real_read = sources.SafetensorsSource.advise, sources.SafetensorsSource.read
+
+    def advise(self, name):
+        advised.append((self.label, name))
+        real_advise(self, name)
+
+    def read_after_advice(self, name, pool=None):
+        assert (self.label, name) in advised, f"{name} read before it was advised"
+        read.append((self.label, name))
+        return real_read(self, name, pool)
+
+    monkeypatch.setattr(sources.SafetensorsSource, "advise", advise)
+    monkeypatch.setattr(sources.SafetensorsSource, "read", read_after_advice)
+    nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, progress=False)
+    assert read and sorted(read) == sorted(advised)
