@@ -109,6 +109,21 @@ static void disjoint_tile(int64_t n, int64_t len, float trimmed[][TILE], const f
         for (int64_t j = 0; j < len; j++) combined[j] *= elected[j];
 }
 
+/* The trimmed rows and γ of the tile at `start`; returns the base tile (a pointer into the base, or
+ * base_scratch). */
+static const float *trim_and_elect(int64_t n, int64_t start, int64_t len, const void *const *models,
+                                   const int *dtypes, const void *base, int base_dtype, const float *weights,
+                                   const float *thresholds, int sign_by_count, float tie_sign,
+                                   float trimmed[][TILE], float *elected, float *base_scratch,
+                                   float *model_scratch) {
+    const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+    for (int64_t i = 0; i < n; i++)
+        trimmed_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i], thresholds[i],
+                     trimmed[i]);
+    elect_tile(n, len, trimmed, sign_by_count, tie_sign, elected);
+    return b;
+}
+
 /* θ = θ_0 + λ · disjoint_merge(trim(τ_i), γ) over `count` positions, written to `out` (out_dtype). Returns 0,
  * or -1 when n exceeds MAX_MODELS (the caller then uses the torch path). */
 int nbm_ties_merge(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
@@ -119,11 +134,8 @@ int nbm_ties_merge(int64_t n, int64_t count, const void *const *models, const in
     float elected[TILE], combined[TILE], divisor[TILE], base_scratch[TILE], model_scratch[TILE];
     for (int64_t start = 0; start < count; start += TILE) {
         int64_t len = count - start < TILE ? count - start : TILE;
-        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
-        for (int64_t i = 0; i < n; i++)
-            trimmed_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
-                         thresholds[i], trimmed[i]);
-        elect_tile(n, len, trimmed, sign_by_count, tie_sign, elected);
+        const float *b = trim_and_elect(n, start, len, models, dtypes, base, base_dtype, weights, thresholds,
+                                        sign_by_count, tie_sign, trimmed, elected, base_scratch, model_scratch);
         disjoint_tile(n, len, trimmed, elected, weights, merge_func, combined, divisor);
         if (scaling == 1.0f)
             for (int64_t j = 0; j < len; j++) combined[j] = b[j] + combined[j];
@@ -144,11 +156,8 @@ int nbm_ties_sign_balance(int64_t n, int64_t count, const void *const *models, c
     int64_t total = 0;
     for (int64_t start = 0; start < count; start += TILE) {
         int64_t len = count - start < TILE ? count - start : TILE;
-        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
-        for (int64_t i = 0; i < n; i++)
-            trimmed_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
-                         thresholds[i], trimmed[i]);
-        elect_tile(n, len, trimmed, sign_by_count, 0.0f, elected);
+        trim_and_elect(n, start, len, models, dtypes, base, base_dtype, weights, thresholds, sign_by_count, 0.0f,
+                       trimmed, elected, base_scratch, model_scratch);
         float tile_sum = 0.0f; /* at most TILE in magnitude: exact in float32 */
         for (int64_t j = 0; j < len; j++) tile_sum += elected[j];
         total += (int64_t)tile_sum;
