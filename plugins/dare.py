@@ -73,10 +73,7 @@ def uniform_draws(key: int, start: int, count: int, device=None) -> torch.Tensor
 
 def keep_from(drop_rate: float) -> float:
     """p rounded up to float32: for float32 draws u, u >= keep_from(p) exactly when u >= p."""
-    rounded = torch.tensor(drop_rate, dtype=torch.float32)
-    if float(rounded) < drop_rate:
-        rounded = torch.nextafter(rounded, torch.tensor(float("inf")))
-    return float(rounded)
+    return native.float32_rounded([drop_rate], "up")[0]
 
 
 def keep_mask(job: TensorJob, model_index: int, drop_rate: float) -> torch.Tensor:

@@ -121,15 +121,19 @@ def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def _float32_bounds(values, rounding: str) -> ctypes.Array:
+def float32_rounded(values, rounding: str) -> list[float]:
     """Each value as the float32 nearest it from above ("up") or below ("down"), so that for float32 m the
-    kernels' float comparisons m >= up(t), m <= down(t), m > down(t) are exactly m >= t, m <= t, m > t."""
+    float comparisons m >= up(t), m <= down(t), m > down(t) are exactly m >= t, m <= t, m > t."""
     exact = torch.tensor([float(v) for v in values], dtype=torch.float64)
     rounded = exact.float()
     toward = torch.tensor(float("inf") if rounding == "up" else float("-inf"))
     wrong_side = rounded.double() < exact if rounding == "up" else rounded.double() > exact
-    rounded = torch.where(wrong_side, torch.nextafter(rounded, toward), rounded)
-    return (ctypes.c_float * len(values))(*rounded.tolist())
+    return torch.where(wrong_side, torch.nextafter(rounded, toward), rounded).tolist()
+
+
+def _float32_bounds(values, rounding: str) -> ctypes.Array:
+    """``float32_rounded`` as a C float array for the kernels."""
+    return (ctypes.c_float * len(values))(*float32_rounded(values, rounding))
 
 
 def _check(status: int, kernel: str) -> None:
