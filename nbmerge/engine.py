@@ -7,7 +7,8 @@ stages (a method's ``Stage``) run first as passes of their own over the same str
 On the CPU, the reader maps each input tensor from its file (the page cache's pages, not a copy), and tensors are
 converted to the compute dtype and assembled in their output dtype in buffers lent by a ``BufferPool`` (reused,
 so memory is not faulted in afresh for every tensor); an ``elementwise`` method's kernel runs on slices of
-``CHUNK`` positions, so its temporaries stay small and are reused by the C heap.
+``CHUNK`` positions, so its temporaries stay small and are reused by the C heap (unless the method says its
+kernel is ``fused`` for the job: it then streams through the whole tensor itself).
 """
 
 from __future__ import annotations
@@ -82,13 +83,21 @@ class Engine:
             produced = self.pool.empty(loaded["base"].shape, tensor.out_dtype).copy_(loaded["base"])
         elif tensor.route == EXACT:
             produced = _agreed_value(tensor.name, loaded, self.models, self.base)
-        elif self.method.elementwise and self._on_cpu and tensor.info.numel > CHUNK:
-            produced = self._merge_in_chunks(tensor, loaded)
         else:
-            merged = self.method.merge_tensor(self._job(tensor, loaded, self.stage_results))
-            self._check_shape(tensor, merged, tensor.info.shape)
-            produced = self._to_output(merged, tensor.out_dtype)
+            job = self._job(tensor, loaded, self.stage_results)
+            if self._in_slices(tensor, job):
+                produced = self._merge_in_chunks(tensor, loaded)
+            else:
+                merged = self.method.merge_tensor(job)
+                self._check_shape(tensor, merged, tensor.info.shape)
+                produced = self._to_output(merged, tensor.out_dtype)
         return _not_aliasing(produced, loaded)
+
+    def _in_slices(self, tensor: TensorPlan, job: TensorJob) -> bool:
+        """An elementwise method's kernel runs on slices of CHUNK positions on the CPU, unless it is fused for
+        this job (its temporaries are then already small)."""
+        return (self.method.elementwise and self._on_cpu and tensor.info.numel > CHUNK
+                and not (self.method.fused is not None and self.method.fused(job)))
 
     def _merge_in_chunks(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
         """An elementwise kernel over 1-D slices of CHUNK positions, assembled in a pooled output tensor."""

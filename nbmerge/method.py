@@ -158,7 +158,11 @@ class MergeMethod:
     stored_inputs: on the CPU the kernel takes float32 jobs' inputs in their stored dtype (``TensorJob``) and
     converts what it needs itself (a fused kernel reading bfloat16 saves the engine's conversion pass);
     elementwise: the kernel is position-wise (each output entry depends only on the inputs' entries at the same
-    position, and on parameters resolved per tensor), so the engine may call it on 1-D slices of a tensor;
+    position, and on parameters resolved per tensor), so the engine may call it on 1-D slices of a tensor (on the
+    CPU it does, for tensors over its chunk size, so that the kernel's temporaries stay small);
+    fused(job): True where the kernel runs this job as one streaming pass with no temporaries the size of the
+    tensor (a fused native kernel): an elementwise method then gets whole tensors, not slices (no per-slice
+    call, and its result is the output buffer itself instead of being copied into one);
     check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
     """
 
@@ -174,6 +178,7 @@ class MergeMethod:
     copies_from_base: Callable[[str, dict], bool] | None = None
     elementwise: bool = False
     stored_inputs: bool = False
+    fused: Callable[[TensorJob], bool] | None = None
     check: Callable[[dict, int, bool], None] | None = None
     build_module: Callable[[ModuleJob], BuiltModule] | None = None
     plugin: str = ""

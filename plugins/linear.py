@@ -52,6 +52,7 @@ LINEAR = MergeMethod(
     base=BASE_OPTIONAL,
     elementwise=True,
     stored_inputs=True,
+    fused=lambda job: native.accepts(job, needs_base=False),
     check=check_two_endpoints("linear"),
 )
 

@@ -34,6 +34,7 @@ TASK_ARITHMETIC = MergeMethod(
     base=BASE_REQUIRED,
     elementwise=True,
     stored_inputs=True,
+    fused=lambda job: native.accepts(job),
 )
 
 

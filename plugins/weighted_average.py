@@ -69,6 +69,7 @@ WEIGHTED_AVERAGE = MergeMethod(
     copies_from_base=_outside_backbone,
     elementwise=True,
     stored_inputs=True,
+    fused=lambda job: native.accepts(job, needs_base=False),
     check=_check,
 )
 
@@ -81,6 +82,7 @@ SIMPLE_AVERAGE = MergeMethod(
     min_models=1,
     elementwise=True,
     stored_inputs=True,
+    fused=lambda job: native.accepts(job, needs_base=False),
 )
 
 

@@ -346,12 +346,16 @@ def big_models(tmp_path, n_models=3, dtype=torch.bfloat16):
     return tmp_path / "base.safetensors", [tmp_path / f"m{i}.safetensors" for i in range(n_models)], base, models
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {"scaling": 0.7, "weights": [0.5, 1.0, 2.0]}),
                                             ("weighted_average", {"weights": [0.2, 0.3, 0.5]}),
                                             ("linear", {"t": 0.3})])
-def test_chunked_elementwise_merge_is_bit_identical_to_whole_tensor(tmp_path, monkeypatch, method, params):
+def test_chunked_elementwise_merge_is_bit_identical_to_whole_tensor(tmp_path, monkeypatch, method, params, kernels):
     import nbmerge.engine as engine
+    from nbmerge_plugins import native
 
+    if kernels == "torch":  # the torch path: the engine slices the big tensor
+        monkeypatch.setattr(native, "library", lambda: None)
     base, models, _, _ = big_models(tmp_path)
     kwargs = dict(base=base if method == "task_arithmetic" else None, progress=False, **params)
     if method == "linear":
@@ -362,6 +366,31 @@ def test_chunked_elementwise_merge_is_bit_identical_to_whole_tensor(tmp_path, mo
     assert set(chunked) == set(whole)
     for name in whole:
         assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_a_fused_elementwise_kernel_gets_whole_tensors_and_the_torch_path_gets_slices(tmp_path, monkeypatch):
+    import nbmerge.engine as engine
+    from nbmerge.method import TensorJob
+    from nbmerge_plugins import native
+
+    base_path, model_paths, base, models = big_models(tmp_path)
+    seen = []
+    kernel, upcast = native.linear_combination, TensorJob.upcast
+    monkeypatch.setattr(native, "linear_combination",
+                        lambda job, *args, **kw: seen.append((job.name, job.base.numel())) or kernel(job, *args, **kw))
+    params = dict(base=base_path, scaling=0.5, progress=False)
+    fused = nbmerge.merge("task_arithmetic", model_paths, **params).state_dict
+    assert sorted(seen) == sorted((name, value.numel()) for name, value in base.items())
+    seen.clear()
+    monkeypatch.setattr(native, "library", lambda: None)  # the torch path: seen through its upcast of each job
+    monkeypatch.setattr(TensorJob, "upcast", lambda job: seen.append((job.name, job.base.numel())) or upcast(job))
+    sliced = nbmerge.merge("task_arithmetic", model_paths, **params).state_dict
+    big = base["big.weight"].numel()
+    assert [n for name, n in seen if name == "big.weight"] == [engine.CHUNK] * (big // engine.CHUNK) + [big % engine.CHUNK]
+    expected = base["big.weight"].double() + 0.5 * sum(m["big.weight"].double() - base["big.weight"].double()
+                                                       for m in models)
+    for merged in (fused, sliced):  # each within one bfloat16 rounding of the float64 value
+        torch.testing.assert_close(merged["big.weight"].double(), expected.bfloat16().double(), rtol=2 ** -7, atol=1e-6)
 
 
 def test_outputs_kept_in_memory_are_never_overwritten_by_pooled_buffers(tmp_path):
