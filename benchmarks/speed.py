@@ -7,10 +7,10 @@ What it does, in one run:
      files) and "small" (hidden 1024, 4 layers, ~0.25 GB per model in fp32, one model.safetensors per model).
   2. Creates the benchmark's own environment for mergekit (``benchmarks/out/mergekit-venv``: torch==2.13.0, then
      mergekit==0.1.5 from PyPI) on first use, so mergekit runs as it would for a user, in its own interpreter.
-  3. Runs each merge (linear, task_arithmetic, ties, dare_ties, slerp) once per tool, every run in a fresh
-     subprocess: nbmerge (this venv), mergekit (its venv, ``run_merge`` with mergekit's default options), and the
-     I/O floor (plain ``safetensors``: read every input tensor the merge reads, write the output's bytes, no
-     arithmetic). A subprocess records its import time, its merge time and its whole-life peak RSS (VmHWM, read
+  3. Runs each merge (linear, task_arithmetic, ties, dare_ties, slerp) with each tool, best of 3 (see REPEAT),
+     every run in a fresh subprocess: nbmerge (this venv), mergekit (its venv, ``run_merge`` with mergekit's
+     default options), and the I/O floor (plain ``safetensors``: read every input tensor the merge reads, write
+     the output's bytes, no arithmetic). A subprocess records its import time, its merge time and its whole-life peak RSS (VmHWM, read
      in the process itself, so a fresh address space: the parent's memory never counts).
      Warm: the inputs are read once before the run. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
      file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
@@ -64,6 +64,11 @@ SETS = {
                    vocab_size=8000, shard_size=100 * 10**9), 4, "float32", 8),
 }
 TABLE_MODELS = 3
+# Each tool's run is repeated up to ``--repeat`` times while its runs total less than REPEAT_BUDGET seconds, and
+# the fastest counts (with the largest peak RSS of the runs). On a VM, memory the guest frees goes back to the host
+# within seconds and costs ~1.5 s per GB to touch again, so one run of a series can take 2-3x the next whatever
+# the tool: with a single run, ratios near a target line are a coin toss.
+REPEAT, REPEAT_BUDGET = 3, 60.0
 
 # method row -> (mergekit config builder, nbmerge method and params, which inputs: "models", "base+models",
 # "base+1"); ``None`` for mergekit where it has no counterpart of its own.
@@ -263,7 +268,7 @@ def merge_inputs(data: dict, kind: str, n_models: int) -> tuple[str | None, list
 
 
 def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path | None, n_models: int,
-               tools=("nbmerge", "mergekit", "floor")) -> dict:
+               tools=("nbmerge", "mergekit", "floor"), repeat: int = REPEAT) -> dict:
     mergekit_name, (method, params), kind = METHODS[row]
     base, models, inputs = merge_inputs(data, kind, n_models)
     spec = {"label": f"{row} on {data['name']} ({cache})", "models": models, "base": base,
@@ -275,10 +280,15 @@ def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path |
     for tool in tools:
         if tool == "mergekit" and mergekit is None:
             continue
-        measured[tool] = run_one(tool, pythons[tool], spec, workdir, cache, inputs)
-        log(f"  {tool:8s} {row:20s} {data['name']:5s} {cache}: {measured[tool]['seconds']:7.2f} s "
-            f"(+{measured[tool]['import_seconds']:.1f} s import), peak {measured[tool]['peak_rss'] / MIB:6.0f} MiB")
+        runs = []
+        while not runs or (len(runs) < repeat and sum(r["seconds"] for r in runs) < REPEAT_BUDGET):
+            runs.append(run_one(tool, pythons[tool], spec, workdir, cache, inputs))
+            log(f"  {tool:8s} {row:20s} {data['name']:5s} {cache}: {runs[-1]['seconds']:7.2f} s "
+                f"(+{runs[-1]['import_seconds']:.1f} s import), peak {runs[-1]['peak_rss'] / MIB:6.0f} MiB")
+        measured[tool] = {**min(runs, key=lambda r: r["seconds"]), "runs": [r["seconds"] for r in runs],
+                          "peak_rss": max(r["peak_rss"] for r in runs)}
     return measured
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,6 +361,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the scaling run (default on)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--repeat", type=int, default=REPEAT,
+                        help=f"runs per tool and row, the fastest counts (default {REPEAT}; fewer once the runs "
+                             f"took {REPEAT_BUDGET:.0f} s)")
     parser.add_argument("--json", type=Path, help="save every measurement here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -381,7 +394,8 @@ def main(argv=None) -> int:
                 # mergekit has one TIES (per tensor): the model-scope row is compared with that same measurement
                 shared = METHODS[row][0] if row != METHODS[row][0] and METHODS[row][0] in measured else None
                 tools = ("nbmerge", "floor") if shared else ("nbmerge", "mergekit", "floor")
-                measured[row] = run_method(row, sets[set_name], args.workdir, cache, mergekit, TABLE_MODELS, tools)
+                measured[row] = run_method(row, sets[set_name], args.workdir, cache, mergekit, TABLE_MODELS, tools,
+                                           max(1, args.repeat))
                 if shared and "mergekit" in measured[shared]:
                     measured[row]["mergekit"] = measured[shared]["mergekit"]
                 results.append(measured[row])
@@ -399,10 +413,12 @@ def main(argv=None) -> int:
         for row in ("task_arithmetic", "ties"):
             for count, data in by_layers.items():
                 scaling.append({**run_method(row, data, args.workdir, "warm", None, TABLE_MODELS,
-                                             tools=("nbmerge", "floor")), "layers": count})
+                                             tools=("nbmerge", "floor"), repeat=max(1, args.repeat)),
+                                "layers": count})
             for n_models in (2, 4, 8):
                 scaling.append({**run_method(row, sets["small"], args.workdir, "warm", None, n_models,
-                                             tools=("nbmerge", "floor")), "layers": layers})
+                                             tools=("nbmerge", "floor"), repeat=max(1, args.repeat)),
+                                "layers": layers})
 
     print(f"nbmerge {git_commit()} vs mergekit {MERGEKIT_VERSION} (torch {TORCH_VERSION}) on {machine()}")
     print(f"  load average before / after: {' '.join(f'{x:.2f}' for x in load_before)} / "
@@ -412,8 +428,9 @@ def main(argv=None) -> int:
         print(f"  {name}: {data['layers']} layers, {data['dtype']}, {data['model_bytes'] / 1e9:.2f} GB per model, "
               f"{'sharded' if SETS[name][0]['shard_size'] < data['model_bytes'] else 'single file'}, "
               f"base + {TABLE_MODELS} fine-tunes")
-    print("  seconds: the merge in its own process, imports excluded (e2e: the whole process, imports included);"
-          " RSS: the process's peak")
+    print(f"  seconds: the merge in its own process, imports excluded, the fastest of up to {max(1, args.repeat)} runs "
+          f"(fewer once they took {REPEAT_BUDGET:.0f} s); e2e: that whole process, imports included; RSS: the largest "
+          f"peak of the runs")
     table, misses = ratio_table(results)
     print(table)
     if scaling:
