@@ -130,26 +130,21 @@ class MergeMagics(Magics):
         """
         from IPython.display import display
 
-        from .arguments import method_parser, params_from_args, unknown_flag_message
+        from .arguments import params_from_args
         from .errors import NBMergeError
         from .sweep import sweep
 
-        words = _split(line)
-        if not words or words[0].startswith("-"):
-            raise UsageError("%merge_sweep: give a method, models and --param NAME --values v1,v2,... e.g. "
-                             "%merge_sweep ties models --base base --param density --values 0.1,0.3,0.5")
-        method = self._method(words[0])
-        parser = method_parser(method, f"%merge_sweep {method.name}", "models: notebook variables or paths",
-                               parser_class=_MagicParser)
-        parser.add_argument("--param", required=True, help="the parameter to sweep")
-        parser.add_argument("--values", help="comma-separated values (default: the parameter's declared grid)")
-        _add_pool_arguments(parser, quiet=False)
-        try:
-            args, unknown = parser.parse_known_args(words[1:])
-        except _Done:
+        def sweep_arguments(parser) -> None:
+            parser.add_argument("--param", required=True, help="the parameter to sweep")
+            parser.add_argument("--values", help="comma-separated values (default: the parameter's declared grid)")
+            _add_pool_arguments(parser, quiet=False)
+
+        parsed = self._method_line("merge_sweep", line, sweep_arguments,
+                                   "give a method, models and --param NAME --values v1,v2,... e.g. %merge_sweep ties "
+                                   "models --base base --param density --values 0.1,0.3,0.5")
+        if parsed is None:
             return None
-        if unknown:
-            raise UsageError(one_line(unknown_flag_message(method, unknown)))
+        method, args = parsed
         declared = {p.name: p for p in method.params}
         param = declared.get(args.param.replace("-", "_"))
         if param is None:
@@ -184,24 +179,39 @@ class MergeMagics(Magics):
         return None
 
     # -- %merge ------------------------------------------------------------------------------------------------
-    def _merge_line(self, line: str):
-        from .arguments import method_parser, params_from_args, unknown_flag_message
-        from .errors import NBMergeError
+    def _method_line(self, magic: str, line: str, add_arguments, usage: str):
+        """(method, parsed arguments) of a magic's line ``METHOD MODEL... [--flags]``: the method's own parser
+        (its parameters as flags) plus what ``add_arguments(parser)`` adds; None when the line asked for help."""
+        from .arguments import method_parser, unknown_flag_message
 
         words = _split(line)
         if not words or words[0].startswith("-"):
-            raise UsageError("%merge: give a method and models, e.g. %merge ties ft_a ft_b --base base -o merged "
-                             "(see %merge? and %merge_methods)")
+            raise UsageError(f"%{magic}: {usage}")
         method = self._method(words[0])
-        parser = method_parser(method, f"%merge {method.name}", "models: notebook variables or paths",
+        parser = method_parser(method, f"%{magic} {method.name}", "models: notebook variables or paths",
                                parser_class=_MagicParser)
-        parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
+        add_arguments(parser)
         try:
             args, unknown = parser.parse_known_args(words[1:])
         except _Done:
             return None
         if unknown:
             raise UsageError(one_line(unknown_flag_message(method, unknown)))
+        return method, args
+
+    def _merge_line(self, line: str):
+        from .arguments import params_from_args
+        from .errors import NBMergeError
+
+        def merge_arguments(parser) -> None:
+            parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
+
+        parsed = self._method_line("merge", line, merge_arguments,
+                                   "give a method and models, e.g. %merge ties ft_a ft_b --base base -o merged (see "
+                                   "%merge? and %merge_methods)")
+        if parsed is None:
+            return None
+        method, args = parsed
         models = self._models(args.models)
         base = None if args.base is None else self._model(args.base)
         options = dict(out=args.out, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
