@@ -24,3 +24,7 @@ class OutputExistsError(NBMergeError, FileExistsError):
 class MergeCancelled(NBMergeError):
     """The caller's ``cancel`` event was set: the merge stopped between tensors (or steps, or sweep points) and
     wrote nothing."""
+
+
+class OutputWriteError(NBMergeError, OSError):
+    """Writing the output failed (disk full, quota, I/O error); names the file. Nothing is left in its place."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .buffers import BufferPool
+from .direct_write import DirectFile
 from .errors import ModelInputError
 
 DTYPES = {
@@ -128,12 +129,6 @@ def read_tensor(file, entry: TensorEntry, pool: BufferPool | None = None) -> tor
     return buffer.view(entry.dtype).reshape(entry.shape)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
 class ShardWriter:
     """Writes one safetensors file whose header is known before any tensor data is.
 
@@ -152,7 +147,7 @@ class ShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
         self.data_bytes = offset
-        self._file = open(path, "wb")
+        self._file = DirectFile(path)
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
@@ -161,14 +156,17 @@ class ShardWriter:
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise AssertionError(f"writer expected {expected_name} {dtype} {shape}, got {name} "
                                  f"{tensor.dtype} {tuple(tensor.shape)}")
-        self._file.write(tensor_bytes(tensor))
+        self._file.write(tensor)
         self._next += 1
+        if self._next == len(self.layout):
+            self._file.close()  # complete: its staging memory is given back now, not when the last shard is done
 
     def close(self) -> None:
-        complete = self._next == len(self.layout)
-        self._file.close()
-        if not complete:
+        if self._next != len(self.layout):
+            self._file.abort()
             raise AssertionError(f"{self.path}: closed after {self._next} of {len(self.layout)} tensors")
+        if not self.layout:
+            self._file.close()
 
     def abort(self) -> None:
-        self._file.close()
+        self._file.abort()
