@@ -112,6 +112,16 @@ static void disjoint_tile(int64_t n, int64_t len, float trimmed[][TILE], const f
         for (int64_t j = 0; j < len; j++) combined[j] *= elected[j];
 }
 
+/* combined = θ_0 + λ · disjoint_merge(trimmed, γ) over one tile. */
+static void merged_tile(int64_t n, int64_t len, float trimmed[][TILE], const float *elected, const float *b,
+                        const float *weights, int merge_func, float scaling, float *combined, float *divisor) {
+    disjoint_tile(n, len, trimmed, elected, weights, merge_func, combined, divisor);
+    if (scaling == 1.0f)
+        for (int64_t j = 0; j < len; j++) combined[j] = b[j] + combined[j];
+    else
+        for (int64_t j = 0; j < len; j++) combined[j] = b[j] + scaling * combined[j];
+}
+
 /* The trimmed rows and γ of the tile at `start`; returns the base tile (a pointer into the base, or
  * base_scratch). */
 static const float *trim_and_elect(int64_t n, int64_t start, int64_t len, const void *const *models,
@@ -139,11 +149,7 @@ int nbm_ties_merge(int64_t n, int64_t count, const void *const *models, const in
         int64_t len = count - start < TILE ? count - start : TILE;
         const float *b = trim_and_elect(n, start, len, models, dtypes, base, base_dtype, weights, thresholds,
                                         sign_by_count, tie_sign, trimmed, elected, base_scratch, model_scratch);
-        disjoint_tile(n, len, trimmed, elected, weights, merge_func, combined, divisor);
-        if (scaling == 1.0f)
-            for (int64_t j = 0; j < len; j++) combined[j] = b[j] + combined[j];
-        else
-            for (int64_t j = 0; j < len; j++) combined[j] = b[j] + scaling * combined[j];
+        merged_tile(n, len, trimmed, elected, b, weights, merge_func, scaling, combined, divisor);
         store_tile(out, out_dtype, start, len, combined);
     }
     return 0;
@@ -194,17 +200,24 @@ static void band_flags(int64_t len, const float *magnitude, float low, float hig
 }
 
 /* Appends the tile's m inside [low, high] to band, in position order, returning the new length; past the
- * capacity only the count grows. The band holds a few percent of the entries: flags are tested 8 at a time and
- * groups with none inside are skipped. */
+ * capacity only the count grows. `inside` (TILE + 8 flags) is left holding which positions were inside. */
 static int64_t append_band(int64_t len, const float *magnitude, float low, float high, float *band,
-                           int64_t stored, int64_t capacity) {
-    uint8_t inside[TILE + 8];
+                           int64_t stored, int64_t capacity, uint8_t *inside) {
     band_flags(len, magnitude, low, high, inside);
+    const int room = stored + len <= capacity; /* room for the whole tile: compact without a branch per entry */
     for (int64_t j = 0; j < len; j += 8) {
         uint64_t group;
         memcpy(&group, inside + j, sizeof group);
-        if (!group) continue;
-        for (int64_t k = j; k < j + 8 && k < len; k++)
+        if (!group) continue; /* most groups of 8: the band holds a few percent of the entries */
+        const int64_t end = j + 8 < len ? j + 8 : len;
+        if (room) {
+            for (int64_t k = j; k < end; k++) {
+                band[stored] = magnitude[k];
+                stored += inside[k];
+            }
+            continue;
+        }
+        for (int64_t k = j; k < end; k++)
             if (inside[k]) {
                 if (stored < capacity) band[stored] = magnitude[k];
                 stored++;
@@ -213,11 +226,27 @@ static int64_t append_band(int64_t len, const float *magnitude, float low, float
     return stored;
 }
 
+/* The indices of the set flags among flags[0, len) (zero-padded to a multiple of 8), in order; their count. */
+static int64_t set_flags(int64_t len, const uint8_t *flags, int64_t *indices) {
+    int64_t found = 0;
+    for (int64_t j = 0; j < len; j += 8) {
+        uint64_t group;
+        memcpy(&group, flags + j, sizeof group);
+        if (!group) continue;
+        for (int64_t k = j; k < j + 8; k++) {
+            indices[found] = k;
+            found += flags[k];
+        }
+    }
+    return found;
+}
+
 int nbm_ties_band(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
                   int base_dtype, const float *weights, const float *lows, const float *highs, int64_t *above,
                       float *const *bands, int64_t *band_lengths, int64_t band_capacity, int64_t *changed) {
     if (n < 1 || n > MAX_MODELS) return -1;
     float magnitude[TILE], any_changed[TILE], base_scratch[TILE], model_scratch[TILE];
+    uint8_t inside[TILE + 8];
     int64_t changed_total = 0;
     for (int64_t start = 0; start < count; start += TILE) {
         int64_t len = count - start < TILE ? count - start : TILE;
@@ -227,11 +256,150 @@ int nbm_ties_band(int64_t n, int64_t count, const void *const *models, const int
             magnitudes_tile(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b, weights[i],
                             highs[i], magnitude, any_changed, &above[i]);
             band_lengths[i] = append_band(len, magnitude, lows[i], highs[i], bands[i], band_lengths[i],
-                                          band_capacity);
+                                          band_capacity, inside);
         }
         for (int64_t j = 0; j < len; j++) changed_total += any_changed[j] != 0.0f;
     }
     *changed += changed_total;
+    return 0;
+}
+
+/* The sample that brackets the threshold: |τ_i| at runs of `run` consecutive positions starting every `stride`
+ * positions (positions below `count`), computed as the counting pass computes it ((x_i − b) · w_i in float32,
+ * then |·|), into magnitudes[i * samples + j] for the j-th sampled position. A run of a cache line's worth of
+ * positions costs about what one position does: far fewer lines and pages touched than by single positions. */
+static inline float stored_value(const void *tensor, int dtype, int64_t position) {
+    if (dtype == DTYPE_F32) return ((const float *)tensor)[position];
+    uint32_t widened = (uint32_t)((const uint16_t *)tensor)[position] << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+int nbm_ties_sample(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                    int base_dtype, const float *weights, int64_t stride, int64_t run, int64_t samples,
+                    float *magnitudes) {
+    if (n < 1 || n > MAX_MODELS || stride < 1 || run < 1 || run > stride) return -1;
+    int64_t j = 0;
+    for (int64_t first = 0; first < count && j < samples; first += stride)
+        for (int64_t position = first; position < first + run && position < count && j < samples; position++, j++) {
+            const float b = stored_value(base, base_dtype, position);
+            for (int64_t i = 0; i < n; i++)
+                magnitudes[i * samples + j] = fabsf((stored_value(models[i], dtypes[i], position) - b) * weights[i]);
+        }
+    return j == samples ? 0 : -2;
+}
+
+/* ---- TIES per tensor in one pass ---------------------------------------------------------------------------
+ * The counting pass above and the merge, fused. With a bracket [low_i, high_i] known to hold the threshold t_i,
+ * an entry with m_i > high_i is kept and one with m_i < low_i dropped whatever t_i is, so every position where
+ * no model's m_i lies inside its bracket is merged now, trimming at low_i (what the exact t_i would keep). The
+ * other positions (a few percent) are deferred: their stored values (x_0 … x_{n-1}, b) are gathered so that
+ * nbm_ties_fixup merges them once the band gives t_i. Counts, bands and results are what nbm_ties_band and
+ * nbm_ties_merge give, bit for bit. Deferred positions past `deferred_capacity` are only counted. */
+int nbm_ties_bracketed(int64_t n, int64_t count, const void *const *models, const int *dtypes, const void *base,
+                       int base_dtype, const float *weights, const float *lows, const float *highs,
+                       int sign_by_count, float tie_sign, int merge_func, float scaling, void *out, int out_dtype,
+                       int64_t *above, float *const *bands, int64_t *band_lengths, int64_t band_capacity,
+                       int64_t *changed, int64_t *deferred_positions, float *deferred_values,
+                       int64_t *deferred_length, int64_t deferred_capacity) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float trimmed[MAX_MODELS][TILE];
+    float magnitude[TILE], any_changed[TILE], elected[TILE], combined[TILE], divisor[TILE];
+    float base_scratch[TILE], model_scratch[TILE];
+    uint8_t inside[TILE + 8], deferred[TILE + 8];
+    int64_t tile_deferred[TILE + 8];
+    int64_t changed_total = 0, stored = *deferred_length;
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const int64_t before_tile = stored;
+        memset(any_changed, 0, sizeof(float) * (size_t)len);
+        memset(deferred, 0, sizeof deferred);
+        const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        for (int64_t i = 0; i < n; i++) {
+            const float *x = input_tile(models[i], dtypes[i], start, len, model_scratch);
+            magnitudes_tile(len, x, b, weights[i], highs[i], magnitude, any_changed, &above[i]);
+            band_lengths[i] = append_band(len, magnitude, lows[i], highs[i], bands[i], band_lengths[i],
+                                          band_capacity, inside);
+            for (int64_t j = 0; j < len; j++) deferred[j] |= inside[j];
+            trimmed_tile(len, x, b, weights[i], lows[i], trimmed[i]);
+        }
+        for (int64_t j = 0; j < len; j++) changed_total += any_changed[j] != 0.0f;
+        elect_tile(n, len, trimmed, sign_by_count, tie_sign, elected);
+        merged_tile(n, len, trimmed, elected, b, weights, merge_func, scaling, combined, divisor);
+        store_tile(out, out_dtype, start, len, combined);
+        const int64_t undecided = set_flags(len, deferred, tile_deferred);
+        for (int64_t d = 0; d < undecided && stored < deferred_capacity; d++, stored++) {
+            const int64_t k = tile_deferred[d];
+            float *values = deferred_values + stored * (n + 1);
+            for (int64_t i = 0; i < n; i++) values[i] = stored_value(models[i], dtypes[i], start + k);
+            values[n] = b[k];
+            deferred_positions[stored] = start + k;
+        }
+        stored = before_tile + undecided; /* past the capacity they are only counted */
+    }
+    *changed += changed_total;
+    *deferred_length = stored;
+    return 0;
+}
+
+/* θ at the deferred positions, from their gathered values and the exact thresholds, written into `out` (the
+ * same arithmetic as nbm_ties_merge, a tile of gathered positions at a time). */
+int nbm_ties_fixup(int64_t n, int64_t count, const int64_t *positions, const float *values, const float *weights,
+                   const float *thresholds, int sign_by_count, float tie_sign, int merge_func, float scaling,
+                   void *out, int out_dtype) {
+    if (n < 1 || n > MAX_MODELS) return -1;
+    float trimmed[MAX_MODELS][TILE];
+    float gathered[TILE], b[TILE], elected[TILE], combined[TILE], divisor[TILE];
+    for (int64_t start = 0; start < count; start += TILE) {
+        int64_t len = count - start < TILE ? count - start : TILE;
+        const float *rows = values + start * (n + 1);
+        for (int64_t j = 0; j < len; j++) b[j] = rows[j * (n + 1) + n];
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t j = 0; j < len; j++) gathered[j] = rows[j * (n + 1) + i];
+            trimmed_tile(len, gathered, b, weights[i], thresholds[i], trimmed[i]);
+        }
+        elect_tile(n, len, trimmed, sign_by_count, tie_sign, elected);
+        merged_tile(n, len, trimmed, elected, b, weights, merge_func, scaling, combined, divisor);
+        for (int64_t j = 0; j < len; j++) store_tile(out, out_dtype, positions[start + j], 1, combined + j);
+    }
+    return 0;
+}
+
+/* ---- Order statistics -------------------------------------------------------------------------------------
+ * The rank-th largest (1-based, from the top) of `count` non-negative float32 values, NaN counting as the
+ * largest: radix selection on the bit patterns, which order as such values do (NaN above +inf). A histogram of
+ * the top 16 bits finds the bucket that holds the rank, a histogram of the low 16 bits among the values in that
+ * bucket the value itself: two passes and no comparisons, so a band of many equal values (magnitudes of bfloat16
+ * differences) costs no more than any other. `histogram` is the caller's scratch of 65536 int64. Returns -1 when
+ * rank is not in [1, count]. */
+static uint32_t bit_pattern(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* The bucket, from the top, at which the running count reaches *rank; *rank becomes the rank inside it. */
+static uint32_t bucket_of_rank(const int64_t *histogram, int64_t *rank) {
+    int64_t above = 0;
+    uint32_t bucket = 65535;
+    while (above + histogram[bucket] < *rank) above += histogram[bucket--];
+    *rank -= above;
+    return bucket;
+}
+
+int nbm_kth_largest(int64_t count, const float *values, int64_t rank, int64_t *histogram, float *out) {
+    if (rank < 1 || rank > count) return -1;
+    memset(histogram, 0, 65536 * sizeof *histogram);
+    for (int64_t j = 0; j < count; j++) histogram[bit_pattern(values[j]) >> 16]++;
+    const uint32_t top = bucket_of_rank(histogram, &rank);
+    memset(histogram, 0, 65536 * sizeof *histogram);
+    for (int64_t j = 0; j < count; j++) {
+        const uint32_t bits = bit_pattern(values[j]);
+        histogram[bits & 0xFFFFu] += (bits >> 16) == top;
+    }
+    const uint32_t bits = top << 16 | bucket_of_rank(histogram, &rank);
+    memcpy(out, &bits, sizeof *out);
     return 0;
 }
 

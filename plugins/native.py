@@ -15,6 +15,7 @@ import ctypes
 import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -44,12 +45,19 @@ def library() -> ctypes.CDLL | None:
     loaded.nbm_ties_merge.argtypes = inputs + [_ptr, _int, _f32, _int, _f32, _ptr, _int]
     loaded.nbm_ties_sign_balance.argtypes = inputs + [_ptr, _int, _ptr]
     loaded.nbm_ties_band.argtypes = inputs + [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr]
+    loaded.nbm_ties_sample.argtypes = inputs + [_i64, _i64, _i64, _ptr]
+    loaded.nbm_ties_bracketed.argtypes = inputs + [_ptr, _ptr, _int, _f32, _int, _f32, _ptr, _int,
+                                                   _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64]
+    loaded.nbm_kth_largest.argtypes = [_i64, _ptr, _i64, _ptr, _ptr]
+    loaded.nbm_ties_fixup.argtypes = [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _int, _f32, _int, _f32, _ptr, _int]
     loaded.nbm_dare_l1.argtypes = inputs[:6] + [_ptr, _i64, _f32, _ptr, _ptr]
     loaded.nbm_dare_merge.argtypes = inputs + [_ptr, _i64, _f32, _ptr, _ptr, _int, _f32, _ptr, _int]
     loaded.nbm_linear.argtypes = inputs + [_ptr, _int]
     loaded.nbm_dot_norms.argtypes = [_i64, _ptr, _int, _ptr, _int, _ptr]
-    for kernel in (loaded.nbm_ties_merge, loaded.nbm_ties_sign_balance, loaded.nbm_ties_band, loaded.nbm_dare_l1,
-                   loaded.nbm_dare_merge, loaded.nbm_linear, loaded.nbm_dot_norms):
+    for kernel in (loaded.nbm_ties_merge, loaded.nbm_ties_sign_balance, loaded.nbm_ties_band, loaded.nbm_ties_sample,
+                   loaded.nbm_ties_bracketed, loaded.nbm_ties_fixup, loaded.nbm_kth_largest, loaded.nbm_dare_l1,
+                   loaded.nbm_dare_merge,
+                   loaded.nbm_linear, loaded.nbm_dot_norms):
         kernel.restype = ctypes.c_int
     return loaded
 
@@ -193,6 +201,101 @@ def ties_band(job: TensorJob, brackets: list[tuple[float, float]], capacity: int
         return changed, above, None
     bands = [torch.cat([result[2][i, :result[3][i]] for result in results]) for i in range(inputs.n)]
     return changed, above, bands
+
+
+@dataclass
+class BracketedPass:
+    """What ``ties_bracketed`` leaves: ``merged`` (final except at the deferred positions), the counts of the
+    threshold selection (as ``ties_band`` gives them; ``bands`` None when one overflowed its buffer) and the
+    deferred positions with their gathered values, per range (None when they overflowed theirs)."""
+
+    merged: torch.Tensor
+    changed: int
+    above: list[int]
+    bands: list[torch.Tensor] | None
+    deferred: list[tuple[int, torch.Tensor, torch.Tensor]] | None  # (range start, positions, values)
+
+
+def ties_bracketed(job: TensorJob, brackets: list[tuple[float, float]], band_capacity: int, deferred_capacity: int,
+                   sign: str, tie_sign: float, merge_func: str, scaling: float) -> BracketedPass:
+    """TIES over the whole tensor in one pass, given a bracket [lo_i, hi_i] assumed to hold each threshold:
+    every position no |w_i τ_i| of which lies inside its bracket is merged, the others deferred to
+    ``ties_fixup``; meanwhile the counting of ``ties_band``. See kernels.c (nbm_ties_bracketed)."""
+    merged = job.empty(job.base.shape, output_dtype(job))
+    inputs = _Inputs(job)
+    lows = _float32_bounds([lo for lo, _ in brackets], "up")
+    highs = _float32_bounds([hi for _, hi in brackets], "down")
+    ranges = _ranges(job.base.numel())
+    band_room = max(1, min(band_capacity, job.base.numel()) // len(ranges) + _TILE)
+    deferred_room = max(1, min(deferred_capacity, job.base.numel()) // len(ranges) + _TILE)
+
+    def call(kernel, start, stop):
+        bands = torch.empty((inputs.n, band_room), dtype=torch.float32)
+        positions = torch.empty(deferred_room, dtype=torch.int64)
+        values = torch.empty((deferred_room, inputs.n + 1), dtype=torch.float32)
+        above, lengths = (ctypes.c_int64 * inputs.n)(), (ctypes.c_int64 * inputs.n)()
+        changed, deferred = ctypes.c_int64(0), ctypes.c_int64(0)
+        _check(kernel(*inputs.at(start, stop), lows, highs, int(sign == "count"), tie_sign, MERGE_FUNCS[merge_func],
+                      scaling, _address(merged, start), DTYPE_CODES[merged.dtype], above, _pointers(list(bands)),
+                      lengths, band_room, ctypes.byref(changed), positions.data_ptr(), values.data_ptr(),
+                      ctypes.byref(deferred), deferred_room), "ties_bracketed")
+        return start, changed.value, list(above), bands, list(lengths), positions, values, deferred.value
+
+    parts = _run(library().nbm_ties_bracketed, ranges, call)
+    bands = None
+    if all(length <= band_room for part in parts for length in part[4]):
+        bands = [torch.cat([part[3][i, :part[4][i]] for part in parts]) for i in range(inputs.n)]
+    deferred = None
+    if all(part[7] <= deferred_room for part in parts):
+        deferred = [(part[0], part[5][:part[7]], part[6][:part[7]]) for part in parts]
+    return BracketedPass(merged, sum(part[1] for part in parts),
+                         [sum(part[2][i] for part in parts) for i in range(inputs.n)], bands, deferred)
+
+
+def ties_fixup(job: TensorJob, done: BracketedPass, thresholds: list[float], sign: str, tie_sign: float,
+               merge_func: str, scaling: float) -> torch.Tensor:
+    """``done.merged`` completed: the deferred positions merged with the exact ``thresholds``."""
+    merged, bounds = done.merged, _float32_bounds(thresholds, "up")
+    weights = _Inputs(job).weights
+
+    def call(part):
+        start, positions, values = part
+        if positions.numel():
+            _check(library().nbm_ties_fixup(len(job.models), positions.numel(), positions.data_ptr(),
+                                            values.data_ptr(), weights, bounds, int(sign == "count"), tie_sign,
+                                            MERGE_FUNCS[merge_func], scaling, _address(merged, start),
+                                            DTYPE_CODES[merged.dtype]), "ties_fixup")
+
+    map_in_threads(call, done.deferred)
+    return merged
+
+
+def kth_largest(values: torch.Tensor, ranks: list[int]) -> list[float]:
+    """The r-th largest of non-negative float32 CPU ``values`` (NaN the largest) for each 1-based rank r from the
+    top, 1 <= r <= numel, by radix selection (kernels.c, nbm_kth_largest)."""
+    flat = values.reshape(-1).contiguous()
+    histogram = torch.empty(1 << 16, dtype=torch.int64)
+    found = []
+    for rank in ranks:
+        value = ctypes.c_float()
+        _check(library().nbm_kth_largest(flat.numel(), flat.data_ptr(), rank, histogram.data_ptr(),
+                                         ctypes.byref(value)), "kth_largest")
+        found.append(value.value)
+    return found
+
+
+def ties_sample(job: TensorJob, first: int, stride: int, run: int) -> torch.Tensor:
+    """|w_i τ_i| at the runs of ``run`` consecutive flat positions starting at first, first + stride, ... below
+    the tensor's end: [n, positions] float32 (kernels.c, nbm_ties_sample)."""
+    total = job.base.numel()
+    starts = max(0, -(-(total - first) // stride))
+    samples = 0 if not starts else (starts - 1) * run + min(run, total - first - (starts - 1) * stride)
+    inputs = _Inputs(job)
+    magnitudes = torch.empty((inputs.n, samples), dtype=torch.float32)
+    if samples:
+        _check(library().nbm_ties_sample(*inputs.at(first, total), stride, run, samples, magnitudes.data_ptr()),
+               "ties_sample")
+    return magnitudes
 
 
 def dare_merge(job: TensorJob, keys: list[int], keep_from: float) -> torch.Tensor:

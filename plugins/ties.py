@@ -4,8 +4,10 @@ With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
 1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
    some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
    each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
-   per task vector (the paper and FusionBench), found in two streamed passes: a strided sample brackets it, a
-   counting pass collects the entries inside the bracket. Entries equal to the threshold are all kept.
+   per task vector (the paper and FusionBench). Either way a sample brackets each threshold and a counting pass
+   collects the entries inside the bracket, whose order statistic is the exact threshold; in tensor scope the
+   native kernels merge during that same pass every position the bracket already settles and the few others
+   after it. Entries equal to the threshold are all kept.
 2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
    (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
 3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
@@ -16,6 +18,7 @@ Weights multiply the task vectors before the election, as in mergekit.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nbmerge import hookimpl
@@ -105,10 +108,8 @@ def tensor_thresholds(job: TensorJob, density: float) -> list[float]:
     is then the right order statistic of that band. Should the bracket miss (the pass's exact counts say so), the
     radix selection below finds the value instead.
     """
-    samples = _sampled_magnitudes(job)
-    changed_fraction = float((samples != 0).any(0).float().mean()) if samples.numel() else 1.0
-    brackets = native.map_in_threads(lambda row: _bracket(row, density * changed_fraction), list(samples))
-    changed, above, bands = count_in_brackets(job, brackets, _band_fractions(samples, brackets), wide=False)
+    samples, brackets = _tensor_brackets(job, density)
+    changed, above, bands = count_in_brackets(job, brackets, _inside_fractions(samples, brackets)[0], wide=False)
     keep = int(density * changed)
     if keep == 0:
         return [float("inf")] * len(job.models)
@@ -117,13 +118,68 @@ def tensor_thresholds(job: TensorJob, density: float) -> list[float]:
             else threshold for i, threshold in enumerate(thresholds)]
 
 
+def _tensor_brackets(job: TensorJob, density: float) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """The sample of every |w_i τ_i| of the tensor, and from it each task vector's bracket of its threshold."""
+    samples = _sampled_magnitudes(job)
+    changed_fraction = float((samples != 0).any(0).float().mean()) if samples.numel() else 1.0
+    return samples, native.map_in_threads(lambda row: _bracket(row, density * changed_fraction), list(samples))
+
+
+ONE_PASS_MAX_DEFERRED = 0.25  # above this sampled fraction of undecided positions, two passes cost less
+
+
+def _ties_in_one_pass(job: TensorJob) -> torch.Tensor | None:
+    """Tensor-scope TIES in one native pass over the inputs instead of a counting pass then a merge pass.
+
+    The sampled brackets settle the keep/drop decision of every entry outside them, so the pass merges every
+    position where no |w_i τ_i| falls inside its bracket while it counts and collects the bands (as the counting
+    pass does); the other positions (a few percent) keep their inputs' values aside and are merged once the bands
+    give the exact thresholds. The result is the two-pass result bit for bit. None when a bracket missed, a
+    buffer overflowed or nothing is kept (the two-pass path then runs).
+    """
+    params = job.params
+    samples, brackets = _tensor_brackets(job, params["density"])
+    band_fractions, deferred_fraction = _inside_fractions(samples, brackets)
+    if deferred_fraction > ONE_PASS_MAX_DEFERRED:
+        return None
+    numel = job.base.numel()
+    done = native.ties_bracketed(job, brackets, int(2 * max(band_fractions, default=1.0) * numel) + 4096,
+                                 int(2 * deferred_fraction * numel) + 4096, params["sign"], 1.0,
+                                 params["merge_func"], params["scaling"])
+    keep = int(params["density"] * done.changed)
+    if done.bands is None or done.deferred is None or keep == 0:
+        return None
+    thresholds = native.map_in_threads(lambda band_above: _order_statistic(*band_above, keep),
+                                       zip(done.bands, done.above))
+    if any(threshold is None for threshold in thresholds):
+        return None
+    return native.ties_fixup(job, done, thresholds, params["sign"], 1.0, params["merge_func"], params["scaling"])
+
+
 def _order_statistic(band: torch.Tensor, above: int, keep: int) -> float | None:
     """The keep-th largest value overall, from the band and the count of values above it; None when the band
     does not hold it (the bracket missed)."""
     rank_in_band = keep - above  # 1-based, from the top
     if 0 < rank_in_band <= band.numel():
-        return float(band.kthvalue(band.numel() - rank_in_band + 1).values)
+        return kth_largest(band, [rank_in_band])[0]
     return None
+
+
+def kth_largest(values: torch.Tensor, ranks: list[int]) -> list[float]:
+    """The r-th largest of non-negative ``values`` for each 1-based rank r from the top (1 <= r <= numel; NaN
+    counts as the largest): float32 on the CPU by the native radix selection (two histogram passes, unaffected
+    by the many equal values of bfloat16-derived magnitudes, where quickselect slows down several times), other
+    CPU tensors by numpy's partition (one introselect for all the ranks; it frees the GIL), others by kthvalue."""
+    count = values.numel()
+    if not ranks:
+        return []
+    if values.device.type != "cpu":
+        return [float(values.kthvalue(count - rank + 1).values) for rank in ranks]
+    if values.dtype == torch.float32 and native.library() is not None:
+        return native.kth_largest(values, ranks)
+    positions = [count - rank for rank in ranks]
+    partitioned = np.partition(values.reshape(-1).numpy(), positions)
+    return [float(partitioned[position]) for position in positions]
 
 
 def count_in_brackets(job: TensorJob, brackets: list[tuple[float, float]], band_fractions: list[float],
@@ -146,16 +202,20 @@ def count_in_brackets(job: TensorJob, brackets: list[tuple[float, float]], band_
     return changed, above, [torch.cat(band) for band in bands]
 
 
-def _band_fractions(samples: torch.Tensor, brackets: list[tuple[float, float]]) -> list[float]:
-    """Per task vector, the fraction of the sample inside its bracket."""
+def _inside_fractions(samples: torch.Tensor, brackets: list[tuple[float, float]]) -> tuple[list[float], float]:
+    """The fraction of the sample inside each task vector's bracket, and of its positions with some task vector
+    inside its bracket."""
     if not samples.numel():
-        return [1.0] * len(brackets)
-    lows = torch.tensor([lo for lo, _ in brackets], dtype=samples.dtype).unsqueeze(1)
-    highs = torch.tensor([hi for _, hi in brackets], dtype=samples.dtype).unsqueeze(1)
-    return ((samples >= lows) & (samples <= highs)).sum(1).div(samples.shape[1]).tolist()
+        return [1.0] * len(brackets), 1.0
+    rows = samples.numpy()
+    lows = np.array([lo for lo, _ in brackets], dtype=rows.dtype)[:, None]
+    highs = np.array([hi for _, hi in brackets], dtype=rows.dtype)[:, None]
+    inside = (rows >= lows) & (rows <= highs)
+    return (inside.mean(1).tolist(), float(inside.any(0).mean()))
 
 
 SAMPLE = 1 << 16
+SAMPLE_RUN = 32  # consecutive positions per sampled run: a cache line of bfloat16, two of float32
 
 
 def changed_positions(magnitudes: torch.Tensor) -> int:
@@ -165,13 +225,24 @@ def changed_positions(magnitudes: torch.Tensor) -> int:
 
 
 def _sampled_magnitudes(job: TensorJob) -> torch.Tensor:
-    """|w_i τ_i| at up to SAMPLE evenly strided positions: [n, samples]."""
+    """|w_i τ_i| at about SAMPLE positions, in runs of SAMPLE_RUN spread evenly over the tensor: [n, samples]."""
+    return _magnitudes_at(job, 0, max(SAMPLE_RUN, job.base.numel() // (SAMPLE // SAMPLE_RUN)), SAMPLE_RUN)
+
+
+def sample_runs(total: int, first: int, stride: int) -> int:
+    """How many runs start at first, first + stride, ... below total."""
+    return max(0, -(-(total - first) // stride))
+
+
+def _magnitudes_at(job: TensorJob, first: int, stride: int, run: int) -> torch.Tensor:
+    """|w_i τ_i| at the runs of ``run`` consecutive flat positions starting at first, first + stride, ... (those
+    below the tensor's end): [n, positions]. The native kernel reads just those positions where it applies."""
     total = job.base.numel()
-    return _magnitudes_at(job, slice(0, total, max(1, total // SAMPLE)))
-
-
-def _magnitudes_at(job: TensorJob, positions: slice) -> torch.Tensor:
-    """|w_i τ_i| at the flat positions of a strided slice: [n, positions] (strided views, no index tensor)."""
+    if native.accepts(job):
+        return native.ties_sample(job, first, stride, run)
+    starts = torch.arange(first, total, stride, device=job.base.device)
+    positions = (starts.unsqueeze(1) + torch.arange(run, device=starts.device)).flatten()
+    positions = positions[positions < total]
     weights = job.params.get("weights") or [1.0] * len(job.models)
     compute = job.compute_dtype
     base = job.base.reshape(-1)[positions].to(compute)
@@ -186,9 +257,9 @@ def _bracket(sample: torch.Tensor, kept_fraction: float) -> tuple[float, float]:
     rank = kept_fraction * count
     margin = 6.0 * (rank * (1.0 - kept_fraction)) ** 0.5 + 16
     top, bottom = int(rank - margin), int(rank + margin)  # 1-based ranks from the top
-    hi = float("inf") if top < 1 else float(sample.kthvalue(count - top + 1).values)
-    lo = 0.0 if bottom > count else float(sample.kthvalue(count - bottom + 1).values)
-    return lo, hi
+    wanted = [r for r in (top, bottom) if 1 <= r <= count]
+    found = dict(zip(wanted, kth_largest(sample, wanted)))
+    return found.get(bottom, 0.0), found.get(top, float("inf"))
 
 
 def _radix_threshold(magnitudes: torch.Tensor, keep: int) -> float:
@@ -203,7 +274,7 @@ def _radix_threshold(magnitudes: torch.Tensor, keep: int) -> float:
 
 
 # -- the whole-model stage: exact global thresholds from a sampled bracket ------------------------------------------
-MODEL_SAMPLE_STRIDE = 127      # a prime: the strided sample does not line up with power-of-two rows
+MODEL_SAMPLE_STRIDE = 127 * SAMPLE_RUN  # one position in 127 (a prime: runs do not line up with power-of-two rows)
 MODEL_SAMPLE_BUDGET = 1 << 22  # samples kept per task vector; beyond it every other one is dropped, stride doubled
 
 
@@ -229,7 +300,7 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     stream(sampler.visit)
     changed_fraction = sampler.changed_fraction()
     brackets = [_bracket(row, params["density"] * changed_fraction) for row in sampler.rows()]
-    fractions = _band_fractions(sampler.rows(), brackets)
+    fractions = _inside_fractions(sampler.rows(), brackets)[0]
     changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
     def count(job: TensorJob) -> None:
@@ -268,8 +339,9 @@ def _blocks_of_magnitudes(job: TensorJob, wide: bool):
 
 
 class _ModelSample:
-    """|w_i τ_i| at every ``stride``-th position of the model's tensors taken end to end; when a task vector's
-    sample passes MODEL_SAMPLE_BUDGET, every other value is dropped and the stride doubles (still uniform)."""
+    """|w_i τ_i| at runs of SAMPLE_RUN positions every ``stride`` positions of the model's tensors taken end to
+    end; when a task vector's sample passes MODEL_SAMPLE_BUDGET, every other value is dropped and the stride
+    doubles (the sample stays spread evenly)."""
 
     def __init__(self):
         self.stride, self.offset = MODEL_SAMPLE_STRIDE, 0
@@ -279,11 +351,10 @@ class _ModelSample:
     def visit(self, job: TensorJob) -> None:
         total = job.base.numel()
         if self.offset < total:
-            sampled = _magnitudes_at(job, slice(self.offset, total, self.stride)).double().cpu()
+            sampled = _magnitudes_at(job, self.offset, self.stride, SAMPLE_RUN).double().cpu()
             self.parts.append(sampled)
             self.count += sampled.shape[1]
-            last = self.offset + (sampled.shape[1] - 1) * self.stride
-            self.offset = last + self.stride - total
+            self.offset += sample_runs(total, self.offset, self.stride) * self.stride - total
         else:
             self.offset -= total
         if self.count > MODEL_SAMPLE_BUDGET:
@@ -366,6 +437,9 @@ def _ties(job: TensorJob) -> torch.Tensor:
         stage = job.stage_results[GLOBAL_THRESHOLD]
         thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
     else:
+        merged = _ties_in_one_pass(job) if native.accepts(job) else None
+        if merged is not None:
+            return merged
         thresholds, tie_sign = tensor_thresholds(job, params["density"]), 1.0
     if native.accepts(job):
         return native.ties_merge(job, thresholds, params["sign"], tie_sign, params["merge_func"],

@@ -182,6 +182,88 @@ def test_a_merge_is_the_same_with_and_without_the_kernels(monkeypatch, trim_scop
         torch.testing.assert_close(fused[name].float(), plain[name].float(), rtol=1e-6, atol=1e-6)
 
 
+# -- TIES per tensor in one pass, its sample and its order statistics -------------------------------------------
+@pytest.mark.parametrize("parts", [1, 3])
+def test_the_one_pass_merge_is_the_two_pass_merge_bit_for_bit(monkeypatch, parts):
+    """Deferred positions (some |τ_i| inside its bracket) merged after the pass give exactly the two-pass result,
+    in float32 and bfloat16, for every sign rule and merge function, split across threads or not."""
+    monkeypatch.setattr(native, "SPLIT_AT", 1000)
+    monkeypatch.setattr(native, "PARTS", parts)
+    assert len(native._ranges(300_000)) == parts
+    native._workers.cache_clear()  # a pool of `parts` threads, dropped again at the end
+    try:
+        _check_one_pass_against_two_passes()
+    finally:
+        native._workers.cache_clear()
+
+
+def _check_one_pass_against_two_passes():
+    for seed, (sign, merge_func, weights) in enumerate([("sum", "mean", None), ("count", "sum", [1.0, 0.5, 2.0]),
+                                                       ("sum", "max", [2.0, 1.0, 1.0])]):
+        job = random_job(positions=300_000, seed=10 + seed, weights=weights)
+        for dtype in (torch.float32, torch.bfloat16):
+            job.models, job.base = [m.to(dtype) for m in job.models], job.base.to(dtype)
+            job.out_dtype = dtype
+            job.params.update(density=0.2, sign=sign, merge_func=merge_func, scaling=0.7)
+            thresholds = ties.tensor_thresholds(job, 0.2)
+            expected = native.ties_merge(job, thresholds, sign, 1.0, merge_func, 0.7)
+            one_pass = ties._ties_in_one_pass(job)
+            assert one_pass is not None, "the one-pass path fell back on an ordinary tensor"
+            assert one_pass.dtype == dtype and torch.equal(one_pass.view(-1), expected.view(-1))
+
+
+def test_the_one_pass_merge_defers_a_few_percent_and_falls_back_when_its_bracket_misses(monkeypatch):
+    job = random_job(positions=200_000, seed=20)
+    job.params.update(density=0.2, sign="sum", merge_func="mean", scaling=1.0, trim_scope="tensor")
+    passes = []
+    real = native.ties_bracketed
+
+    def recorded(*args, **kwargs):
+        passes.append(real(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(native, "ties_bracketed", recorded)
+    thresholds = ties.tensor_thresholds(job, 0.2)
+    expected = native.ties_merge(job, thresholds, "sum", 1.0, "mean", 1.0)
+    assert torch.equal(ties._ties_in_one_pass(job), expected)
+    deferred = sum(positions.numel() for _, positions, _ in passes[-1].deferred)
+    assert 0 < deferred < 0.15 * job.base.numel()
+    # brackets that hold no threshold: the pass's exact counts show it, and the two-pass merge runs instead
+    monkeypatch.setattr(ties, "_bracket", lambda sample, kept: (10.0, 20.0))
+    assert ties._ties_in_one_pass(job) is None
+    assert torch.equal(ties._ties(job), expected)
+
+
+def test_the_sample_reads_runs_of_positions_as_the_torch_path_does():
+    job = random_job(positions=10_007, seed=21, weights=[1.0, 0.5, 2.0])
+    job.models = [m.bfloat16() for m in job.models]
+    for first, stride, run in ((0, 100, 32), (37, 64, 64), (9_990, 50, 32), (0, 1, 1)):
+        sampled = native.ties_sample(job, first, stride, run)
+        positions = [p for start in range(first, 10_007, stride) for p in range(start, min(start + run, 10_007))]
+        expected = torch.stack([((m.float() - job.base) * w).abs()[positions]
+                                for m, w in zip(job.models, [1.0, 0.5, 2.0])])
+        assert torch.equal(sampled, expected)
+        assert sampled.shape[1] == ties.sample_runs(10_007, first, stride) * run - max(
+            0, first + (ties.sample_runs(10_007, first, stride) - 1) * stride + run - 10_007)
+
+
+def test_radix_order_statistics_match_sorting_with_duplicates_and_nan():
+    generator = torch.Generator().manual_seed(22)
+    quantised = (torch.randint(0, 50, (100_000,), generator=generator).float() * 0.125)  # many equal values
+    spread = torch.rand(70_001, generator=generator) * 1e-30 + torch.rand(70_001, generator=generator)
+    with_nan = torch.cat([spread[:1000], torch.tensor([float("nan"), float("inf"), 0.0])])
+    for values in (quantised, spread, with_nan):
+        descending = values.sort(descending=True).values  # NaN first: the largest
+        ranks = [1, 2, values.numel() // 3, values.numel() - 1, values.numel()]
+        found = native.kth_largest(values, ranks)
+        for rank, value in zip(ranks, found):
+            expected = descending[rank - 1]
+            assert (value != value and expected != expected) or value == float(expected)
+        assert ties.kth_largest(values.double(), ranks[2:3]) == [float(descending[ranks[2] - 1])]
+    with pytest.raises(AssertionError, match="kth_largest"):
+        native.kth_largest(spread, [0])
+
+
 # -- DARE ------------------------------------------------------------------------------------------------------
 def test_dare_masks_from_the_kernel_are_the_torch_draws():
     """One all-ones task vector, no rescale, scaling 1: the fused output is the base plus exactly the kept mask."""
