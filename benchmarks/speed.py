@@ -68,7 +68,7 @@ TABLE_MODELS = 3
 # the fastest counts (with the largest peak RSS of the runs). On a VM, memory the guest frees goes back to the host
 # within seconds and costs ~1.5 s per GB to touch again, so one run of a series can take 2-3x the next whatever
 # the tool: with a single run, ratios near a target line are a coin toss.
-REPEAT, REPEAT_BUDGET = 3, 60.0
+REPEAT, REPEAT_BUDGET = 3, 60.0  # the tools take turns run by run (nbmerge, mergekit, floor, nbmerge, ...)
 
 # method row -> (mergekit config builder, nbmerge method and params, which inputs: "models", "base+models",
 # "base+1"); ``None`` for mergekit where it has no counterpart of its own.
@@ -277,16 +277,21 @@ def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path |
     measured = {"row": row, "set": data["name"], "cache": cache, "n_models": n_models,
                 "input_bytes": sum(f.stat().st_size for f in input_files(inputs))}
     pythons = {"nbmerge": Path(sys.executable), "floor": Path(sys.executable), "mergekit": mergekit}
-    for tool in tools:
-        if tool == "mergekit" and mergekit is None:
-            continue
-        runs = []
-        while not runs or (len(runs) < repeat and sum(r["seconds"] for r in runs) < REPEAT_BUDGET):
-            runs.append(run_one(tool, pythons[tool], spec, workdir, cache, inputs))
-            log(f"  {tool:8s} {row:20s} {data['name']:5s} {cache}: {runs[-1]['seconds']:7.2f} s "
-                f"(+{runs[-1]['import_seconds']:.1f} s import), peak {runs[-1]['peak_rss'] / MIB:6.0f} MiB")
-        measured[tool] = {**min(runs, key=lambda r: r["seconds"]), "runs": [r["seconds"] for r in runs],
-                          "peak_rss": max(r["peak_rss"] for r in runs)}
+    runs = {tool: [] for tool in tools if not (tool == "mergekit" and mergekit is None)}
+
+    def wants_more(tool_runs: list) -> bool:
+        return not tool_runs or (len(tool_runs) < repeat and sum(r["seconds"] for r in tool_runs) < REPEAT_BUDGET)
+
+    while any(wants_more(tool_runs) for tool_runs in runs.values()):
+        for tool, tool_runs in runs.items():  # the tools take turns, so a slow stretch of the machine hits all
+            if wants_more(tool_runs):
+                tool_runs.append(run_one(tool, pythons[tool], spec, workdir, cache, inputs))
+                log(f"  {tool:8s} {row:20s} {data['name']:5s} {cache}: {tool_runs[-1]['seconds']:7.2f} s "
+                    f"(+{tool_runs[-1]['import_seconds']:.1f} s import), peak "
+                    f"{tool_runs[-1]['peak_rss'] / MIB:6.0f} MiB")
+    for tool, tool_runs in runs.items():
+        measured[tool] = {**min(tool_runs, key=lambda r: r["seconds"]), "runs": [r["seconds"] for r in tool_runs],
+                          "peak_rss": max(r["peak_rss"] for r in tool_runs)}
     return measured
 
 
