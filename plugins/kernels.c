@@ -507,6 +507,27 @@ static void accumulate_difference(int64_t len, const float *model, const float *
         for (int64_t j = 0; j < len; j++) total[j] += weight * model[j];
 }
 
+/* The same for a bfloat16 model read as stored: widened in the loop, not through a scratch tile. */
+VECTOR_CLONES
+static void accumulate_difference_bf16(int64_t len, const uint16_t *model, const float *base, float weight,
+                                       float *total) {
+    for (int64_t j = 0; j < len; j++) {
+        uint32_t widened = (uint32_t)model[j] << 16;
+        float value;
+        memcpy(&value, &widened, sizeof value);
+        total[j] += base ? weight * (value - base[j]) : weight * value;
+    }
+}
+
+/* total += weight · (model − base) (or weight · model without a base) over one tile of model i, as stored. */
+static void accumulate_model(int64_t len, const void *model, int dtype, int64_t start, const float *base,
+                             float weight, float *total, float *scratch) {
+    if (dtype == DTYPE_BF16)
+        accumulate_difference_bf16(len, (const uint16_t *)model + start, base, weight, total);
+    else
+        accumulate_difference(len, input_tile(model, dtype, start, len, scratch), base, weight, total);
+}
+
 /* ---- linear combinations --------------------------------------------------------------------------------------
  * With a base: θ = b + Σ_i c_i (x_i − b), accumulated in the order of the models (task arithmetic, lerp); without
  * (base == NULL): θ = Σ_i c_i x_i (weighted average). `weights` are the coefficients c_i. */
@@ -516,18 +537,13 @@ int nbm_linear(int64_t n, int64_t count, const void *const *models, const int *d
     float total[TILE], base_scratch[TILE], model_scratch[TILE];
     for (int64_t start = 0; start < count; start += TILE) {
         int64_t len = count - start < TILE ? count - start : TILE;
-        if (base) {
-            const float *b = input_tile(base, base_dtype, start, len, base_scratch);
+        const float *b = base ? input_tile(base, base_dtype, start, len, base_scratch) : NULL;
+        if (b)
             memcpy(total, b, sizeof(float) * (size_t)len);
-            for (int64_t i = 0; i < n; i++)
-                accumulate_difference(len, input_tile(models[i], dtypes[i], start, len, model_scratch), b,
-                                      weights[i], total);
-        } else {
+        else
             memset(total, 0, sizeof(float) * (size_t)len);
-            for (int64_t i = 0; i < n; i++)
-                accumulate_difference(len, input_tile(models[i], dtypes[i], start, len, model_scratch), NULL,
-                                      weights[i], total);
-        }
+        for (int64_t i = 0; i < n; i++)
+            accumulate_model(len, models[i], dtypes[i], start, b, weights[i], total, model_scratch);
         store_tile(out, out_dtype, start, len, total);
     }
     return 0;
