@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .buffers import BufferPool
-from .direct_write import DirectFile
+from .direct_write import ALIGNMENT, DirectFile
 from .errors import ModelInputError
 
 DTYPES = {
@@ -145,7 +145,9 @@ class ShardWriter:
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
+        # the data section starts on an ALIGNMENT boundary (the format allows trailing spaces in the header), so
+        # that tensors whose sizes are whole blocks go to the disk straight from their memory (DirectFile)
+        encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)
         self.data_bytes = offset
         self._file = DirectFile(path)
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)

@@ -207,7 +207,7 @@ def _inside_fractions(samples: torch.Tensor, brackets: list[tuple[float, float]]
     inside its bracket."""
     if not samples.numel():
         return [1.0] * len(brackets), 1.0
-    rows = samples.numpy()
+    rows = samples.cpu().numpy()  # a small sample, wherever it was computed
     lows = np.array([lo for lo, _ in brackets], dtype=rows.dtype)[:, None]
     highs = np.array([hi for _, hi in brackets], dtype=rows.dtype)[:, None]
     inside = (rows >= lows) & (rows <= highs)

@@ -128,3 +128,42 @@ def test_a_failed_write_is_raised_naming_the_file_not_swallowed(tmp_path, monkey
         writer.close()
     writer.abort()
     assert writer.fd == -1
+
+
+def _page_aligned(values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``values`` in page-aligned memory, as the engine's pooled buffers are."""
+    import mmap
+
+    raw = torch.frombuffer(mmap.mmap(-1, values.numel() * values.element_size()), dtype=values.dtype)
+    return raw.view(values.shape).copy_(values) if values.numel() else raw
+
+
+def test_aligned_pieces_go_to_the_disk_from_their_own_memory_and_the_rest_is_staged(tmp_path):
+    if not _supports_direct_io(tmp_path):
+        pytest.skip("this file system has no O_DIRECT: everything is written through the page cache")
+    generator = torch.Generator().manual_seed(3)
+    header = b"{" + b" " * (ALIGNMENT - 2) + b"}"                      # a block, like ShardWriter's padded header
+    big = _page_aligned(torch.randn(3 * STAGE // 4, generator=generator))   # whole blocks, page-aligned
+    odd = _page_aligned(torch.randn(1001, generator=generator))             # leaves the file unaligned
+    after = _page_aligned(torch.randn(ALIGNMENT, generator=generator))      # aligned memory, unaligned offset
+    writer = DirectFile(tmp_path / "out.bin")
+    writer.write(header[:ALIGNMENT])
+    writer.write(big)
+    assert writer._allocated == 1 and writer._filled == 0  # the header was staged, the tensor not copied
+    writer.write(odd)
+    writer.write(after)
+    assert writer._in_flight_bytes <= direct_write.IN_FLIGHT_BYTES
+    writer.close()
+    expected = header[:ALIGNMENT] + b"".join(t.numpy().tobytes() for t in (big, odd, after))
+    assert (tmp_path / "out.bin").read_bytes() == expected
+
+
+def test_what_waits_for_the_disk_stays_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_write, "IN_FLIGHT_BYTES", 3 * ALIGNMENT)
+    writer = DirectFile(tmp_path / "out.bin")
+    pieces = [_page_aligned(torch.full((ALIGNMENT // 4,), float(i))) for i in range(10)]
+    for piece in pieces:
+        writer.write(piece)
+        assert writer._in_flight_bytes <= 3 * ALIGNMENT
+    writer.close()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(p.numpy().tobytes() for p in pieces)
