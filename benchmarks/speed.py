@@ -10,7 +10,9 @@ What it does, in one run:
   3. Runs each merge (linear, task_arithmetic, ties, dare_ties, slerp) with each tool, best of 3 (see REPEAT),
      every run in a fresh subprocess: nbmerge (this venv), mergekit (its venv, ``run_merge`` with mergekit's
      default options), and the I/O floor (plain ``safetensors``: read every input tensor the merge reads, write
-     the output's bytes, no arithmetic). A subprocess records its import time, its merge time and its whole-life peak RSS (VmHWM, read
+     the output's bytes, no arithmetic; the targets' floor, as the issue defines it) and the direct floor (the
+     same reads, the output written with O_DIRECT like nbmerge's: on a VM whose page-cache writes cost seconds of
+     CPU, the disk's own floor; shown beside the targets, not one). A subprocess records its import time, its merge time and its whole-life peak RSS (VmHWM, read
      in the process itself, so a fresh address space: the parent's memory never counts).
      Warm: the inputs are read once before the run. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
      file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
@@ -38,6 +40,7 @@ Usage (with the project's venv):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -68,6 +71,8 @@ TABLE_MODELS = 3
 # the fastest counts (with the largest peak RSS of the runs). On a VM, memory the guest frees goes back to the host
 # within seconds and costs ~1.5 s per GB to touch again, so one run of a series can take 2-3x the next whatever
 # the tool: with a single run, ratios near a target line are a coin toss.
+TOOLS = ("nbmerge", "mergekit", "floor", "direct floor")
+WITHOUT_MERGEKIT = tuple(t for t in TOOLS if t != "mergekit")
 REPEAT, REPEAT_BUDGET = 3, 60.0  # the tools take turns run by run (nbmerge, mergekit, floor, nbmerge, ...)
 
 # method row -> (mergekit config builder, nbmerge method and params, which inputs: "models", "base+models",
@@ -144,13 +149,14 @@ def child_main(spec_path: str) -> None:
         options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True,
                                random_seed=0)
         run_merge(MergeConfiguration.model_validate(spec["mergekit"]), spec["out"], options=options)
-    elif tool == "floor":
+    elif tool in ("floor", "direct floor"):
         import torch
         from safetensors import safe_open
         from safetensors.torch import save_file
 
         imported, cpu_at_import = time.perf_counter(), _cpu_seconds()
-        copy_io_floor(spec["inputs"], spec["out"], safe_open, save_file, torch)
+        write = save_file if tool == "floor" else functools.partial(save_direct, torch=torch)
+        copy_io_floor(spec["inputs"], spec["out"], safe_open, write, torch)
     else:
         raise ValueError(tool)
     finished = time.perf_counter()
@@ -176,6 +182,53 @@ def copy_io_floor(inputs: list[str], out: str, safe_open, save_file, torch) -> N
             if index == 0:
                 save_file(tensors, str(Path(out) / shard.name), metadata={"format": "pt"})
             del tensors
+
+
+DIRECT_CHUNK = 64 * MIB  # the aligned staging buffer of the direct floor (O_DIRECT wants aligned memory and sizes)
+
+
+def save_direct(tensors: dict, path: str, metadata: dict, torch) -> None:
+    """The same safetensors file, written with O_DIRECT: the 8-byte header length and the JSON header, then each
+    tensor's bytes, streamed through one page-aligned buffer; the last block is padded, then the file truncated
+    to its length. The disk's own write speed, with no page-cache copy (nbmerge writes its outputs this way)."""
+    import mmap
+
+    dtype_names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                   torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+    names = list(tensors)
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        size = tensors[name].numel() * tensors[name].element_size()
+        header[name] = {"dtype": dtype_names[tensors[name].dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    pieces = [torch.frombuffer(bytearray(len(encoded).to_bytes(8, "little") + encoded), dtype=torch.uint8)]
+    pieces += [tensors[name].reshape(-1).view(torch.uint8) for name in names]
+    staging_map = mmap.mmap(-1, DIRECT_CHUNK)
+    staging = torch.frombuffer(staging_map, dtype=torch.uint8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        filled, length = 0, 0
+        for piece in pieces:
+            done = 0
+            while done < piece.numel():
+                n = min(DIRECT_CHUNK - filled, piece.numel() - done)
+                staging[filled:filled + n].copy_(piece[done:done + n])
+                filled, done = filled + n, done + n
+                if filled == DIRECT_CHUNK:
+                    os.write(fd, staging_map)
+                    length, filled = length + filled, 0
+        if filled:
+            padded = -(-filled // 4096) * 4096
+            os.write(fd, memoryview(staging_map)[:padded])
+            length += filled
+        os.ftruncate(fd, length)
+    finally:
+        os.close(fd)
+        del staging
+        staging_map.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +321,7 @@ def merge_inputs(data: dict, kind: str, n_models: int) -> tuple[str | None, list
 
 
 def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path | None, n_models: int,
-               tools=("nbmerge", "mergekit", "floor"), repeat: int = REPEAT) -> dict:
+               tools=TOOLS, repeat: int = REPEAT) -> dict:
     mergekit_name, (method, params), kind = METHODS[row]
     base, models, inputs = merge_inputs(data, kind, n_models)
     spec = {"label": f"{row} on {data['name']} ({cache})", "models": models, "base": base,
@@ -276,7 +329,8 @@ def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path |
             "mergekit": mergekit_config(mergekit_name, data["base"], models, data["dtype"]), "inputs": inputs}
     measured = {"row": row, "set": data["name"], "cache": cache, "n_models": n_models,
                 "input_bytes": sum(f.stat().st_size for f in input_files(inputs))}
-    pythons = {"nbmerge": Path(sys.executable), "floor": Path(sys.executable), "mergekit": mergekit}
+    pythons = {"nbmerge": Path(sys.executable), "floor": Path(sys.executable), "direct floor": Path(sys.executable),
+               "mergekit": mergekit}
     runs = {tool: [] for tool in tools if not (tool == "mergekit" and mergekit is None)}
 
     def wants_more(tool_runs: list) -> bool:
@@ -286,7 +340,7 @@ def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path |
         for tool, tool_runs in runs.items():  # the tools take turns, so a slow stretch of the machine hits all
             if wants_more(tool_runs):
                 tool_runs.append(run_one(tool, pythons[tool], spec, workdir, cache, inputs))
-                log(f"  {tool:8s} {row:20s} {data['name']:5s} {cache}: {tool_runs[-1]['seconds']:7.2f} s "
+                log(f"  {tool:12s} {row:20s} {data['name']:5s} {cache}: {tool_runs[-1]['seconds']:7.2f} s "
                     f"(+{tool_runs[-1]['import_seconds']:.1f} s import), peak "
                     f"{tool_runs[-1]['peak_rss'] / MIB:6.0f} MiB")
     for tool, tool_runs in runs.items():
@@ -308,9 +362,17 @@ def render(header: list[str], rows: list[list[str]], left: set[int]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
+def direct_columns(r: dict) -> list[str]:
+    """The direct floor's seconds and nbmerge's ratio to it (shown beside the targets' floor, not a target)."""
+    direct = r.get("direct floor")
+    if direct is None:
+        return ["-", "-"]
+    return [f"{direct['seconds']:.2f}", f"{r['nbmerge']['seconds'] / direct['seconds']:.2f}x"]
+
+
 def ratio_table(results: list[dict]) -> tuple[str, list[str]]:
     header = ["set", "cache", "method", "nbmerge s", "mergekit s", "floor s", "mk/nb", "target",
-              "nb/floor", "target", "nb RSS MiB", "mk RSS MiB", "mk e2e s", "nb e2e s"]
+              "nb/floor", "target", "direct floor s", "nb/direct", "nb RSS MiB", "mk RSS MiB", "mk e2e s", "nb e2e s"]
     rows, misses = [], []
     for r in results:
         nb, mk, floor = r["nbmerge"], r.get("mergekit"), r["floor"]
@@ -330,6 +392,7 @@ def ratio_table(results: list[dict]) -> tuple[str, list[str]]:
                      f"{floor['seconds']:.2f}", f"{speedup:.1f}x" if mk else "-",
                      f"{'>=' if ok_speed else 'MISS <'}{speedup_target}x",
                      f"{over_floor:.2f}x", f"{'<=' if ok_floor else 'MISS >'}{floor_target}x",
+                     *direct_columns(r),
                      f"{nb['peak_rss'] / MIB:.0f}", f"{mk['peak_rss'] / MIB:.0f}" if mk else "-",
                      f"{mk['wall']:.1f}" if mk else "-", f"{nb['wall']:.1f}"])
     return render(header, rows, {0, 1, 2}), misses
@@ -337,11 +400,11 @@ def ratio_table(results: list[dict]) -> tuple[str, list[str]]:
 
 def scaling_table(results: list[dict]) -> str:
     header = ["method", "set", "layers", "models", "input GiB", "nbmerge s", "GB/s read", "floor s", "nb/floor",
-              "peak RSS MiB"]
+              "direct floor s", "nb/direct", "peak RSS MiB"]
     rows = [[r["row"], r["set"], str(r["layers"]), str(r["n_models"]), f"{r['input_bytes'] / GIB:.2f}",
              f"{r['nbmerge']['seconds']:.2f}", f"{r['input_bytes'] / r['nbmerge']['seconds'] / 1e9:.2f}",
              f"{r['floor']['seconds']:.2f}", f"{r['nbmerge']['seconds'] / r['floor']['seconds']:.2f}x",
-             f"{r['nbmerge']['peak_rss'] / MIB:.0f}"] for r in results]
+             *direct_columns(r), f"{r['nbmerge']['peak_rss'] / MIB:.0f}"] for r in results]
     return render(header, rows, {0, 1})
 
 
@@ -398,7 +461,7 @@ def main(argv=None) -> int:
             for row in rows:
                 # mergekit has one TIES (per tensor): the model-scope row is compared with that same measurement
                 shared = METHODS[row][0] if row != METHODS[row][0] and METHODS[row][0] in measured else None
-                tools = ("nbmerge", "floor") if shared else ("nbmerge", "mergekit", "floor")
+                tools = WITHOUT_MERGEKIT if shared else TOOLS
                 measured[row] = run_method(row, sets[set_name], args.workdir, cache, mergekit, TABLE_MODELS, tools,
                                            max(1, args.repeat))
                 if shared and "mergekit" in measured[shared]:
@@ -418,11 +481,11 @@ def main(argv=None) -> int:
         for row in ("task_arithmetic", "ties"):
             for count, data in by_layers.items():
                 scaling.append({**run_method(row, data, args.workdir, "warm", None, TABLE_MODELS,
-                                             tools=("nbmerge", "floor"), repeat=max(1, args.repeat)),
+                                             tools=WITHOUT_MERGEKIT, repeat=max(1, args.repeat)),
                                 "layers": count})
             for n_models in (2, 4, 8):
                 scaling.append({**run_method(row, sets["small"], args.workdir, "warm", None, n_models,
-                                             tools=("nbmerge", "floor"), repeat=max(1, args.repeat)),
+                                             tools=WITHOUT_MERGEKIT, repeat=max(1, args.repeat)),
                                 "layers": layers})
 
     print(f"nbmerge {git_commit()} vs mergekit {MERGEKIT_VERSION} (torch {TORCH_VERSION}) on {machine()}")
