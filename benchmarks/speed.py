@@ -12,8 +12,9 @@ What it does, in one run:
      default options), and the I/O floor (plain ``safetensors``: read every input tensor the merge reads, write
      the output's bytes, no arithmetic; the targets' floor, as the issue defines it) and the direct floor (the
      same reads, the output written with O_DIRECT like nbmerge's: on a VM whose page-cache writes cost seconds of
-     CPU, the disk's own floor; shown beside the targets, not one). A subprocess records its import time, its merge time and its whole-life peak RSS (VmHWM, read
-     in the process itself, so a fresh address space: the parent's memory never counts).
+     CPU, the disk's own floor; shown beside the targets, not one). A subprocess records its import time, its
+     merge time and its whole-life peak RSS (VmHWM, read in the process itself, so a fresh address space: the
+     parent's memory never counts).
      Warm: the inputs are read once before the run. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
      file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
      is not used). ``sync`` runs before every measured run, so no write-back of an earlier output overlaps it.
@@ -210,7 +211,7 @@ def save_direct(tensors: dict, path: str, metadata: dict, torch) -> None:
     staging = torch.frombuffer(staging_map, dtype=torch.uint8)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
     try:
-        filled, length = 0, 0
+        filled = 0
         for piece in pieces:
             done = 0
             while done < piece.numel():
@@ -219,12 +220,11 @@ def save_direct(tensors: dict, path: str, metadata: dict, torch) -> None:
                 filled, done = filled + n, done + n
                 if filled == DIRECT_CHUNK:
                     os.write(fd, staging_map)
-                    length, filled = length + filled, 0
+                    filled = 0
         if filled:
             padded = -(-filled // 4096) * 4096
             os.write(fd, memoryview(staging_map)[:padded])
-            length += filled
-        os.ftruncate(fd, length)
+        os.ftruncate(fd, 8 + len(encoded) + offset)
     finally:
         os.close(fd)
         del staging
@@ -329,8 +329,7 @@ def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path |
             "mergekit": mergekit_config(mergekit_name, data["base"], models, data["dtype"]), "inputs": inputs}
     measured = {"row": row, "set": data["name"], "cache": cache, "n_models": n_models,
                 "input_bytes": sum(f.stat().st_size for f in input_files(inputs))}
-    pythons = {"nbmerge": Path(sys.executable), "floor": Path(sys.executable), "direct floor": Path(sys.executable),
-               "mergekit": mergekit}
+    pythons = {tool: mergekit if tool == "mergekit" else Path(sys.executable) for tool in TOOLS}
     runs = {tool: [] for tool in tools if not (tool == "mergekit" and mergekit is None)}
 
     def wants_more(tool_runs: list) -> bool:
