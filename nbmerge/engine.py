@@ -1,8 +1,8 @@
 """The streaming engine: one pass over tensor names, each read, merged on the device, and handed to a sink.
 
-Memory stays a few tensors wide whatever the model size: a reader thread prefetches the next tensor of every
-model while the current one merges, and the sink writes the previous result in its own thread. Whole-model
-stages (a method's ``Stage``) run first as passes of their own over the same stream.
+Memory stays a few tensors wide whatever the model size: reader threads (one per input) prefetch the next
+tensors of every model while the current one merges, and the sink writes the previous result in its own
+thread. Whole-model stages (a method's ``Stage``) run first as passes of their own over the same stream.
 
 On the CPU, the reader maps each input tensor from its file (the page cache's pages, not a copy), and tensors are
 converted to the compute dtype and assembled in their output dtype in buffers lent by a ``BufferPool`` (reused,
@@ -32,6 +32,7 @@ from .progress import Progress
 from .sources import ModelSource
 
 PREFETCH_DEPTH = 2
+MAX_READERS = 8  # reader threads: one per input, up to this many
 TRIM_AFTER_BYTES = 16 * 2**20  # after a tensor this large, free heap pages go back to the OS
 CHUNK = 1 << 20  # positions per kernel call for elementwise methods on the CPU
 ALIGNMENT = 64  # bytes: a cache line, and the widest vector loads
@@ -159,40 +160,50 @@ class Engine:
         return tensor.to(device=self.device, non_blocking=True).to(dtype)
 
     # -- reading ahead --------------------------------------------------------------------------------------
-    def _read(self, tensor: TensorPlan) -> dict:
+    def _sources_of(self, tensor: TensorPlan) -> tuple[list[ModelSource], ModelSource | None]:
+        """The models and the base whose copies of ``tensor`` its merge reads (a tensor taken from the base: the
+        base's copy alone)."""
         if tensor.route == BASE:
-            return {"base": (self.base or self.models[0]).read(tensor.name, self.pool)}
-        loaded = {"models": [source.read(tensor.name, self.pool) for source in self.models]}
-        if self.base is not None:
-            loaded["base"] = self.base.read(tensor.name, self.pool)
-        return loaded
+            return [], self.base or self.models[0]
+        return self.models, self.base
 
-    def _advise(self, tensor: TensorPlan) -> None:
-        """Start reading ``tensor``'s bytes from disk now (asynchronously), for every input that holds it."""
-        sources = [self.base or self.models[0]] if tensor.route == BASE else self.models + [self.base]
-        for source in sources:
-            if source is not None:
-                source.advise(tensor.name)
+    def _submit_reads(self, readers: ThreadPoolExecutor, tensor: TensorPlan) -> tuple[list[Future], Future | None]:
+        """Ask the disk for every input's copy of ``tensor`` now (asynchronously), and queue one read per input."""
+        models, base = self._sources_of(tensor)
+        for source in models + ([] if base is None else [base]):
+            source.advise(tensor.name)
+        return ([readers.submit(model.read, tensor.name, self.pool) for model in models],
+                None if base is None else readers.submit(base.read, tensor.name, self.pool))
 
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
-        """Yield (tensor, its loaded inputs) while a reader thread loads the next PREFETCH_DEPTH tensors (whose
-        bytes the disk is asked for as they are queued, so a cold read keeps every input file busy at once)."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-read") as reader:
-            pending: deque[tuple[TensorPlan, Future]] = deque()
-            upcoming = iter(tensors)
+        """Yield (tensor, its loaded inputs) while reader threads, one per input, load the next PREFETCH_DEPTH
+        tensors. Each input's copy is read by a thread of its own: a read that waits for the disk (a page-cache
+        miss) then keeps every input file busy at once instead of one after the other."""
+        inputs = len(self.models) + (self.base is not None)
+        with ThreadPoolExecutor(max_workers=min(inputs, MAX_READERS), thread_name_prefix="nbmerge-read") as readers:
+            pending: deque[tuple[TensorPlan, tuple[list[Future], Future | None]]] = deque()
             try:
-                for tensor in upcoming:
-                    self._advise(tensor)
-                    pending.append((tensor, reader.submit(self._read, tensor)))
+                for tensor in tensors:
+                    pending.append((tensor, self._submit_reads(readers, tensor)))
                     if len(pending) > PREFETCH_DEPTH:
-                        done, future = pending.popleft()
-                        yield done, future.result()
+                        done, reads = pending.popleft()
+                        yield done, _loaded(reads)
                 while pending:
-                    done, future = pending.popleft()
-                    yield done, future.result()
+                    done, reads = pending.popleft()
+                    yield done, _loaded(reads)
             finally:
-                for _, future in pending:
-                    future.cancel()
+                for _, (models, base) in pending:
+                    for future in models + ([] if base is None else [base]):
+                        future.cancel()
+
+
+def _loaded(reads: tuple[list[Future], Future | None]) -> dict:
+    """A tensor's inputs once read: {"models": [...], "base": ...} ("base" only where the merge reads one)."""
+    models, base = reads
+    loaded = {"models": [future.result() for future in models]}
+    if base is not None:
+        loaded["base"] = base.result()
+    return loaded
 
 
 @contextmanager

@@ -453,3 +453,29 @@ def test_every_input_tensor_is_asked_from_disk_before_it_is_read(llama_set, monk
     monkeypatch.setattr(sources.SafetensorsSource, "read", read_after_advice)
     nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, progress=False)
     assert read and sorted(read) == sorted(advised)
+
+
+def test_the_inputs_of_a_tensor_are_read_at_the_same_time(llama_set, monkeypatch):
+    """A read that waits for the disk holds up no other input: every input's copy of a tensor is read by a thread
+    of its own (here each read waits until all inputs' reads of the same tensor have started; read one after
+    the other, the first would wait forever and the barrier break)."""
+    import threading
+
+    from nbmerge import sources
+
+    inputs = len(llama_set.model_dirs) + 1
+    barriers: dict[str, threading.Barrier] = {}
+    lock = threading.Lock()
+    real_read = sources.SafetensorsSource.read
+
+    def read_with_the_others(self, name, pool=None):
+        with lock:
+            barrier = barriers.setdefault(name, threading.Barrier(inputs, timeout=20))
+        barrier.wait()
+        return real_read(self, name, pool)
+
+    monkeypatch.setattr(sources.SafetensorsSource, "read", read_with_the_others)
+    merged = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, scaling=0.4,
+                           progress=False)
+    assert len(barriers) == len(llama_set.base)
+    assert_close_to(task_arithmetic_by_hand(llama_set.base, llama_set.models, 0.4), merged.state_dict)

@@ -65,3 +65,30 @@ def test_a_source_whose_files_cannot_be_mapped_reads_them_instead(stored, monkey
         assert torch.equal(source.read("b.bias"), tensors["b.bias"])
     finally:
         source.close()
+
+
+def test_where_the_kernel_cannot_populate_a_mapping_its_pages_are_read_in_instead(stored, monkeypatch):
+    """Kernels older than Linux 5.14 refuse MADV_POPULATE_READ; the pages are then faulted in by reading them."""
+    from nbmerge import safetensors_io
+
+    asked = []
+
+    def refusing_madvise(address, length, advice):
+        asked.append(advice)
+        return -1
+
+    monkeypatch.setattr(safetensors_io, "_MADVISE", refusing_madvise)
+    path, tensors = stored
+    entries, _ = read_header(path)
+    with open(path, "rb") as f:
+        for name in ("a.weight", "b.bias"):
+            assert torch.equal(map_tensor(f, entries[name]), tensors[name])
+    assert asked == [safetensors_io._MADV_POPULATE_READ] * 2
+
+
+def test_mapped_tensors_are_populated_without_holding_the_gil():
+    """mmap.madvise keeps the GIL through a populate that may wait for the disk; libc's, through ctypes, lets
+    it go (so the merge's own threads run meanwhile)."""
+    from nbmerge import safetensors_io
+
+    assert safetensors_io._MADVISE is not None and safetensors_io._MADVISE.__class__.__module__ == "ctypes"
