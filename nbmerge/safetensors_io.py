@@ -11,6 +11,7 @@ Writing knows every output shape up front, so a shard's header is written first 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -111,10 +112,15 @@ def _populate(mapping: mmap.mmap, address: int) -> None:
     cached, with the GIL released: through ``mmap.madvise`` a cold populate in the reader thread stopped every
     other Python thread until the disk answered (cold tensor-scope TIES on the large speed set: 15 s, 9 s
     without). Kernels without MADV_POPULATE_READ fault the pages in by reading one byte of each (in torch,
-    which also releases the GIL)."""
+    which also releases the GIL). Pages that cannot be read raise OSError here (the caller then reads the
+    tensor with ``preadv``, whose errors name the file) instead of faulting later in a kernel."""
     mapping.madvise(mmap.MADV_SEQUENTIAL)  # large readahead when the pages are not cached
-    if _MADVISE is not None and _MADVISE(address, len(mapping), _MADV_POPULATE_READ) == 0:
-        return
+    if _MADVISE is not None:
+        if _MADVISE(address, len(mapping), _MADV_POPULATE_READ) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS):  # the pages could not be read (EIO, EFAULT): never touch them
+            raise OSError(error, f"populating a mapped tensor: {os.strerror(error)}")
     mapping.madvise(mmap.MADV_WILLNEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,5 +1,7 @@
 """Reading safetensors files: mapped tensors hold the file's values, never write back, and fail cleanly."""
 
+import ctypes
+import errno
 import os
 
 import pytest
@@ -75,6 +77,7 @@ def test_where_the_kernel_cannot_populate_a_mapping_its_pages_are_read_in_instea
 
     def refusing_madvise(address, length, advice):
         asked.append(advice)
+        ctypes.set_errno(errno.EINVAL)
         return -1
 
     monkeypatch.setattr(safetensors_io, "_MADVISE", refusing_madvise)
@@ -92,3 +95,24 @@ def test_mapped_tensors_are_populated_without_holding_the_gil():
     from nbmerge import safetensors_io
 
     assert safetensors_io._MADVISE is not None and safetensors_io._MADVISE.__class__.__module__ == "ctypes"
+
+
+def test_a_mapping_whose_pages_cannot_be_read_is_read_with_preadv_instead(stored, monkeypatch):
+    """An I/O error while populating is never left to fault inside a kernel: the source reads the tensor."""
+    from nbmerge import safetensors_io, sources
+
+    def failing_madvise(address, length, advice):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(safetensors_io, "_MADVISE", failing_madvise)
+    path, tensors = stored
+    entries, _ = read_header(path)
+    with open(path, "rb") as f, pytest.raises(OSError, match="populating a mapped tensor"):
+        map_tensor(f, entries["a.weight"])
+    source = sources.SafetensorsSource([path], "model", None)
+    try:
+        assert torch.equal(source.read("a.weight"), tensors["a.weight"])
+        assert torch.equal(source.read("b.bias"), tensors["b.bias"])
+    finally:
+        source.close()
