@@ -160,20 +160,19 @@ class Engine:
         return tensor.to(device=self.device, non_blocking=True).to(dtype)
 
     # -- reading ahead --------------------------------------------------------------------------------------
-    def _sources_of(self, tensor: TensorPlan) -> tuple[list[ModelSource], ModelSource | None]:
-        """The models and the base whose copies of ``tensor`` its merge reads (a tensor taken from the base: the
-        base's copy alone)."""
+    def _sources_of(self, tensor: TensorPlan) -> tuple[list[ModelSource], bool]:
+        """The inputs whose copies of ``tensor`` its merge reads, the base (if one is read) last, and whether one
+        is (a tensor taken from the base: the base's copy alone)."""
         if tensor.route == BASE:
-            return [], self.base or self.models[0]
-        return self.models, self.base
+            return [self.base or self.models[0]], True
+        return self.models + ([] if self.base is None else [self.base]), self.base is not None
 
-    def _submit_reads(self, readers: ThreadPoolExecutor, tensor: TensorPlan) -> tuple[list[Future], Future | None]:
+    def _submit_reads(self, readers: ThreadPoolExecutor, tensor: TensorPlan) -> tuple[list[Future], bool]:
         """Ask the disk for every input's copy of ``tensor`` now (asynchronously), and queue one read per input."""
-        models, base = self._sources_of(tensor)
-        for source in models + ([] if base is None else [base]):
+        sources, with_base = self._sources_of(tensor)
+        for source in sources:
             source.advise(tensor.name)
-        return ([readers.submit(model.read, tensor.name, self.pool) for model in models],
-                None if base is None else readers.submit(base.read, tensor.name, self.pool))
+        return [readers.submit(source.read, tensor.name, self.pool) for source in sources], with_base
 
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
         """Yield (tensor, its loaded inputs) while reader threads, one per input, load the next PREFETCH_DEPTH
@@ -181,29 +180,28 @@ class Engine:
         miss) then keeps every input file busy at once instead of one after the other."""
         inputs = len(self.models) + (self.base is not None)
         with ThreadPoolExecutor(max_workers=min(inputs, MAX_READERS), thread_name_prefix="nbmerge-read") as readers:
-            pending: deque[tuple[TensorPlan, tuple[list[Future], Future | None]]] = deque()
+            pending: deque[tuple[TensorPlan, tuple[list[Future], bool]]] = deque()
             try:
                 for tensor in tensors:
                     pending.append((tensor, self._submit_reads(readers, tensor)))
                     if len(pending) > PREFETCH_DEPTH:
                         done, reads = pending.popleft()
-                        yield done, _loaded(reads)
+                        yield done, _loaded(*reads)
                 while pending:
                     done, reads = pending.popleft()
-                    yield done, _loaded(reads)
+                    yield done, _loaded(*reads)
             finally:
-                for _, (models, base) in pending:
-                    for future in models + ([] if base is None else [base]):
+                for _, (futures, _) in pending:
+                    for future in futures:
                         future.cancel()
 
 
-def _loaded(reads: tuple[list[Future], Future | None]) -> dict:
-    """A tensor's inputs once read: {"models": [...], "base": ...} ("base" only where the merge reads one)."""
-    models, base = reads
-    loaded = {"models": [future.result() for future in models]}
-    if base is not None:
-        loaded["base"] = base.result()
-    return loaded
+def _loaded(futures: list[Future], with_base: bool) -> dict:
+    """A tensor's inputs once read: {"models": [...], "base": ...} ("base", the last read, only where one is)."""
+    values = [future.result() for future in futures]
+    if not with_base:
+        return {"models": values}
+    return {"models": values[:-1], "base": values[-1]}
 
 
 @contextmanager

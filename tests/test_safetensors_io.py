@@ -12,6 +12,17 @@ from nbmerge.errors import ModelInputError
 from nbmerge.safetensors_io import map_tensor, read_header, read_tensor
 
 
+def assert_a_source_reads_every_tensor(path, tensors):
+    from nbmerge import sources
+
+    source = sources.SafetensorsSource([path], "model", None)
+    try:
+        for name, expected in tensors.items():
+            assert torch.equal(source.read(name), expected)
+    finally:
+        source.close()
+
+
 @pytest.fixture
 def stored(tmp_path):
     tensors = {"a.weight": torch.randn(300, 70), "b.bias": torch.arange(5, dtype=torch.bfloat16),
@@ -61,12 +72,7 @@ def test_a_source_whose_files_cannot_be_mapped_reads_them_instead(stored, monkey
         raise OSError("no mmap on this file system")
 
     monkeypatch.setattr(sources, "map_tensor", unmappable)
-    source = sources.SafetensorsSource([path], "model", None)
-    try:
-        assert torch.equal(source.read("a.weight"), tensors["a.weight"])
-        assert torch.equal(source.read("b.bias"), tensors["b.bias"])
-    finally:
-        source.close()
+    assert_a_source_reads_every_tensor(path, tensors)
 
 
 def test_where_the_kernel_cannot_populate_a_mapping_its_pages_are_read_in_instead(stored, monkeypatch):
@@ -99,7 +105,7 @@ def test_mapped_tensors_are_populated_without_holding_the_gil():
 
 def test_a_mapping_whose_pages_cannot_be_read_is_read_with_preadv_instead(stored, monkeypatch):
     """An I/O error while populating is never left to fault inside a kernel: the source reads the tensor."""
-    from nbmerge import safetensors_io, sources
+    from nbmerge import safetensors_io
 
     def failing_madvise(address, length, advice):
         ctypes.set_errno(errno.EIO)
@@ -110,9 +116,4 @@ def test_a_mapping_whose_pages_cannot_be_read_is_read_with_preadv_instead(stored
     entries, _ = read_header(path)
     with open(path, "rb") as f, pytest.raises(OSError, match="populating a mapped tensor"):
         map_tensor(f, entries["a.weight"])
-    source = sources.SafetensorsSource([path], "model", None)
-    try:
-        assert torch.equal(source.read("a.weight"), tensors["a.weight"])
-        assert torch.equal(source.read("b.bias"), tensors["b.bias"])
-    finally:
-        source.close()
+    assert_a_source_reads_every_tensor(path, tensors)
