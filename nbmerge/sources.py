@@ -9,8 +9,10 @@ ends, so a notebook that rewrites a checkpoint between merges never gets stale t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +90,20 @@ class SafetensorsSource(ModelSource):
         return read_tensor(self._files[entry.path], entry, pool)
 
     def advise(self, name: str) -> None:
+        """posix_fadvise(WILLNEED) on the tensor's bytes, unless its last byte is already in the page cache.
+
+        The advice walks the page cache over its range in the calling (engine's) thread: ~0.1 ms a tensor even
+        when every page is cached, once per input, tensor and pass (a model-scope TIES merge of the large speed
+        set, warm: 3200 calls, 0.3 s of the thread that merges). ``mincore`` on the page of the tensor's last
+        byte tells (~10 µs, reading nothing); the last byte, because the readahead of the tensor before often
+        reaches into the start of this one."""
         entry = self._entries[name]
-        if entry.nbytes and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._files[entry.path].fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
+        if not entry.nbytes or not hasattr(os, "posix_fadvise"):
+            return
+        fileno = self._files[entry.path].fileno()
+        if _cached(fileno, entry.end - 1):
+            return
+        os.posix_fadvise(fileno, entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def check_unchanged(self) -> None:
         for path, stamp in self._stamps.items():
@@ -114,6 +127,42 @@ class StateDictSource(ModelSource):
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         return self._tensors[name]
+
+
+def _libc_mincore():
+    """libc's (mmap, mincore, munmap) through ctypes; None where the C library lacks them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        calls = libc.mmap, libc.mincore, libc.munmap
+    except (OSError, AttributeError):
+        return None
+    calls[0].argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    calls[0].restype = ctypes.c_void_p
+    calls[1].argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    calls[2].argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return calls
+
+
+_MINCORE = _libc_mincore()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _cached(fileno: int, offset: int) -> bool:
+    """Whether the page holding byte ``offset`` of the file is in the page cache: ``mincore`` on a one-page
+    mapping of it (~3 µs; no read, so no readahead started, unlike a RWF_NOWAIT read). False where that cannot
+    be asked."""
+    if _MINCORE is None:
+        return False
+    map_page, mincore, unmap = _MINCORE
+    page_start = offset - offset % mmap.PAGESIZE
+    address = map_page(None, mmap.PAGESIZE, mmap.PROT_READ, mmap.MAP_SHARED, fileno, page_start)
+    if address in (None, _MAP_FAILED):
+        return False
+    try:
+        residency = ctypes.create_string_buffer(1)
+        return mincore(address, mmap.PAGESIZE, residency) == 0 and residency.raw[0] & 1 == 1
+    finally:
+        unmap(address, mmap.PAGESIZE)
 
 
 def open_model(model: Any, label: str) -> ModelSource:

@@ -455,6 +455,62 @@ def test_every_input_tensor_is_asked_from_disk_before_it_is_read(llama_set, monk
     assert read and sorted(read) == sorted(advised)
 
 
+def _advice_recorded(path: Path, monkeypatch) -> tuple[SafetensorsSource, list]:
+    """A source on ``path`` whose posix_fadvise calls (offset, length, advice) are recorded (and still made)."""
+    from nbmerge import sources
+
+    advised, real_fadvise = [], os.posix_fadvise
+    monkeypatch.setattr(sources.os, "posix_fadvise", lambda fd, offset, length, advice: (
+        advised.append((offset, length, advice)), real_fadvise(fd, offset, length, advice))[1])
+    return SafetensorsSource([path], "m", None), advised
+
+
+def _tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """(file offset, length) of each tensor's bytes, from the header as the format defines it."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    header.pop("__metadata__", None)
+    return {name: (8 + header_len + spec["data_offsets"][0], spec["data_offsets"][1] - spec["data_offsets"][0])
+            for name, spec in header.items()}
+
+
+def _saved_to_disk(tmp_path: Path) -> Path:
+    path = tmp_path / "m.safetensors"
+    # 16 MiB each: beyond the readahead that a probe of one tensor's last byte may start into the next
+    save_file({"a": torch.randn(1024, 4096), "b": torch.randn(4 << 20)}, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # written back, so that its pages can be dropped
+    return path
+
+
+def test_tensors_already_in_the_page_cache_are_not_asked_from_disk(tmp_path, monkeypatch):
+    """The advice costs the engine's thread ~0.1 ms a tensor even when every page is cached (in every pass of a
+    multi-pass merge): a tensor whose bytes are cached, as a file just written is, gets none."""
+    source, advised = _advice_recorded(_saved_to_disk(tmp_path), monkeypatch)
+    for name in ("a", "b"):
+        source.advise(name)
+    source.close()
+    assert advised == []
+
+
+def test_tensors_not_in_the_page_cache_are_asked_from_disk_whole(tmp_path, monkeypatch):
+    path = _saved_to_disk(tmp_path)
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        try:  # the header's page (a read there starts no readahead as far as either tensor's last page)
+            os.preadv(f.fileno(), [bytearray(1)], 0, os.RWF_NOWAIT)
+            pytest.skip(f"{tmp_path} keeps its pages in memory (tmpfs): nothing to drop")
+        except BlockingIOError:
+            pass
+    source, advised = _advice_recorded(path, monkeypatch)
+    for name in ("a", "b"):
+        source.advise(name)
+    source.close()
+    ranges = _tensor_ranges(path)
+    assert advised == [(*ranges["a"], os.POSIX_FADV_WILLNEED), (*ranges["b"], os.POSIX_FADV_WILLNEED)]
+
+
 def test_the_inputs_of_a_tensor_are_read_at_the_same_time(llama_set, monkeypatch):
     """A read that waits for the disk holds up no other input: every input's copy of a tensor is read by a thread
     of its own (here each read waits until all inputs' reads of the same tensor have started; read one after
