@@ -15,7 +15,8 @@ What it does, in one run:
      CPU, the disk's own floor; shown beside the targets, not one). A subprocess records its import time, its
      merge time and its whole-life peak RSS (VmHWM, read in the process itself, so a fresh address space: the
      parent's memory never counts).
-     Warm: the inputs are read once before the run. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
+     Warm: the inputs are dropped from the page cache and read once with read() before the run, so every run
+     starts from the cache a copy or a download leaves, whatever ran before. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
      file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
      is not used). ``sync`` runs before every measured run, so no write-back of an earlier output overlaps it.
   4. Prints one table: seconds, peak RSS, and the ratios mergekit / nbmerge (merge time, import excluded on both
@@ -279,6 +280,11 @@ def drop_from_page_cache(files: list[Path]) -> None:
 
 
 def read_into_page_cache(files: list[Path]) -> None:
+    """The warm state: every file dropped from the page cache, then read once with read(). How pages entered
+    the cache decides what mapping them costs (read() leaves large folios; readahead by posix_fadvise or by
+    mmap faults leaves many 4 KiB pages, ~10x dearer to map and unmap), so a cache left by whichever tool ran
+    before would favour one tool or the other."""
+    drop_from_page_cache(files)
     buffer = bytearray(64 * MIB)
     for path in files:
         with open(path, "rb", buffering=0) as f:
