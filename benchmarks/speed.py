@@ -281,8 +281,8 @@ def drop_from_page_cache(files: list[Path]) -> None:
 
 def read_into_page_cache(files: list[Path]) -> None:
     """The warm state: every file dropped from the page cache, then read once with read(). How pages entered
-    the cache decides what mapping them costs (read() leaves large folios; readahead by posix_fadvise or by
-    mmap faults leaves many 4 KiB pages, ~10x dearer to map and unmap), so a cache left by whichever tool ran
+    the cache decides what mapping them costs (read() leaves large folios; posix_fadvise(WILLNEED) or mmap faults
+    under MADV_RANDOM leave 4 KiB pages, ~10x dearer to map and unmap), so a cache left by whichever tool ran
     before would favour one tool or the other."""
     drop_from_page_cache(files)
     buffer = bytearray(64 * MIB)
