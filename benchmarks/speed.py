@@ -16,8 +16,8 @@ What it does, in one run:
      merge time and its whole-life peak RSS (VmHWM, read in the process itself, so a fresh address space: the
      parent's memory never counts).
      Warm: the inputs are dropped from the page cache and read once with read() before the run, so every run
-     starts from the cache a copy or a download leaves, whatever ran before. Cold: ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input
-     file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
+     starts from the cache a copy or a download leaves, whatever ran before. Cold:
+     ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input file before the run (per file, so other users of the machine keep their page cache; /proc/sys/vm/drop_caches
      is not used). ``sync`` runs before every measured run, so no write-back of an earlier output overlaps it.
   4. Prints one table: seconds, peak RSS, and the ratios mergekit / nbmerge (merge time, import excluded on both
      sides) and nbmerge / floor, with each target. ``--scaling`` adds the scaling run (nbmerge alone): time and

@@ -149,7 +149,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 def _cached(fileno: int, offset: int) -> bool:
     """Whether the page holding byte ``offset`` of the file is in the page cache: ``mincore`` on a one-page
-    mapping of it (~3 µs; no read, so no readahead started, unlike a RWF_NOWAIT read). False where that cannot
+    mapping of it (~10 µs; no read, so no readahead started, unlike a RWF_NOWAIT read). False where that cannot
     be asked."""
     if _MINCORE is None:
         return False

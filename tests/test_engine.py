@@ -477,7 +477,8 @@ def _tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
 
 def _saved_to_disk(tmp_path: Path) -> Path:
     path = tmp_path / "m.safetensors"
-    # 16 MiB each: beyond the readahead that a probe of one tensor's last byte may start into the next
+    # 16 MiB each: the readahead that the eviction check's read of the header page starts stops short of either
+    # tensor's last page
     save_file({"a": torch.randn(1024, 4096), "b": torch.randn(4 << 20)}, path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())  # written back, so that its pages can be dropped
@@ -498,7 +499,7 @@ def test_tensors_not_in_the_page_cache_are_asked_from_disk_whole(tmp_path, monke
     path = _saved_to_disk(tmp_path)
     with open(path, "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        try:  # the header's page (a read there starts no readahead as far as either tensor's last page)
+        try:  # a read that may not wait: it fails where the page was dropped
             os.preadv(f.fileno(), [bytearray(1)], 0, os.RWF_NOWAIT)
             pytest.skip(f"{tmp_path} keeps its pages in memory (tmpfs): nothing to drop")
         except BlockingIOError:
