@@ -9,10 +9,8 @@ ends, so a notebook that rewrites a checkpoint between merges never gets stale t
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 
 from .buffers import BufferPool
 from .errors import ModelInputError
-from .safetensors_io import TensorEntry, map_tensor, read_header, read_tensor
+from .safetensors_io import TensorEntry, map_tensor, page_cached, read_header, read_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -100,10 +98,9 @@ class SafetensorsSource(ModelSource):
         entry = self._entries[name]
         if not entry.nbytes or not hasattr(os, "posix_fadvise"):
             return
-        fileno = self._files[entry.path].fileno()
-        if _cached(fileno, entry.end - 1):
-            return
-        os.posix_fadvise(fileno, entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
+        file = self._files[entry.path]
+        if not page_cached(file, entry.end - 1):
+            os.posix_fadvise(file.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def check_unchanged(self) -> None:
         for path, stamp in self._stamps.items():
@@ -127,42 +124,6 @@ class StateDictSource(ModelSource):
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         return self._tensors[name]
-
-
-def _libc_mincore():
-    """libc's (mmap, mincore, munmap) through ctypes; None where the C library lacks them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        calls = libc.mmap, libc.mincore, libc.munmap
-    except (OSError, AttributeError):
-        return None
-    calls[0].argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    calls[0].restype = ctypes.c_void_p
-    calls[1].argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    calls[2].argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return calls
-
-
-_MINCORE = _libc_mincore()
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _cached(fileno: int, offset: int) -> bool:
-    """Whether the page holding byte ``offset`` of the file is in the page cache: ``mincore`` on a one-page
-    mapping of it (~10 µs; no read, so no readahead started, unlike a RWF_NOWAIT read). False where that cannot
-    be asked."""
-    if _MINCORE is None:
-        return False
-    map_page, mincore, unmap = _MINCORE
-    page_start = offset - offset % mmap.PAGESIZE
-    address = map_page(None, mmap.PAGESIZE, mmap.PROT_READ, mmap.MAP_SHARED, fileno, page_start)
-    if address in (None, _MAP_FAILED):
-        return False
-    try:
-        residency = ctypes.create_string_buffer(1)
-        return mincore(address, mmap.PAGESIZE, residency) == 0 and residency.raw[0] & 1 == 1
-    finally:
-        unmap(address, mmap.PAGESIZE)
 
 
 def open_model(model: Any, label: str) -> ModelSource:

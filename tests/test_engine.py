@@ -495,14 +495,14 @@ def test_tensors_already_in_the_page_cache_are_not_asked_from_disk(tmp_path, mon
 
 
 def test_tensors_not_in_the_page_cache_are_asked_from_disk_whole(tmp_path, monkeypatch):
-    from nbmerge.sources import _cached
+    from nbmerge.safetensors_io import page_cached
 
     path = _saved_to_disk(tmp_path)
     ranges = _tensor_ranges(path)
     with open(path, "rb") as f:
         for _ in range(20):  # pages still on a CPU's LRU batch or under write-back are kept: ask again
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            if not any(_cached(f.fileno(), start + length - 1) for start, length in ranges.values()):
+            if not any(page_cached(f, start + length - 1) for start, length in ranges.values()):
                 break
             time.sleep(0.05)
         else:
