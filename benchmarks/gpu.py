@@ -164,13 +164,14 @@ def kernel_job(method, params: dict, kind: str, shape: tuple[int, int], device: 
     n_models = 1 if kind == "base+1" else speed.TABLE_MODELS
     tunes = [(base.float() + 0.002 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
              for _ in range(n_models)]
-    on_device = [t.to(device).float() for t in ([base] + tunes if kind != "models" else tunes)]
-    checked = method.validate(params, n_models, kind != "models")
+    with_base = kind != "models"
+    on_device = [t.to(device).float() for t in ([base] if with_base else []) + tunes]
+    checked = method.validate(params, n_models, with_base)
     for param in method.params:
         if param.kind == "schedule":
             checked[param.name] = schedule_value(checked[param.name], "model.embed_tokens.weight", None, 14)
-    job = TensorJob(name="model.embed_tokens.weight", models=on_device[1:] if kind != "models" else on_device,
-                    base=on_device[0] if kind != "models" else None, params=checked, layer=None, num_layers=14,
+    job = TensorJob(name="model.embed_tokens.weight", models=on_device[with_base:],
+                    base=on_device[0] if with_base else None, params=checked, layer=None, num_layers=14,
                     out_dtype=torch.bfloat16)
     if method.name == "ties" and checked["trim_scope"] == "model":  # the stage's result, for this tensor alone
         job.stage_results[ties.GLOBAL_THRESHOLD] = {"thresholds": ties.tensor_thresholds(job, checked["density"]),
@@ -208,13 +209,13 @@ def end_to_end(devices: list[str], workdir: Path, set_name: str, repeat: int) ->
         base, models, inputs = speed.merge_inputs(data, kind, speed.TABLE_MODELS)
         input_bytes = sum(f.stat().st_size for f in speed.input_files(inputs))
         for where in devices:
-            runs, peak = [], None
+            reports = []
             for _ in range(repeat):
                 with tempfile.TemporaryDirectory(prefix="gpu-", dir=workdir) as out:
-                    result = nbmerge.merge(method, models, base=base, out=Path(out) / "merged", device=where,
-                                           progress=False, shard_size=data["shard_size"], **params)
-                runs.append(result.report.seconds)
-                peak = result.report.peak_device_bytes
+                    reports.append(nbmerge.merge(method, models, base=base, out=Path(out) / "merged", device=where,
+                                                 progress=False, shard_size=data["shard_size"], **params).report)
+            runs = [r.seconds for r in reports]
+            peak = None if reports[0].peak_device_bytes is None else max(r.peak_device_bytes for r in reports)
             best = min(runs)
             rows.append({"row": row, "device": where, "seconds": best, "runs": runs, "input_bytes": input_bytes,
                          "gbs": input_bytes / best / GB, "peak_device_gib": None if peak is None else peak / 2**30})
