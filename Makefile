@@ -28,8 +28,9 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium
 
-# the C kernels (plugins/kernels.c, built by setup.py into nbmerge_plugins/_kernels): rebuilt when they change
-$(KERNELS): $(STAMP) setup.py plugins/kernels.c
+# the C kernels (nbmerge_plugins/native/kernels.c, built by setup.py into nbmerge_plugins/native/_kernels): rebuilt
+# when they change
+$(KERNELS): $(STAMP) setup.py nbmerge_plugins/native/kernels.c
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(KERNELS)
 

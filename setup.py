@@ -1,4 +1,5 @@
-"""The one thing pyproject.toml cannot declare: the optional C kernels (plugins/kernels.c), loaded with ctypes.
+"""The one thing pyproject.toml cannot declare: the optional C kernels (nbmerge_plugins/native/kernels.c), loaded
+with ctypes.
 
 ``optional=True``: where no C compiler is available the install still succeeds and the methods use their torch
 path (``nbmerge_plugins.native.library()`` is then None). ``-ffp-contract=off``: no fused multiply-adds, so the
@@ -7,6 +8,6 @@ CPU."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("nbmerge_plugins._kernels", ["plugins/kernels.c"],
+setup(ext_modules=[Extension("nbmerge_plugins.native._kernels", ["nbmerge_plugins/native/kernels.c"],
                              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
                              optional=True)])

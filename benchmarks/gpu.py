@@ -129,7 +129,7 @@ def ulp_distance(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def agreement(device: torch.device, workdir: Path) -> list[dict]:
     """Each row merged in memory on the CPU and on ``device``: the worst ulp distance and how many differ."""
     import nbmerge
-    from nbmerge.synthetic import LlamaShape, build_llama_set
+    from nbmerge.workbench.models.synthetic_llama import LlamaShape, build_llama_set
 
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -155,9 +155,9 @@ def agreement(device: torch.device, workdir: Path) -> list[dict]:
 def kernel_job(method, params: dict, kind: str, shape: tuple[int, int], device: torch.device):
     """A TensorJob as the engine builds it on ``device``: the row's inputs (bfloat16 values, base ~ N(0, 0.02²),
     fine-tunes + N(0, 0.002²)) converted to float32 there, parameters validated and schedules resolved."""
-    from nbmerge.method import TensorJob
-    from nbmerge.params import schedule_value
-    from nbmerge_plugins import ties
+    from nbmerge.method.declaration import TensorJob
+    from nbmerge.method.params import schedule_value
+    from nbmerge_plugins import _selection, ties
 
     generator = torch.Generator().manual_seed(0)
     base = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
@@ -174,14 +174,14 @@ def kernel_job(method, params: dict, kind: str, shape: tuple[int, int], device: 
                     base=on_device[0] if with_base else None, params=checked, layer=None, num_layers=14,
                     out_dtype=torch.bfloat16)
     if method.name == "ties" and checked["trim_scope"] == "model":  # the stage's result, for this tensor alone
-        job.stage_results[ties.GLOBAL_THRESHOLD] = {"thresholds": ties.tensor_thresholds(job, checked["density"]),
+        job.stage_results[ties.GLOBAL_THRESHOLD] = {"thresholds": _selection.tensor_thresholds(job, checked["density"]),
                                                     "majority_sign": 1.0}
     return job
 
 
 def kernels(device: torch.device, shape: tuple[int, int], repeat: int, copy_gbs: float) -> list[dict]:
     """Each row's per-tensor kernel on ``device``: median seconds and effective GB/s."""
-    from nbmerge.registry import get_method
+    from nbmerge.plugins import get_method
 
     rows = []
     for row, (_, (method_name, params), kind) in speed.METHODS.items():

@@ -70,7 +70,7 @@ BASE_STD, NOISE_STD = 0.02, 0.002
 # Building checkpoint sets
 # ---------------------------------------------------------------------------------------------------------------
 def llama_shape(cfg: dict, layers: int):
-    from nbmerge.synthetic import LlamaShape
+    from nbmerge.workbench.models.synthetic_llama import LlamaShape
 
     return LlamaShape(layers=layers, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
                       vocab=cfg["vocab_size"], heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"])
@@ -118,7 +118,7 @@ def build_set(workdir: Path, config_name: str, cfg: dict, layers: int, dtype_nam
     ``cfg["shard_size"]`` sets the shard size (a size above the model's gives one ``model.safetensors``)."""
     import torch
 
-    from nbmerge.synthetic import build_llama_set
+    from nbmerge.workbench.models.synthetic_llama import build_llama_set
 
     dtype = getattr(torch, dtype_name)
     spec = set_spec(config_name, cfg, layers, dtype_name, finetunes)
@@ -190,6 +190,7 @@ def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
     import torch  # noqa: F401
+
     import nbmerge
 
     nbmerge.methods()  # loads nbmerge.api and the method plugins, so the baseline holds every module the merge uses

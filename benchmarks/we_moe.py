@@ -4,7 +4,7 @@
 Done-when target (issue 5): on the workbench's full profile, WE-MoE's average test accuracy is within 1.5 points
 of the individual fine-tuned models and at least 3 points above the best static merge.
 
-What it does, on the MiniLM zoo of ``--profile`` (built on this machine and cached, see ``nbmerge.zoo``):
+What it does, on the MiniLM zoo of ``--profile`` (built on this machine and cached, see ``nbmerge.workbench.models.zoo``):
   1. individual: each task under the encoder fine-tuned on it alone; pretrained: the base encoder.
   2. static merges, each with its hyperparameter chosen on the VALIDATION split and then evaluated once on test:
      simple_average; task_arithmetic over scaling ∈ {0.1, 0.2, ..., 1.0}; ties (density 0.2) over
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import nbmerge
-from nbmerge import zoo
-from nbmerge.evaluation import evaluate
+from nbmerge.workbench.evaluation import evaluate
+from nbmerge.workbench.models import zoo
 
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 TIES_GRID = [0.3, 0.5, 0.7, 1.0]
@@ -61,8 +61,8 @@ def tuned(method: str, grid: list[float], z, fixed: dict) -> tuple[dict, object]
 def oracle_routing(z, init_lambda: float = 0.3):
     """The ceiling of any routing: each task evaluated with every router emitting that task's one-hot vector, so
     each MLP is exactly that task's fine-tuned MLP (W_0 + τ_task) and the rest is task arithmetic as in we_moe."""
-    from nbmerge.evaluation import EvalReport, individual_accuracy, task_accuracy
-    from nbmerge_plugins.we_moe_layers import routed_blocks
+    from nbmerge.workbench.evaluation import EvalReport, individual_accuracy, task_accuracy
+    from nbmerge_plugins.we_moe.layers import routed_blocks
 
     result = nbmerge.merge("we_moe", z.models, base=z.base, pool=z.pool, steps=0, init_lambda=init_lambda,
                            router_hidden_layers=0, progress=False)

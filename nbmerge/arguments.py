@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .params import unknown_parameter_message
+from nbmerge.method.params import unknown_parameter_message
 
 
 def flag(param_name: str) -> str:

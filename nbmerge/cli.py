@@ -7,13 +7,13 @@ import argparse
 import json
 import sys
 
-from .arguments import method_parser, params_from_args
-from .errors import NBMergeError
+from nbmerge.arguments import method_parser, params_from_args
+from nbmerge.errors import NBMergeError
 
 
 def _merge(argv: list[str]) -> int:
-    from .api import merge
-    from .registry import get_method
+    from nbmerge.api import merge
+    from nbmerge.plugins import get_method
 
     if not argv or argv[0].startswith("-"):
         print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
@@ -24,7 +24,7 @@ def _merge(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     params = params_from_args(method, args)
     if method.build_module is not None:
-        from .registry import task_pool
+        from nbmerge.plugins import task_pool
 
         params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
@@ -39,7 +39,8 @@ def _merge(argv: list[str]) -> int:
 
 
 def _methods(argv: list[str]) -> int:
-    from .registry import all_methods, plugin_versions
+    from nbmerge.display import MethodTable
+    from nbmerge.plugins import all_methods, plugin_versions
 
     parser = argparse.ArgumentParser(prog="nbmerge methods", description="list the registered merge methods")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -50,12 +51,7 @@ def _methods(argv: list[str]) -> int:
         described = [dict(m.describe(), plugin_version=versions.get(m.plugin, "")) for m in methods]
         print(json.dumps(described, indent=2))
         return 0
-    for method in methods:
-        print(f"{method.name:<17} {method.summary}  [plugin {method.plugin} {versions.get(method.plugin, '')}]")
-        for param in method.params:
-            valid = f" {param.range_text()}" if param.range_text() else ""
-            print(f"    --{param.name.replace('_', '-'):<26} {json.dumps(param.plain(param.default)):<8}{valid}"
-                  f"  {param.help}")
+    print(MethodTable(methods, versions, flags=True))
     return 0
 
 
@@ -65,10 +61,10 @@ def _demo(argv: list[str]) -> int:
 
     import torch
 
-    from .api import merge
-    from .method import BASE_REQUIRED
-    from .registry import all_methods
-    from .synthetic import LlamaShape, build_llama_set
+    from nbmerge.api import merge
+    from nbmerge.method.declaration import BASE_REQUIRED
+    from nbmerge.plugins import all_methods
+    from nbmerge.workbench.models.synthetic_llama import LlamaShape, build_llama_set
 
     parser = argparse.ArgumentParser(prog="nbmerge demo", description=_demo.__doc__)
     parser.add_argument("--workdir", default=".nbmerge-demo", help="where the models and merges are written")
@@ -95,7 +91,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from .bench import run_bench
+    from nbmerge.workbench.bench import run_bench
 
     parser = argparse.ArgumentParser(prog="nbmerge bench", description="Evaluate every merge method (defaults and a "
                                      "validation-tuned grid) next to the pretrained and the individual models.")

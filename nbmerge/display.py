@@ -33,7 +33,8 @@ class MethodTable:
     Shown as an HTML table in notebooks and as text elsewhere; ``rows`` holds the same data as dicts.
     """
 
-    def __init__(self, methods, versions: dict[str, str]):
+    def __init__(self, methods, versions: dict[str, str], flags: bool = False):
+        self.flags = flags  # text form: parameters as command-line flags (--trim-scope) rather than names
         self.rows = []
         for method in methods:
             row = dict(method.describe(), plugin_version=versions.get(method.plugin, ""))
@@ -47,6 +48,8 @@ class MethodTable:
 
     def _param_text(self, param: dict) -> str:
         valid = f" {param['valid']}" if param["valid"] else ""
+        if self.flags:
+            return f"--{param['name'].replace('_', '-')} {json.dumps(param['default'])}{valid}"
         return f"{param['name']}={json.dumps(param['default'])}{valid}"
 
     def __str__(self) -> str:
@@ -77,38 +80,3 @@ class MethodTable:
         header = ("<tr><th>method</th><th>formula</th><th>plugin</th><th>models</th><th>base</th>"
                   "<th>parameters</th></tr>")
         return f"<table class='nbmerge-methods'>{header}{''.join(cells)}</table>"
-
-
-class ProgressDisplay:
-    """A bytes progress bar shown in a notebook output while a merge runs, replaced by the summary line at the end.
-
-    The bar and the summary share one display id, so a saved notebook keeps the summary, not a finished bar.
-    ``on_progress`` is the merge API's callback.
-    """
-
-    def __init__(self, description: str):
-        import ipywidgets as widgets
-        from IPython.display import display
-
-        self.bar = widgets.IntProgress(value=0, min=0, max=1, description=description,
-                                       style={"description_width": "initial"})
-        self.text = widgets.HTML()
-        self.box = widgets.HBox([self.bar, self.text])
-        self.handle = display(self.box, display_id=True)
-
-    def on_progress(self, event) -> None:
-        self.bar.max = max(event.total, 1)
-        if event.done == event.total or event.done - self.bar.value >= event.total / 100:
-            self.bar.value = event.done
-            self.text.value = f"{human_bytes(event.done)} / {human_bytes(event.total)}"
-
-    def finish(self, summary: str = "") -> None:
-        """Replace the bar by ``summary`` (nothing when empty) and release the widgets."""
-        from IPython.display import Pretty
-
-        self.handle.update(Pretty(summary))
-        for widget in (self.box, self.bar, self.text):  # closed, they are not saved with the notebook
-            widget.close()
-            widget.layout.close()
-            if hasattr(widget, "style"):
-                widget.style.close()

@@ -28,3 +28,7 @@ class MergeCancelled(NBMergeError):
 
 class OutputWriteError(NBMergeError, OSError):
     """Writing the output failed (disk full, quota, I/O error); names the file. Nothing is left in its place."""
+
+
+class RecipeError(NBMergeError, ValueError):
+    """A recipe cannot be read, or asks for something nbmerge does not do."""

@@ -32,7 +32,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import NBMergeError
+from nbmerge.errors import RecipeError
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 NBMERGE_KEYS = ("method", "models", "base", "params", "out", "out_dtype", "device", "shard_size", "overwrite",
@@ -56,10 +56,6 @@ MERGEKIT_PARAMS = {
     "dare_ties": ({"normalize": False, "rescale": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
     "slerp": ({"t": None}, {}),
 }
-
-
-class RecipeError(NBMergeError, ValueError):
-    """A recipe cannot be read, or asks for something nbmerge does not do."""
 
 
 @dataclass

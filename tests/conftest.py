@@ -72,6 +72,6 @@ def bf16_llama_set(tmp_path_factory) -> ModelSet:
 @pytest.fixture(scope="session")
 def tiny_zoo():
     """The MiniLM zoo's tiny profile (built once, ~2 minutes on 2 cores, then cached in $NBMERGE_CACHE)."""
-    from nbmerge.zoo import build_zoo
+    from nbmerge.workbench.models.zoo import build_zoo
 
     return build_zoo("tiny", seed=0, progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbmerge.arguments import flag, method_parser, params_from_args, unknown_flag_message
-from nbmerge.registry import all_methods, get_method
+from nbmerge.plugins import all_methods, get_method
 
 
 @pytest.mark.parametrize("name", sorted(all_methods()))

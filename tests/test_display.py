@@ -6,7 +6,7 @@ import torch
 
 import nbmerge
 from nbmerge.display import MethodTable, human_bytes, merge_summary
-from nbmerge.registry import all_methods, plugin_versions
+from nbmerge.plugins import all_methods, plugin_versions
 
 
 def test_human_bytes():

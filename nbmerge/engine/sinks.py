@@ -1,0 +1,152 @@
+"""Where merged tensors go: a dict in memory, or a model folder (or one file) written atomically.
+
+A folder is written into a hidden temporary sibling and renamed into place only once complete, so an
+interrupted or failed merge never leaves a half-written output that looks finished. Shards are laid out up front
+from the plan (``shard_size`` bytes at most each, a larger tensor alone in its shard), each shard's header is
+written before its data, and tensors stream to disk from a writer thread as they are merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from nbmerge.errors import OutputExistsError, ParameterError
+from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
+
+CONFIG_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+)
+RECIPE_FILE = "nbmerge_recipe.json"
+PENDING_WRITES = 2
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a text like "5GB", "500MiB"."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ParameterError(f"shard_size: cannot read {size!r} as a size (e.g. 5GB, 500MiB, 1000000)") from None
+    if value <= 0:
+        raise ParameterError(f"shard_size must be positive, got {size!r}")
+    return int(value)
+
+
+class MemorySink:
+    def __init__(self):
+        self.state_dict: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.state_dict[name] = tensor
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.state_dict.clear()
+
+
+class FolderSink:
+    """Writes ``out`` (a folder, or a single file when it ends in .safetensors) atomically; ``layout`` lists every
+    output tensor as (name, dtype, shape) in the order ``put`` receives them."""
+
+    def __init__(self, out: Path, layout: list[tuple[str, torch.dtype, tuple]], recipe: dict, shard_size: int,
+                 overwrite: bool, config_folder: Path | None):
+        self.out = out
+        self.single_file = out.suffix == ".safetensors"
+        check_output_free(out, overwrite)
+        self.recipe, self.config_folder = recipe, config_folder
+        self.bytes_written = 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
+        shards = [layout] if self.single_file else split_layout(layout, shard_size)
+        self._writers = [ShardWriter(self.partial / name, shard, metadata)
+                         for name, shard in zip(shard_names(len(shards)), shards)]
+        self._writer_of = {entry[0]: writer for writer in self._writers for entry in writer.layout}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-write")
+        self._pending: deque[Future] = deque()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self._pending.append(self._thread.submit(self._writer_of[name].write, name, tensor))
+        self.bytes_written += tensor.numel() * tensor.element_size()
+        while len(self._pending) > PENDING_WRITES:
+            self._pending.popleft().result()
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._thread.shutdown()
+        for writer in self._writers:
+            writer.close()
+        if self.single_file:
+            os.replace(self._writers[0].path, self.out)
+            shutil.rmtree(self.partial)
+            return
+        if len(self._writers) > 1:
+            weight_map = {entry[0]: w.path.name for w in self._writers for entry in w.layout}
+            index = {"metadata": {"total_size": sum(w.data_bytes for w in self._writers)}, "weight_map": weight_map}
+            (self.partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        self._copy_config_files()
+        (self.partial / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
+        _move_into_place(self.partial, self.out)
+
+    def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._thread.shutdown(wait=True)
+        for writer in self._writers:
+            writer.abort()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _copy_config_files(self) -> None:
+        if self.config_folder is None:
+            return
+        for name in CONFIG_FILES:
+            source = self.config_folder / name
+            if source.is_file():
+                shutil.copy2(source, self.partial / name)
+        out_dtype = self.recipe.get("out_dtype")
+        config_path = self.partial / "config.json"
+        if out_dtype and config_path.exists():
+            config = json.loads(config_path.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = out_dtype
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and out.is_dir() != (out.suffix != ".safetensors"):
+        raise OutputExistsError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
+                                f"it cannot be replaced by a merged {'file' if out.is_dir() else 'folder'}")
+
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        os.replace(out, aside / out.name)
+        os.replace(partial, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+

@@ -1,0 +1,212 @@
+"""``nbmerge bench``: every registered method on a task pool, next to the pretrained and the individual models.
+
+For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench evaluates on the test split
+- ``pretrained``: the base encoder with the pool's task heads;
+- ``individual``: each task under the model fine-tuned on it alone;
+- every applicable method with its declared defaults;
+- ``METHOD (tuned)``: the point of the method's declared grid (``Param.grid``, product over parameters) with the
+  best average accuracy on the validation split, then evaluated once on test.
+Rows report the per-task mean over seeds, the average's mean ± standard deviation (population, over seeds) and
+the normalised average (accuracy / individual accuracy, mean over tasks and seeds).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+from nbmerge.api import merge
+from nbmerge.engine.stream import torch_threads
+from nbmerge.errors import ParameterError
+from nbmerge.plugins import all_methods, task_pool
+from nbmerge.taskpool import TaskPool
+from nbmerge.workbench.evaluation import EvalReport, evaluate, individual_accuracy
+
+
+@dataclass
+class BenchRow:
+    """One line of the table: a model recipe evaluated once per seed."""
+
+    label: str
+    method: str | None
+    params: list[dict]
+    reports: list[EvalReport]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.reports[0].accuracy)
+
+    def task_mean(self, task: str) -> float:
+        return statistics.fmean(r.accuracy[task] for r in self.reports)
+
+    @property
+    def average(self) -> float:
+        return statistics.fmean(r.average for r in self.reports)
+
+    @property
+    def spread(self) -> float:
+        return statistics.pstdev(r.average for r in self.reports)
+
+    @property
+    def normalized(self) -> float | None:
+        values = [r.normalized_average for r in self.reports]
+        return None if None in values else statistics.fmean(values)
+
+    def params_text(self) -> str:
+        if not self.params or not self.params[0]:
+            return ""
+        names = list(self.params[0])
+        return ", ".join(f"{name}={'/'.join(_short(p[name]) for p in self.params)}"
+                         if len({json.dumps(p[name]) for p in self.params}) > 1 else f"{name}={_short(self.params[0][name])}"
+                         for name in names)
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class BenchResult:
+    """The whole table, with the methods that could not run on this pool and why."""
+
+    pool: str
+    seeds: list[int]
+    rows: list[BenchRow]
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def row(self, label: str) -> BenchRow:
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
+
+    def __str__(self) -> str:
+        tasks = self.rows[0].tasks
+        width = max(len(r.label) for r in self.rows) + 2
+        header = f"{'model':<{width}}" + "".join(f"{t[:13]:>14}" for t in tasks) + f"{'average':>16}{'norm.':>8}  params"
+        lines = [f"nbmerge bench on {self.pool}, seeds {', '.join(map(str, self.seeds))} (test accuracy, %)",
+                 header, "-" * len(header)]
+        for row in self.rows:
+            norm = "" if row.normalized is None else f"{row.normalized:.1f}"
+            lines.append(f"{row.label:<{width}}" + "".join(f"{row.task_mean(t):>14.1f}" for t in tasks)
+                         + f"{row.average:>10.1f} ± {row.spread:<3.1f}{norm:>8}  {row.params_text()}")
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        tasks = self.rows[0].tasks
+        head = "".join(f"<th>{escape(t)}</th>" for t in tasks)
+        body = "".join(
+            f"<tr><td>{escape(r.label)}</td>" + "".join(f"<td>{r.task_mean(t):.1f}</td>" for t in tasks)
+            + f"<td>{r.average:.1f} ± {r.spread:.1f}</td><td>{'' if r.normalized is None else f'{r.normalized:.1f}'}"
+            f"</td><td>{escape(r.params_text())}</td></tr>" for r in self.rows)
+        return (f"<table><caption>nbmerge bench on {escape(self.pool)}, seeds {self.seeds}</caption><thead><tr>"
+                f"<th>model</th>{head}<th>average</th><th>normalized</th><th>params</th></tr></thead>"
+                f"<tbody>{body}</tbody></table>")
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        data = {"pool": self.pool, "seeds": self.seeds, "skipped": self.skipped, "seconds": self.seconds,
+                "rows": [{"label": r.label, "method": r.method, "params": r.params, "average": r.average,
+                          "spread": r.spread, "normalized": r.normalized,
+                          "reports": [asdict(report) for report in r.reports]} for r in self.rows]}
+        text = json.dumps(data, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def run_bench(pool: str = "minilm-tiny", methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
+              tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
+              threads: int | None = 1) -> BenchResult:
+    """Run the bench (see the module docstring) and return its table.
+
+    threads: torch threads while evaluating (default 1: on a busy 2-core machine two threads made these small
+    matrix products several times slower); None leaves torch's setting alone.
+    """
+    with torch_threads(threads):
+        return _run_bench(pool, methods, seeds, tune, cache_dir, progress)
+
+
+def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    registered = all_methods()
+    chosen = list(methods) if methods else list(registered)
+    unknown = [name for name in chosen if name not in registered]
+    if unknown:
+        raise ParameterError(f"bench: unknown method {unknown[0]!r}; registered: {', '.join(registered)}")
+    rows: dict[str, BenchRow] = {}
+    skipped: dict[str, str] = {}
+    if not methods:
+        # module-building methods train at test time (minutes to hours on a CPU): only when asked for by name
+        skipped.update({name: f"builds a module adapted on unlabeled inputs (slow); ask for it: methods=[{name!r}]"
+                        for name, method in registered.items() if method.build_module is not None})
+    for seed in seeds:
+        pools = task_pool(pool, seed=seed, cache_dir=cache_dir, progress=progress)
+        runnable = [name for name in chosen if name not in skipped and _applicable(registered[name], pools, skipped)]
+        total = 2 + sum(1 + (len(_grid(registered[n])) + 1 if tune and _grid(registered[n]) else 0) for n in runnable)
+        bar = tqdm(total=total, desc=f"bench {pool} seed {seed}", unit="eval", disable=not progress)
+        _add(rows, "pretrained", None, {}, evaluate(pools.base, pools, name="pretrained", progress=False))
+        individual = individual_accuracy(pools, "test", [t.name for t in pools.tasks])
+        _add(rows, "individual", None, {}, EvalReport("individual", pools.name, "test", individual,
+                                                      _examples(pools), individual))
+        bar.update(2)
+        for name in runnable:
+            method = registered[name]
+            _add(rows, name, name, {}, evaluate(_merged(method, pools, {}), pools, name=name, progress=False))
+            bar.update(1)
+            grid = _grid(method) if tune else []
+            if grid:
+                best = max(grid, key=lambda point: _validation_average(method, pools, point, bar))
+                _add(rows, f"{name} (tuned)", name, best,
+                     evaluate(_merged(method, pools, best), pools, name=f"{name} (tuned)", progress=False))
+                bar.update(1)
+        bar.close()
+    return BenchResult(pool, list(seeds), list(rows.values()), skipped, round(time.perf_counter() - started, 1))
+
+
+def _add(rows: dict[str, BenchRow], label: str, method: str | None, params: dict, report: EvalReport) -> None:
+    row = rows.setdefault(label, BenchRow(label, method, [], []))
+    row.params.append(params)
+    row.reports.append(report)
+
+
+def _examples(pool: TaskPool) -> dict[str, int]:
+    return {task.name: len(task.labels("test")) for task in pool.tasks}
+
+
+def _applicable(method, pool: TaskPool, skipped: dict[str, str]) -> bool:
+    try:
+        method.validate({}, len(pool.tasks), method.base == "required")
+    except ParameterError as error:
+        skipped[method.name] = str(error).removeprefix(f"{method.name}: ")
+        return False
+    return True
+
+
+def _grid(method) -> list[dict]:
+    axes = [(param.name, param.grid) for param in method.params if param.grid]
+    points = [dict(zip([name for name, _ in axes], values)) for values in itertools.product(*[g for _, g in axes])]
+    return points if axes else []
+
+
+def _merged(method, pool: TaskPool, params: dict):
+    models = pool.individual_models()
+    base = pool.base if method.base == "required" else None
+    if method.build_module is not None:
+        params = dict(params, pool=pool)
+    return merge(method.name, models, base=base, progress=False, **params)
+
+
+def _validation_average(method, pool: TaskPool, params: dict, bar) -> float:
+    report = evaluate(_merged(method, pool, params), pool, split="validation", progress=False)
+    bar.update(1)
+    return report.average

@@ -1,0 +1,102 @@
+"""The plots people look at after a merge. Each function returns a matplotlib Figure (shown inline in notebooks);
+nothing here computes accuracy or statistics: reports come from ``nbmerge.evaluate`` / ``nbmerge bench``, task-
+vector statistics from ``nbmerge.workbench.taskvectors``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+from nbmerge.workbench.evaluation import EvalReport
+from nbmerge.workbench.taskvectors import cosine_matrix, layer_statistics
+
+
+def _figure(width: float, height: float):
+    """A Figure outside pyplot (no global state, nothing to close) that renders itself as PNG in notebooks."""
+    from matplotlib.figure import Figure
+
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return NotebookFigure(figsize=(width, height), layout="constrained")
+
+
+def accuracy_bars(reports: Mapping[str, EvalReport] | Any, include_average: bool = True):
+    """Grouped bars: one group per task (and the average), one bar per model; heights are accuracy in percent.
+
+    ``reports``: {label: EvalReport}, or a BenchResult (its per-task means over seeds).
+    """
+    if hasattr(reports, "rows"):
+        series = {row.label: {t: row.task_mean(t) for t in row.tasks} | {"average": row.average}
+                  for row in reports.rows}
+    else:
+        series = {label: dict(r.accuracy) | {"average": r.average} for label, r in reports.items()}
+    tasks = [t for t in next(iter(series.values())) if include_average or t != "average"]
+    figure = _figure(max(6.0, 1.3 * len(tasks) + 0.25 * len(series) * len(tasks)), 3.8)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, accuracy) in enumerate(series.items()):
+        axes.bar([k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))],
+                 [accuracy[t] for t in tasks], width, label=label)
+    axes.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
+    axes.set_ylabel("accuracy (%)")
+    low = min(min(acc[t] for t in tasks) for acc in series.values())
+    axes.set_ylim(max(0.0, low - 10), 100)
+    axes.set_title("accuracy per task")
+    axes.legend(fontsize="small", ncols=min(4, len(series)))
+    return figure
+
+
+def sweep_curve(param: str, values: Sequence[float], reports: Sequence[EvalReport]):
+    """Accuracy of every task (thin lines) and the average (thick) against a swept parameter's values."""
+    if len(values) != len(reports):
+        raise ValueError(f"sweep_curve: {len(values)} values but {len(reports)} reports")
+    figure = _figure(6.0, 3.8)
+    axes = figure.add_subplot()
+    for task in reports[0].accuracy:
+        axes.plot(values, [r.accuracy[task] for r in reports], marker="o", linewidth=1, alpha=0.7, label=task)
+    axes.plot(values, [r.average for r in reports], marker="o", linewidth=3, color="black", label="average")
+    axes.set_xlabel(param)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"accuracy vs {param}")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def cosine_heatmap(models: Sequence[Any] | Mapping[str, Any], base: Any):
+    """Heatmap of the task vectors' pairwise cosine similarity, each cell annotated with its value."""
+    labels, matrix = cosine_matrix(models, base)
+    figure = _figure(1.1 * len(labels) + 2.5, 1.0 * len(labels) + 1.5)
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize="small")
+    axes.set_title("task-vector cosine similarity")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    return figure
+
+
+def layer_conflicts(models: Sequence[Any] | Mapping[str, Any], base: Any):
+    """Two panels over the layer stack: sign-conflict fraction, and each model's delta norm ‖τ‖ per layer."""
+    stats = layer_statistics(models, base)
+    indices = [i for i, layer in enumerate(stats.layers) if layer is not None]
+    layers = [stats.layers[i] for i in indices]
+    figure = _figure(7.0, 5.0)
+    conflict_axes, norm_axes = figure.subplots(2, 1, sharex=True)
+    conflict_axes.bar(layers, [stats.conflict_fraction[i] for i in indices], color="tab:red")
+    conflict_axes.set_ylabel("sign-conflict fraction")
+    conflict_axes.set_ylim(0, 1)
+    conflict_axes.set_title("where task vectors disagree")
+    for label, norms in stats.delta_norms.items():
+        norm_axes.plot(layers, [norms[i] for i in indices], marker="o", label=label)
+    norm_axes.set_xlabel("layer")
+    norm_axes.set_ylabel("‖τ‖₂")
+    norm_axes.legend(fontsize="small")
+    return figure

@@ -1,0 +1,78 @@
+"""DARE (Yu et al. 2024): drop and rescale task vectors, then combine them.
+
+τ̃_i = m_i ⊙ τ_i with m_i ~ Bernoulli(1 − p) elementwise, p = ``drop_rate`` in [0, 1). ``rescale``: true divides
+the survivors by (1 − p) (the paper); "l1" multiplies by ‖τ_i‖₁ / ‖τ̃_i‖₁ (mergekit); false leaves them.
+``combine="linear"``: θ = θ_0 + λ Σ_i w_i τ̃_i (dare_linear). ``combine="ties"``: θ = θ_0 + λ Σ_i w_i τ̃_i [sign
+agrees with γ], γ = sign(Σ_i w_i τ̃_i), exact ties electing + (dare_ties, not normalised, as in mergekit).
+The mask of tensor ``name`` for model i comes from counter-based draws keyed by (``seed``, name, i): the draw at
+flat position j is u = SplitMix64(key + (j + 1) · φ) >> 40, · 2⁻²⁴, and the entry is kept when u >= p, so a merge
+is reproducible from its seed whatever the order, device or split of positions tensors are processed in.
+"""
+
+import torch
+
+from nbmerge import hookimpl
+from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
+from nbmerge_plugins import native
+from nbmerge_plugins._task_vectors import (
+    RESCALE,
+    SEED,
+    disjoint_merge,
+    drop_and_rescale,
+    elect_sign,
+    keep_from,
+    keep_mask,
+)
+
+DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry",
+                  low=0.0, high=1.0, high_inclusive=False, grid=(0.3, 0.5, 0.7))
+
+COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
+                choices=("linear", "ties"))
+
+SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the combined task vector",
+                grid=(0.2, 0.3, 0.5))
+
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+
+BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, reused temporaries)
+
+
+def _dare(job: TensorJob) -> torch.Tensor:
+    if native.accepts(job):
+        return native.dare_merge(job, [job.random_key(job.params["seed"], i) for i in range(len(job.models))],
+                                 keep_from(job.params["drop_rate"]))
+    job = job.upcast()
+    params = job.params
+    weights = params["weights"] or [1.0] * len(job.models)
+    sparse = job.empty((len(job.models), *job.base.shape), job.base.dtype)
+    for i, (row, model, weight) in enumerate(zip(sparse, job.models, weights)):
+        torch.sub(model, job.base, out=row)
+        drop_and_rescale(row, keep_mask(job, i, params["drop_rate"]), params["drop_rate"], params["rescale"])
+        row.mul_(weight)
+    merged = job.empty(job.base.shape, job.base.dtype)
+    sparse_flat, merged_flat, base_flat = sparse.view(len(job.models), -1), merged.view(-1), job.base.reshape(-1)
+    for start in range(0, base_flat.numel(), BLOCK):
+        block = sparse_flat[:, start:start + BLOCK]
+        if params["combine"] == "ties":
+            combined = disjoint_merge(block, elect_sign(block, "sum", 1.0), "sum", weights)
+        else:
+            combined = block.sum(0)
+        torch.add(base_flat[start:start + BLOCK], combined.mul_(params["scaling"]),
+                  out=merged_flat[start:start + BLOCK])
+    return merged
+
+DARE = MergeMethod(
+    name="dare",
+    summary="DARE: randomly drop task-vector entries, rescale the rest, combine linearly or by TIES",
+    formula="θ = θ_0 + λ · combine_i(w_i · m_i ⊙ τ_i / (1 − p)), m_i ~ Bernoulli(1 − p)",
+    params=(DROP_RATE, RESCALE, SEED, COMBINE, SCALING, WEIGHTS),
+    merge_tensor=_dare,
+    stored_inputs=True,
+    min_models=1,
+    base=BASE_REQUIRED,
+)
+
+@hookimpl
+def register_merge_methods(register):
+    register(DARE)

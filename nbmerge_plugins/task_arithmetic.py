@@ -1,0 +1,42 @@
+"""Task arithmetic (Ilharco et al. 2023): add the scaled sum of task vectors to the base.
+
+θ = θ_0 + λ Σ_i w_i τ_i, with τ_i = θ_i − θ_0, λ = ``scaling`` (default 0.3) and w_i = ``weights`` (default 1).
+"""
+
+from nbmerge import hookimpl
+from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
+from nbmerge_plugins import native
+
+SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
+                grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+
+
+def _task_arithmetic(job: TensorJob):
+    weights = job.params["weights"] or [1.0] * len(job.models)
+    if native.accepts(job):
+        return native.linear_combination(job, [job.params["scaling"] * w for w in weights], with_base=True)
+    job = job.upcast()
+    merged = job.base.clone()
+    for model, weight in zip(job.models, weights):
+        merged.add_(model - job.base, alpha=job.params["scaling"] * weight)
+    return merged
+
+
+TASK_ARITHMETIC = MergeMethod(
+    name="task_arithmetic",
+    summary="Add the scaled sum of task vectors to the base model",
+    formula="θ = θ_0 + λ Σ_i w_i (θ_i − θ_0)",
+    params=(SCALING, WEIGHTS),
+    merge_tensor=_task_arithmetic,
+    min_models=1,
+    base=BASE_REQUIRED,
+    elementwise=True,
+    stored_inputs=True,
+    fused=lambda job: native.accepts(job),
+)
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(TASK_ARITHMETIC)

@@ -1,0 +1,179 @@
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
+1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
+   some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
+   each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
+   per task vector (the paper and FusionBench). Either way a sample brackets each threshold and a counting pass
+   collects the entries inside the bracket, whose order statistic is the exact threshold; in tensor scope the
+   native kernels merge during that same pass every position the bracket already settles and the few others
+   after it. Entries equal to the threshold are all kept.
+2. elect: γ = sign(Σ_i w_i τ̂_i) (``sign="sum"``, by mass) or sign(Σ_i sign(w_i τ̂_i)) (``"count"``). Exact ties
+   (γ = 0) elect + in tensor scope (mergekit) and the model-wide majority sign in model scope (FusionBench).
+3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
+   non-zero entries; the paper's mean when w = 1), ``"sum"`` Σ w_i τ̂_i, or ``"max"`` γ · max |w_i τ̂_i|.
+4. θ = θ_0 + λ · merged, λ = ``scaling``.
+Weights multiply the task vectors before the election, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nbmerge import hookimpl
+from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, Stage, TensorJob
+from nbmerge_plugins import native
+from nbmerge_plugins._selection import (
+    ModelSample,
+    bracket,
+    count_in_brackets,
+    inside_fractions,
+    order_statistic,
+    radix_global_thresholds,
+    tensor_brackets,
+    tensor_thresholds,
+)
+from nbmerge_plugins._task_vectors import blocks_of_task_vectors, disjoint_merge, elect_sign, trim
+
+GLOBAL_THRESHOLD = "global trim threshold"
+
+DENSITY = Param("density", "float", 0.2, "fraction of each task vector's changed entries kept by magnitude",
+                low=0.0, high=1.0, low_inclusive=False, grid=(0.1, 0.2, 0.4))
+
+SIGN = Param("sign", "choice", "sum", "sign election: by summed mass or by count of signs", choices=("sum", "count"))
+
+MERGE_FUNC = Param("merge_func", "choice", "mean", "how agreeing entries combine",
+                   choices=("mean", "sum", "max"))
+
+SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector", grid=(0.5, 0.7, 1.0))
+
+TRIM_SCOPE = Param("trim_scope", "choice", "model", "rank magnitudes per tensor or over the whole model",
+                   choices=("tensor", "model"))
+
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+
+ONE_PASS_MAX_DEFERRED = 0.25  # above this sampled fraction of undecided positions, two passes cost less
+
+
+def _ties_in_one_pass(job: TensorJob) -> torch.Tensor | None:
+    """Tensor-scope TIES in one native pass over the inputs instead of a counting pass then a merge pass.
+
+    The sampled brackets settle the keep/drop decision of every entry outside them, so the pass merges every
+    position where no |w_i τ_i| falls inside its bracket while it counts and collects the bands (as the counting
+    pass does); the other positions (a few percent) keep their inputs' values aside and are merged once the bands
+    give the exact thresholds. The result is the two-pass result bit for bit. None when a bracket missed, a
+    buffer overflowed or nothing is kept (the two-pass path then runs).
+    """
+    params = job.params
+    samples, brackets = tensor_brackets(job, params["density"])
+    band_fractions, deferred_fraction = inside_fractions(samples, brackets)
+    if deferred_fraction > ONE_PASS_MAX_DEFERRED:
+        return None
+    numel = job.base.numel()
+    done = native.ties_bracketed(job, brackets, int(2 * max(band_fractions, default=1.0) * numel) + 4096,
+                                 int(2 * deferred_fraction * numel) + 4096, params["sign"], 1.0,
+                                 params["merge_func"], params["scaling"])
+    keep = int(params["density"] * done.changed)
+    if done.bands is None or done.deferred is None or keep == 0:
+        return None
+    thresholds = native.map_in_threads(lambda band_above: order_statistic(*band_above, keep),
+                                       zip(done.bands, done.above))
+    if any(threshold is None for threshold in thresholds):
+        return None
+    return native.ties_fixup(job, done, thresholds, params["sign"], 1.0, params["merge_func"], params["scaling"])
+
+
+def threshold_passes(params: dict, wide: bool) -> int:
+    """A sampling pass, a counting pass and the sign pass (the radix fallback, almost never needed, adds more)."""
+    return 3
+
+
+def global_thresholds(stream, params: dict, wide: bool) -> dict:
+    """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
+
+    The k-th largest |w_i τ_i| over the model, k = int(density · positions changed by any model), exactly:
+    1. a strided sample of every |τ_i| (every 127th position of the concatenated model, thinned to at most
+       4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial spread);
+    2. one streamed pass counts the changed positions and, per task vector, the entries above hi, and collects
+       the entries inside [lo, hi] (a fraction of a percent of the model); the k-th largest is then the right
+       order statistic of that band. Should the bracket miss (the exact counts say so), a streaming radix
+       selection on the magnitudes' bit patterns (one pass per 16-bit digit) finds the value instead.
+    3. the last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
+    (A model with float64 tensors is ranked in float64.)
+    """
+    sampler = ModelSample()
+    stream(sampler.visit)
+    changed_fraction = sampler.changed_fraction()
+    brackets = [bracket(row, params["density"] * changed_fraction) for row in sampler.rows()]
+    fractions = inside_fractions(sampler.rows(), brackets)[0]
+    changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
+
+    def count(job: TensorJob) -> None:
+        job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
+        changed[0] += job_changed
+        for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
+            above[i] += count_above
+            bands[i].append(band)
+
+    stream(count)
+    keep = int(params["density"] * changed[0])
+    if keep == 0:
+        return {"thresholds": [float("inf")] * len(brackets), "majority_sign": 1.0}
+    thresholds = native.map_in_threads(lambda band_above: order_statistic(torch.cat(band_above[0]),
+                                                                           band_above[1], keep), zip(bands, above))
+    if any(threshold is None for threshold in thresholds):
+        radix = radix_global_thresholds(stream, keep, len(thresholds), wide)
+        thresholds = [radix[i] if threshold is None else threshold for i, threshold in enumerate(thresholds)]
+    balance = [0]
+
+    def count_signs(job: TensorJob) -> None:
+        if native.accepts(job):
+            balance[0] += native.ties_sign_balance(job, thresholds, params["sign"])
+            return
+        for _, _, vectors in blocks_of_task_vectors(job.upcast()):
+            balance[0] += int(elect_sign(trim(vectors, thresholds), params["sign"], 0.0).sum())
+
+    stream(count_signs)
+    return {"thresholds": thresholds, "majority_sign": 1.0 if balance[0] >= 0 else -1.0}
+
+
+def _ties(job: TensorJob) -> torch.Tensor:
+    job = job if native.accepts(job) else job.upcast()
+    params = job.params
+    if params["trim_scope"] == "model":
+        stage = job.stage_results[GLOBAL_THRESHOLD]
+        thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
+    else:
+        merged = _ties_in_one_pass(job) if native.accepts(job) else None
+        if merged is not None:
+            return merged
+        thresholds, tie_sign = tensor_thresholds(job, params["density"]), 1.0
+    if native.accepts(job):
+        return native.ties_merge(job, thresholds, params["sign"], tie_sign, params["merge_func"],
+                                 params["scaling"])
+    merged = job.empty(job.base.shape, job.base.dtype)
+    weights = params["weights"] or [1.0] * len(job.models)
+    merged_flat, base_flat = merged.view(-1), job.base.reshape(-1)
+    for start, stop, vectors in blocks_of_task_vectors(job):
+        trimmed = trim(vectors, thresholds)
+        elected = elect_sign(trimmed, params["sign"], tie_sign)
+        combined = disjoint_merge(trimmed, elected, params["merge_func"], weights)
+        torch.add(base_flat[start:stop], combined, alpha=params["scaling"], out=merged_flat[start:stop])
+    return merged
+
+TIES = MergeMethod(
+    name="ties",
+    summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
+    formula="θ = θ_0 + λ · disjoint_merge(trim_density(w_i τ_i), γ), γ = sign(Σ_i w_i τ̂_i)",
+    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, WEIGHTS),
+    merge_tensor=_ties,
+    stored_inputs=True,
+    min_models=1,
+    base=BASE_REQUIRED,
+    stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,
+                  applies=lambda params: params["trim_scope"] == "model"),),
+)
+
+@hookimpl
+def register_merge_methods(register):
+    register(TIES)

@@ -1,0 +1,331 @@
+"""Weight-ensembling MoE layers (Tang et al. 2024, arXiv 2402.00433): a transformer's MLP blocks upcycled into
+input-routed mixtures of the pretrained MLP and the fine-tuned models' task vectors.
+
+For every linear of an upcycled MLP, with pretrained weight W_0, bias b_0 and the task vectors
+τ_e = (W_e − W_0, b_e − b_0) of E fine-tuned models, sample b computes
+
+    y_b = x_b W_0ᵀ + b_0 + Σ_e r_{b,e} (x_b τW_eᵀ + τb_e)          (= x_b (W_0 + Σ_e r_{b,e} τW_e)ᵀ + ...)
+
+where r_b = the mean over b's (non-padding) tokens t of router(h_{b,t}), h = the MLP's input, and
+router(h) = fc2(ReLU(fc1(h))) (H→H→E, weights N(0, 0.01²), fc1 bias 0, fc2 bias = init_lambda, no softmax).
+With ``batch_reduce`` the batch shares r = mean_b r_b. Every other tensor is task arithmetic:
+θ = θ_0 + init_lambda · Σ_e τ_e. Only the routers are trainable; everything else is frozen.
+
+Per-sample routing never builds a weight matrix per sample: the expert terms are one matmul over the stacked
+task vectors, scaling the E copies of the input (when in_features ≤ out_features) or weighting the E expert
+outputs (otherwise), whichever keeps the intermediate smaller. With ``batch_reduce`` the one shared weight
+W_0 + Σ_e r_e τW_e is built once per call.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nbmerge.errors import ModelInputError, ParameterError
+
+ROUTER_STD = 0.01
+
+
+class RoutingSlot:
+    """The routing weights of one layer's current forward call, shared by its router and its expert linears.
+
+    ``weights``: [batch, experts], or [experts] when the batch shares them. ``token_mask``: [batch, tokens] of the
+    current call (1 = a real token), set by the model-level hook; None averages over every token.
+    """
+
+    def __init__(self):
+        self.weights: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """r = fc_k(ReLU(... ReLU(fc_1(h)))), k = hidden_layers (H→H ... →E); 0 hidden layers: a learned constant.
+
+    Weights N(0, 0.01²), hidden biases 0, the last bias init_lambda (so at initialisation r ≈ init_lambda), no
+    softmax. ``route`` averages r over each sample's tokens (over the batch too with ``batch_reduce``).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, hidden_layers: int, init_lambda: float,
+                 generator: torch.Generator, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.hidden_layers = hidden_layers
+        if hidden_layers == 0:
+            self.constant = nn.Parameter(torch.full((num_experts,), float(init_lambda), dtype=dtype))
+            return
+        widths = [hidden_size] * hidden_layers + [num_experts]
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            linear = nn.Linear(fan_in, fan_out, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * ROUTER_STD)
+                linear.bias.fill_(init_lambda if i == hidden_layers - 1 else 0.0)
+            layers += [linear, nn.ReLU()] if i < hidden_layers - 1 else [linear]
+        self.layers = nn.Sequential(*layers)
+
+    def route(self, hidden: torch.Tensor, token_mask: torch.Tensor | None, batch_reduce: bool) -> torch.Tensor:
+        """Routing weights for hidden [B, T, H]: [B, E], or [E] with batch_reduce."""
+        if self.hidden_layers == 0:
+            return self.constant
+        per_token = self.layers(hidden)                                   # [B, T, E]
+        if token_mask is not None and token_mask.shape == hidden.shape[:2]:
+            mask = token_mask.to(per_token.dtype).unsqueeze(-1)
+            per_sample = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        else:
+            per_sample = per_token.flatten(1, -2).mean(1)
+        return per_sample.mean(0) if batch_reduce else per_sample
+
+
+class WeightEnsemblingLinear(nn.Module):
+    """A frozen linear y = x (W_0 + Σ_e r_e τW_e)ᵀ + b_0 + Σ_e r_e τb_e with r from the layer's RoutingSlot.
+
+    Buffers (frozen, saved in the state dict): ``base_weight`` [O, I], ``base_bias`` [O] (absent when the linear
+    has none), ``task_weights`` [O, E, I] and ``task_biases`` [O, E]: experts stored output-major so both
+    per-sample paths read them as one [O, E·I] or [O·E, I] matrix without a copy.
+    """
+
+    def __init__(self, base_weight: torch.Tensor, base_bias: torch.Tensor | None, task_weights: torch.Tensor,
+                 task_biases: torch.Tensor | None, slot: RoutingSlot):
+        super().__init__()
+        self.out_features, self.num_experts, self.in_features = task_weights.shape
+        self.register_buffer("base_weight", base_weight)
+        self.register_buffer("base_bias", base_bias)
+        self.register_buffer("task_weights", task_weights)
+        self.register_buffer("task_biases", task_biases)
+        self.slot = slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.slot.weights
+        if routing is None:
+            raise RuntimeError("WeightEnsemblingLinear called outside its upcycled MLP block (no routing weights)")
+        routing = routing.to(x.dtype)
+        if routing.dim() == 1:
+            return self._shared(x, routing)
+        return self._per_sample(x, routing)
+
+    def _shared(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight + torch.einsum("oei,e->oi", self.task_weights, routing)
+        bias = None
+        if self.base_bias is not None:
+            bias = self.base_bias + self.task_biases @ routing
+        return F.linear(x, weight, bias)
+
+    def _per_sample(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        batch, experts = routing.shape
+        if x.shape[0] != batch:
+            raise RuntimeError(f"routing weights for {batch} samples, input batch of {x.shape[0]}")
+        out = F.linear(x, self.base_weight, self.base_bias)
+        tokens = x.reshape(batch, -1, self.in_features)                    # [B, N, I]
+        if self.in_features <= self.out_features:
+            # Σ_e r_be (x τ_eᵀ) = [r_b1 x, ..., r_bE x] @ [τ_1 ... τ_E]ᵀ: one matmul with K = E·I
+            scaled = tokens.unsqueeze(2) * routing[:, None, :, None]       # [B, N, E, I]
+            expert_sum = F.linear(scaled.flatten(2), self.task_weights.reshape(self.out_features, -1))
+        else:
+            per_expert = F.linear(tokens, self.task_weights.reshape(-1, self.in_features))   # [B, N, O·E]
+            expert_sum = torch.bmm(per_expert.view(batch, -1, experts), routing.unsqueeze(-1))
+            expert_sum = expert_sum.view(batch, -1, self.out_features)
+        if self.task_biases is not None:
+            expert_sum = expert_sum + (routing @ self.task_biases.T).unsqueeze(1)
+        return out + expert_sum.view(out.shape)
+
+
+class RoutedBlock(nn.Module):
+    """Wraps the module whose input is the MLP's input: routes on that input, then runs the wrapped module."""
+
+    def __init__(self, inner: nn.Module, router: Router, slot: RoutingSlot, batch_reduce: bool):
+        super().__init__()
+        self.inner = inner
+        self.router = router
+        self.slot = slot
+        self.batch_reduce = batch_reduce
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self.slot.weights = self.router.route(hidden_states, self.slot.token_mask, self.batch_reduce)
+        return self.inner(hidden_states, *args, **kwargs)
+
+
+class TokenMaskCapture:
+    """A forward pre-hook on the upcycled model: hands the call's ``attention_mask`` to every layer's slot.
+
+    An object rather than a closure so that ``copy.deepcopy`` of the model re-points it at the copy's slots.
+    """
+
+    def __init__(self, model: nn.Module, slots: list[RoutingSlot]):
+        self.slots = slots
+        self.signature = inspect.signature(model.forward)
+
+    def __call__(self, module, args, kwargs):
+        try:
+            mask = self.signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        except TypeError:
+            mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for slot in self.slots:
+            slot.token_mask = mask
+        return None
+
+
+# -- finding MLP blocks ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """One transformer layer's MLP: ``entry`` is the module whose input is the MLP input; ``linears`` its
+    linears (module paths), the first of which reads that input."""
+
+    family: str
+    entry: str
+    linears: tuple[str, ...]
+
+
+FAMILIES = {
+    # BertLayer (and RoBERTa, MiniLM ...): intermediate.dense (H→I) then output.dense (I→H, + residual + norm)
+    "bert": (("intermediate", "output", "attention"), "intermediate", ("intermediate.dense", "output.dense")),
+    # CLIPEncoderLayer: mlp.fc1, mlp.fc2
+    "clip": (("mlp", "layer_norm1"), "mlp", ("mlp.fc1", "mlp.fc2")),
+    # LlamaDecoderLayer (Mistral, Qwen2 ...): mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    "llama": (("mlp", "self_attn"), "mlp", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+}
+
+
+def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
+    """Every transformer layer's MLP block in module order; an error when the model has none we know."""
+    blocks = []
+    for path, module in model.named_modules():
+        for family, (children, entry, linears) in FAMILIES.items():
+            if all(hasattr(module, child) for child in children) and \
+                    all(isinstance(_get(module, linear), nn.Linear) for linear in linears):
+                prefix = f"{path}." if path else ""
+                blocks.append(MLPBlock(family, prefix + entry, tuple(prefix + linear for linear in linears)))
+                break
+    if not blocks:
+        raise ModelInputError(
+            f"{type(model).__name__}: no MLP block of a supported family (BERT-style intermediate.dense + "
+            f"output.dense, CLIP mlp.fc1 + mlp.fc2, LLaMA-style mlp.gate_proj/up_proj/down_proj) to upcycle")
+    return blocks
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set(model: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, value)
+
+
+# -- upcycling ------------------------------------------------------------------------------------------------
+
+def upcycle(base: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor] | nn.Module], *,
+            init_lambda: float = 0.3, router_hidden_layers: int = 2, batch_reduce: bool = False,
+            seed: int = 0) -> nn.Module:
+    """The base model with every MLP block upcycled into a weight-ensembling MoE over ``experts``.
+
+    base: the pretrained model (left untouched; the result is a copy). experts: fine-tuned models of the same
+    architecture, {name: module or state dict}; their order is the experts' order. Non-MLP tensors become
+    θ_0 + init_lambda · Σ_e τ_e. Routers are initialised from ``seed``. Only router parameters require grad.
+    """
+    if not experts:
+        raise ParameterError("we_moe: needs at least one fine-tuned model")
+    base_state = {name: tensor.detach() for name, tensor in base.state_dict().items()}
+    expert_states = {name: _state_of(name, model, base_state) for name, model in experts.items()}
+    model = copy.deepcopy(base).eval().requires_grad_(False)
+    blocks = find_mlp_blocks(model)
+    upcycled = {f"{linear}.{kind}" for block in blocks for linear in block.linears for kind in ("weight", "bias")}
+    _task_arithmetic_into(model, base_state, expert_states, init_lambda, skip=upcycled)
+    generator = torch.Generator().manual_seed(seed)
+    slots = []
+    for block in blocks:
+        slot = RoutingSlot()
+        for linear_path in block.linears:
+            _set(model, linear_path, _expert_linear(linear_path, base_state, expert_states, slot))
+        first = _get(model, block.linears[0])
+        router = Router(first.in_features, len(expert_states), router_hidden_layers, init_lambda, generator,
+                        dtype=first.base_weight.dtype if first.base_weight.is_floating_point() else torch.float32)
+        _set(model, block.entry, RoutedBlock(model.get_submodule(block.entry), router, slot, batch_reduce))
+        slots.append(slot)
+    model.register_forward_pre_hook(TokenMaskCapture(model, slots), with_kwargs=True)
+    return model
+
+
+def _state_of(name: str, model, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    missing = sorted(set(base_state) - set(state))
+    extra = sorted(set(state) - set(base_state))
+    if missing or extra:
+        what = f"lacks {missing[:3]}" if missing else f"has tensors the base lacks: {extra[:3]}"
+        raise ModelInputError(f"we_moe: fine-tuned model {name!r} {what} (it must have the base's architecture)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(base_state[key].shape):
+            raise ModelInputError(f"we_moe: tensor {key!r} of model {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the base's is {tuple(base_state[key].shape)}")
+    return {key: tensor.detach() for key, tensor in state.items()}
+
+
+def _task_arithmetic_into(model: nn.Module, base_state, expert_states, init_lambda: float, skip: set[str]) -> None:
+    """θ = θ_0 + λ Σ_e τ_e for every floating tensor outside the MLP linears (computed in float32 or wider)."""
+    merged = {}
+    for key, base_tensor in base_state.items():
+        if key in skip:
+            continue
+        if not base_tensor.is_floating_point():
+            for name, state in expert_states.items():
+                if not torch.equal(state[key], base_tensor):
+                    raise ModelInputError(f"we_moe: non-floating tensor {key!r} of model {name!r} differs from "
+                                          f"the base's; it cannot be merged")
+            continue
+        wide = base_tensor.to(torch.promote_types(base_tensor.dtype, torch.float32))
+        total = sum((state[key].to(wide.dtype) - wide for state in expert_states.values()), torch.zeros_like(wide))
+        merged[key] = (wide + init_lambda * total).to(base_tensor.dtype)
+    model.load_state_dict(merged, strict=False)
+
+
+def _expert_linear(path: str, base_state, expert_states, slot: RoutingSlot) -> WeightEnsemblingLinear:
+    base_weight = base_state[f"{path}.weight"]
+    task_weights = torch.stack([state[f"{path}.weight"] - base_weight for state in expert_states.values()], 1)
+    base_bias = base_state.get(f"{path}.bias")
+    task_biases = None
+    if base_bias is not None:
+        task_biases = torch.stack([state[f"{path}.bias"] - base_bias for state in expert_states.values()], 1)
+        base_bias = base_bias.clone()
+    return WeightEnsemblingLinear(base_weight.clone(), base_bias, task_weights.contiguous(),
+                                  None if task_biases is None else task_biases.contiguous(), slot)
+
+
+# -- inspecting an upcycled model -----------------------------------------------------------------------------
+
+def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
+    """The upcycled blocks of a model by module path (empty for a model that was not upcycled)."""
+    return {path: module for path, module in model.named_modules() if isinstance(module, RoutedBlock)}
+
+
+def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every router parameter of an upcycled model, by its state-dict name."""
+    blocks = routed_blocks(model)
+    if not blocks:
+        raise ParameterError(f"{type(model).__name__} is not a weight-ensembling MoE model (no routers); "
+                             f"build one with nbmerge_plugins.we_moe.layers.upcycle")
+    return {f"{path}.router.{name}": parameter for path, block in blocks.items()
+            for name, parameter in block.router.named_parameters()}
+
+
+def set_batch_reduce(model: nn.Module, batch_reduce: bool) -> None:
+    """Route per sample (False) or with one routing vector shared by the batch (True)."""
+    for block in routed_blocks(model).values():
+        block.batch_reduce = batch_reduce
+
+
+def routing_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The routing weights each block used in the model's last forward call (detached), by block path."""
+    return {path: block.slot.weights.detach() for path, block in routed_blocks(model).items()
+            if block.slot.weights is not None}

@@ -1,1 +1,0 @@
-"""nbmerge's built-in merge methods, one module each, registered through the ``nbmerge`` entry-point group."""

@@ -1,0 +1,82 @@
+"""Helpers several test folders share: reading a written model folder back, comparing state dicts, the task
+arithmetic reference, and small fine-tuned model sets of the families WE-MoE upcycles."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder written by nbmerge (single file or sharded with an index)."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    return state
+
+
+def task_arithmetic(base, models, scaling, weights):
+    """θ_0 + λ Σ w_i (θ_i − θ_0), tensor by tensor."""
+    return {k: base[k] + scaling * sum(w * (m[k] - base[k]) for m, w in zip(models, weights)) for k in base}
+
+
+def assert_state_close(ours: dict, expected: dict, atol=1e-6):
+    assert set(ours) == set(expected)
+    worst = max((ours[k].double() - expected[k].double()).abs().max().item() for k in ours)
+    assert worst <= atol, worst
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=40, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def tiny_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=8, patch_size=4, projection_dim=8)
+    return CLIPVisionModel(config).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=60)
+    return LlamaModel(config).eval()
+
+
+FAMILIES = {
+    "bert": (tiny_bert, lambda: {"input_ids": torch.randint(0, 60, (3, 7), generator=torch.Generator().manual_seed(1)),
+                                 "attention_mask": torch.ones(3, 7, dtype=torch.long)}),
+    "clip": (tiny_clip_vision, lambda: {"pixel_values": torch.randn(3, 3, 8, 8,
+                                                                    generator=torch.Generator().manual_seed(1))}),
+    "llama": (tiny_llama, lambda: {"input_ids": torch.randint(0, 60, (3, 7),
+                                                              generator=torch.Generator().manual_seed(1))}),
+}
+
+
+def model_set(family: str, experts: int = 3):
+    """A tiny pretrained model of ``family`` and ``experts`` seeded fine-tunes of it, {task<e>: module}."""
+    torch.manual_seed(0)
+    base = FAMILIES[family][0]()
+    fine_tuned = {}
+    for e in range(experts):
+        model = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(100 + e)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        fine_tuned[f"task{e}"] = model
+    return base, fine_tuned

@@ -1,0 +1,68 @@
+"""nbmerge bench: rows, the validation-tuned choice, skipped methods, the CLI."""
+
+import json
+
+import pytest
+
+import nbmerge
+from nbmerge.cli import main
+from nbmerge.workbench.bench import run_bench
+from nbmerge.workbench.evaluation import individual_accuracy
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_zoo):
+    return run_bench("minilm-tiny", methods=["task_arithmetic", "linear"], seeds=[0],
+                     cache_dir=tiny_zoo.root.parent, progress=False)
+
+
+def test_rows_and_skips(bench, tiny_zoo):
+    assert [row.label for row in bench.rows] == ["pretrained", "individual", "task_arithmetic",
+                                                 "task_arithmetic (tuned)"]
+    assert bench.skipped == {"linear": "takes 1 to 2 model(s) besides the base, got 5"}
+    pool = tiny_zoo.pool
+    assert bench.row("individual").reports[0].accuracy == individual_accuracy(pool, "test", [t.name for t in pool.tasks])
+    pretrained = nbmerge.evaluate(tiny_zoo.base, pool, progress=False)
+    assert bench.row("pretrained").average == pytest.approx(pretrained.average)
+    # the literature's first-order pattern holds even on the tiny profile
+    assert bench.row("individual").average > bench.row("task_arithmetic").average > bench.row("pretrained").average
+
+
+def test_tuned_row_is_the_best_grid_point_on_validation(bench, tiny_zoo):
+    pool = tiny_zoo.pool
+    validation = {}
+    for scaling in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
+        merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False,
+                               scaling=scaling)
+        validation[scaling] = nbmerge.evaluate(merged, pool, split="validation", progress=False).average
+    best = max(validation, key=validation.get)
+    tuned = bench.row("task_arithmetic (tuned)")
+    assert tuned.params == [{"scaling": best}]
+    merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False, scaling=best)
+    assert tuned.reports[0].accuracy == nbmerge.evaluate(merged, pool, progress=False).accuracy
+
+
+def test_table_mean_and_spread_over_seeds(bench):
+    row = bench.row("task_arithmetic")
+    assert row.spread == 0.0 and row.average == pytest.approx(row.reports[0].average)
+    text = str(bench)
+    assert "task_arithmetic (tuned)" in text and "skipped linear" in text
+    assert f"{row.average:.1f} ± 0.0" in text
+
+
+def test_cli_bench_prints_and_writes_json(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--profile", "tiny", "--seeds", "0", "--methods", "simple_average", "--no-tune",
+                 "--cache-dir", str(tiny_zoo.root.parent), "--json", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "nbmerge bench on minilm-tiny, seeds 0" in printed and "simple_average" in printed
+    data = json.loads(out.read_text())
+    assert [row["label"] for row in data["rows"]] == ["pretrained", "individual", "simple_average"]
+    assert data["rows"][2]["average"] == pytest.approx(sum(data["rows"][2]["reports"][0]["accuracy"].values()) / 5)
+
+
+def test_cli_bench_unknown_method(tiny_zoo, capsys):
+    code = main(["bench", "--methods", "tie", "--seeds", "0", "--cache-dir", str(tiny_zoo.root.parent), "--quiet"])
+    assert code == 1
+    assert "bench: unknown method 'tie'" in capsys.readouterr().err

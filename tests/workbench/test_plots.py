@@ -1,0 +1,53 @@
+"""Plots are checked for what they show: series, values, labels."""
+
+import pytest
+
+from nbmerge.workbench import plots
+from nbmerge.workbench.evaluation import EvalReport
+from nbmerge.workbench.taskvectors import cosine_matrix, layer_statistics
+
+
+def _report(name, accuracy):
+    return EvalReport(name, "pool", "test", accuracy, {t: 10 for t in accuracy}, {t: 90.0 for t in accuracy})
+
+
+A = _report("a", {"x": 60.0, "y": 80.0})
+B = _report("b", {"x": 70.0, "y": 50.0})
+
+
+def test_accuracy_bars_heights_and_labels():
+    figure = plots.accuracy_bars({"a": A, "b": B})
+    axes = figure.axes[0]
+    heights = [[bar.get_height() for bar in container] for container in axes.containers]
+    assert heights == [[60.0, 80.0, 70.0], [70.0, 50.0, 60.0]]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["x", "y", "average"]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["a", "b"]
+    assert figure._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_curve_series():
+    figure = plots.sweep_curve("scaling", [0.1, 0.5], [A, B])
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in figure.axes[0].lines}
+    assert lines == {"x": ([0.1, 0.5], [60.0, 70.0]), "y": ([0.1, 0.5], [80.0, 50.0]),
+                     "average": ([0.1, 0.5], [70.0, 60.0])}
+    assert figure.axes[0].get_xlabel() == "scaling"
+    with pytest.raises(ValueError, match="2 values but 1 reports"):
+        plots.sweep_curve("scaling", [0.1, 0.5], [A])
+
+
+def test_cosine_heatmap_shows_the_matrix(llama_set):
+    models = {"m0": llama_set.model_dirs[0], "m1": llama_set.model_dirs[1]}
+    figure = plots.cosine_heatmap(models, llama_set.base_dir)
+    _, matrix = cosine_matrix(models, llama_set.base_dir)
+    axes = figure.axes[0]
+    assert axes.images[0].get_array().tolist() == matrix.numpy().tolist()
+    assert [t.get_text() for t in axes.texts] == [f"{v:.2f}" for v in matrix.reshape(-1).tolist()]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["m0", "m1"]
+
+
+def test_layer_conflicts_panels(llama_set):
+    figure = plots.layer_conflicts(llama_set.models, llama_set.base)
+    stats = layer_statistics(llama_set.models, llama_set.base)
+    conflict_axes, norm_axes = figure.axes[:2]
+    assert [bar.get_height() for bar in conflict_axes.containers[0]] == pytest.approx(stats.conflict_fraction[:3])
+    assert [list(line.get_ydata()) for line in norm_axes.lines] == [norms[:3] for norms in stats.delta_norms.values()]
