@@ -118,9 +118,6 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     return MergeResult(report, recipe, path=out_path)
 
 
-
-
-
 def _device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -100,6 +100,7 @@ def inside_fractions(samples: torch.Tensor, brackets: list[tuple[float, float]])
     inside = (rows >= lows) & (rows <= highs)
     return (inside.mean(1).tolist(), float(inside.any(0).mean()))
 
+
 SAMPLE = 1 << 16
 
 SAMPLE_RUN = 32  # consecutive positions per sampled run: a cache line of bfloat16, two of float32
@@ -158,6 +159,7 @@ def _radix_threshold(magnitudes: torch.Tensor, keep: int) -> float:
         digit, rank = _select(_digit_counts(bits, level, digits, prefix), rank)
         prefix = (prefix << _DIGIT) | digit
     return _value(prefix, bits.dtype)
+
 
 # -- the whole-model stage: exact global thresholds from a sampled bracket ------------------------------------------
 MODEL_SAMPLE_STRIDE = 127 * SAMPLE_RUN  # one position in 127 (a prime: runs do not line up with power-of-two rows)
@@ -222,6 +224,7 @@ def radix_global_thresholds(stream, keep: int, n: int, wide: bool) -> list[float
             selection[0] = (selection[0] << _DIGIT) | digit
     pattern_dtype = torch.int64 if wide else torch.int32
     return [_value(prefix, pattern_dtype) for prefix, _ in selections]
+
 
 # -- radix selection on bit patterns (exact, and several times faster than kthvalue on the CPU) -------------------
 _DIGIT = 16

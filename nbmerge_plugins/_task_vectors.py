@@ -92,6 +92,7 @@ def drop_and_rescale(task_vector: torch.Tensor, keep_mask: torch.Tensor, drop_ra
         return kept.mul_(l1_before / kept_norm) if kept_norm > 0 else kept
     return kept
 
+
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 DRAW_CHUNK = 1 << 20  # positions hashed at a time by the torch draws (int64 temporaries stay small)

@@ -62,6 +62,7 @@ def _dare(job: TensorJob) -> torch.Tensor:
                   out=merged_flat[start:start + BLOCK])
     return merged
 
+
 DARE = MergeMethod(
     name="dare",
     summary="DARE: randomly drop task-vector entries, rescale the rest, combine linearly or by TIES",
@@ -72,6 +73,7 @@ DARE = MergeMethod(
     min_models=1,
     base=BASE_REQUIRED,
 )
+
 
 @hookimpl
 def register_merge_methods(register):

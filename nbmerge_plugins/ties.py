@@ -161,6 +161,7 @@ def _ties(job: TensorJob) -> torch.Tensor:
         torch.add(base_flat[start:stop], combined, alpha=params["scaling"], out=merged_flat[start:stop])
     return merged
 
+
 TIES = MergeMethod(
     name="ties",
     summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
@@ -173,6 +174,7 @@ TIES = MergeMethod(
     stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,
                   applies=lambda params: params["trim_scope"] == "model"),),
 )
+
 
 @hookimpl
 def register_merge_methods(register):

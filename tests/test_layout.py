@@ -147,8 +147,8 @@ def test_every_public_name_resolves(module):
 
 @pytest.mark.parametrize("old, new", sorted(nbmerge.MOVED_MODULES.items()))
 def test_the_old_module_paths_still_import_the_moved_modules(old, new):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         moved = importlib.import_module(f"nbmerge.{old}")
     assert moved is importlib.import_module(f"nbmerge.{new}")
     assert moved.__spec__.name == f"nbmerge.{new}"

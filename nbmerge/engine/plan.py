@@ -117,4 +117,3 @@ def _check_compatible(name: str, info: TensorInfo, route: str, models: list[Mode
 def _names(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-

@@ -149,4 +149,3 @@ def _move_into_place(partial: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(partial, out)
-

@@ -268,4 +268,3 @@ def _not_aliasing(produced: torch.Tensor, loaded: dict) -> torch.Tensor:
     if any(t.untyped_storage().data_ptr() == storage for t in inputs):
         return produced.clone()
     return produced
-

@@ -35,6 +35,7 @@ def libc_function(name: str, argtypes: list, restype=ctypes.c_int):
     function.argtypes, function.restype = argtypes, restype
     return function
 
+
 _MADVISE = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])  # mmap.madvise keeps the GIL
 
 _MMAP = libc_function("mmap", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,

@@ -146,6 +146,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.abort()
+
+
 def shard_names(count: int) -> list[str]:
     """Hugging Face's file names: model.safetensors, or model-0000i-of-0000n.safetensors when sharded."""
     if count == 1:

@@ -203,4 +203,3 @@ def _open_pickle(files: list[Path], label: str, folder: Path | None) -> ModelSou
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
-

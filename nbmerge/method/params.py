@@ -258,4 +258,3 @@ def schedule_value(schedule: tuple, tensor_name: str, layer: int | None, num_lay
     left = min(int(math.floor(scaled)), len(anchors) - 2)
     frac = scaled - left
     return anchors[left] * (1.0 - frac) + anchors[left + 1] * frac
-

@@ -79,6 +79,7 @@ def _load_whole(model, state) -> None:
                noun="tensor", allow_extra=False)
     model.load_state_dict(state)
 
+
 WE_MOE = MergeMethod(
     name="we_moe",
     summary="Weight-ensembling MoE: routed MLP task vectors, routers adapted on unlabeled task inputs",

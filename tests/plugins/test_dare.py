@@ -151,5 +151,3 @@ def test_dare_ties_combination_of_the_random_sparse_task_vectors():
         gamma[gamma == 0] = 1.0
         combined = (sparse * (np.sign(sparse) == gamma)).sum(0)
         assert_matches(merged[name], f64(base[name]) + scaling * combined, atol=1e-5, name=name)
-
-

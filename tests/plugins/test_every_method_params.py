@@ -68,5 +68,3 @@ def test_methods_that_need_a_base_say_so():
     for method in ("task_arithmetic", "ties", "dare", "expo"):
         with pytest.raises(ParameterError, match="base"):
             merge(method, [Unreadable(), Unreadable()])
-
-

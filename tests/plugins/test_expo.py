@@ -106,5 +106,3 @@ def test_expo_with_several_models_extrapolates_their_average():
     for name in base:
         factor = 0.2 if name in {Q.format(i) for i in range(2)} | {UP.format(i) for i in range(2)} else 0.0
         assert_matches(merged[name], expo_reference(base, models, name, factor), name=name)
-
-

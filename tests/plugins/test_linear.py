@@ -47,5 +47,3 @@ def test_linear_t_schedule_is_piecewise_linear_over_layer_depth():
             assert_matches(merged[name], lerp_reference(first[name], second[name], expected_t[i]), name=name)
     for name in (EMBED, FINAL_NORM, HEAD):  # outside the layer stack: the first anchor
         assert_matches(merged[name], lerp_reference(first[name], second[name], anchors[0]), name=name)
-
-

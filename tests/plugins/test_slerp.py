@@ -74,5 +74,3 @@ def test_slerp_depth_schedule():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         t = depth_schedule(anchors, layer, num_layers)
         assert_matches(merged[name], slerp_reference(first[name], second[name], t), atol=1e-5, name=name)
-
-

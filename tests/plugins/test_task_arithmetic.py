@@ -22,5 +22,3 @@ def test_task_arithmetic_scaling_and_weights():
     for name in base:
         task_sum = sum(w * (f64(m[name]) - f64(base[name])) for w, m in zip(weights, models))
         assert_matches(merged[name], f64(base[name]) + 0.7 * task_sum, name=name)
-
-

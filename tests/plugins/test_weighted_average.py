@@ -93,5 +93,3 @@ def test_simple_average_is_the_uniform_mean():
 def test_simple_average_takes_no_base():
     with pytest.raises(ParameterError, match="base"):
         merge("simple_average", [{"w": randn(2, seed=1)}, {"w": randn(2, seed=2)}], base={"w": randn(2, seed=3)})
-
-
