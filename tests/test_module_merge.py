@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import model_set
+from helpers import HeadPool, model_set
 
 import nbmerge
 from nbmerge.cli import main as cli_main
@@ -16,44 +16,6 @@ from nbmerge.module_merge import fingerprint, read_trained
 from nbmerge_plugins.we_moe.layers import router_parameters
 
 torch.set_num_threads(1)
-
-
-class HeadTask:
-    """A classification task over token-id inputs: a fixed linear head on a BERT encoder's [CLS] state."""
-
-    def __init__(self, name: str, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self.name, self.classes = name, ["a", "b", "c"]
-        self.head = torch.randn(3, 16, generator=generator)
-        self._inputs = torch.randint(0, 60, (20, 6), generator=generator).tolist()
-
-    def inputs(self, split):
-        return self._inputs
-
-    def logits(self, model, inputs):
-        return model(input_ids=torch.tensor(list(inputs))).last_hidden_state[:, 0] @ self.head.T
-
-
-class HeadPool:
-    """Three tasks on a tiny BERT; ``load_encoder`` takes a module, a saved folder or a state dict."""
-
-    name = "tiny-bert-heads"
-
-    def __init__(self, base):
-        self.tasks = [HeadTask(f"task{i}", i) for i in range(3)]
-        self._skeleton = base
-
-    def load_encoder(self, model):
-        if isinstance(model, torch.nn.Module):
-            return model
-        encoder = copy.deepcopy(self._skeleton)
-        if isinstance(model, dict):
-            encoder.load_state_dict(model)
-            return encoder
-        return type(self._skeleton).from_pretrained(model, add_pooling_layer=False).eval()
-
-    def task(self, name):
-        return next(task for task in self.tasks if task.name == name)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """WE-MoE, weight-ensembling mixture of experts (Tang et al. 2024, arXiv 2402.00433), with test-time adaptation.
 
 Every transformer layer's MLP becomes a mixture: the frozen pretrained MLP plus the frozen task vectors of the
-fine-tuned models' MLPs, weighted per input by a router, W = W_0 + Σ_e r_e τ_e (see ``we_moe_layers``); every
+fine-tuned models' MLPs, weighted per input by a router, W = W_0 + Σ_e r_e τ_e (see ``layers``); every
 other tensor is task arithmetic θ_0 + init_lambda Σ_e τ_e. The routers (fc2(ReLU(fc1(h))), H→H→E, N(0, 0.01²)
 weights, fc2 bias init_lambda) are then trained alone for ``steps`` Adam steps (``lr``) to minimise the summed
 entropy of every task's predictions on ``batch_size`` unlabeled inputs of that task per step
-(``we_moe_adapt``; ``objective="information_max"`` subtracts the entropy of each batch's mean prediction,
+(``nbmerge_plugins._test_time``; ``objective="information_max"`` subtracts the entropy of each batch's mean prediction,
 against the collapse of few-class tasks onto one class), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
 default); the resulting model routes every sample by itself. ``steps=0`` keeps the initial routers
 (≈ task arithmetic). Defaults are the paper's and FusionBench's (configs/method/wemoe/weight_ensembling_moe.yaml).
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob, Param, check_fits
-from nbmerge_plugins.we_moe.adapt import OBJECTIVES, AdaptationTask, adapt, shuffled_batches
+from nbmerge_plugins._test_time import OBJECTIVES, AdaptationTask, shuffled_batches
+from nbmerge_plugins.we_moe.adapt import adapt
 from nbmerge_plugins.we_moe.layers import router_parameters, upcycle
 
 PARAMS = (

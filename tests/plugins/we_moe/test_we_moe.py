@@ -11,7 +11,7 @@ import torch
 import nbmerge
 from nbmerge.cli import main as cli_main
 from nbmerge.workbench.evaluation import evaluate
-from nbmerge_plugins.we_moe.adapt import entropy
+from nbmerge_plugins._test_time import entropy
 
 torch.set_num_threads(1)
 

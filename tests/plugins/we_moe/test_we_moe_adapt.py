@@ -9,7 +9,8 @@ import torch
 from helpers import model_set
 
 from nbmerge.errors import ParameterError
-from nbmerge_plugins.we_moe.adapt import AdaptationTask, adapt, entropy, objective_loss, shuffled_batches
+from nbmerge_plugins._test_time import AdaptationTask, entropy, objective_loss, shuffled_batches
+from nbmerge_plugins.we_moe.adapt import adapt
 from nbmerge_plugins.we_moe.layers import routed_blocks, router_parameters, set_batch_reduce, upcycle
 
 torch.set_num_threads(1)
@@ -164,7 +165,7 @@ def test_bad_task_data_is_a_clear_error():
     good = classification_tasks()["task0"]
     with pytest.raises(ParameterError, match="task 'x': logits must be a \\[batch, classes\\] tensor"):
         adapt(moe, {"x": AdaptationTask(lambda m, b: good.logits(m, b)[0], good.batches)}, steps=1, progress=False)
-    with pytest.raises(ParameterError, match="task 'x': the logits do not depend on the routers"):
+    with pytest.raises(ParameterError, match="task 'x': the logits do not depend on the adapted parameters"):
         adapt(moe, {"x": AdaptationTask(lambda m, b: good.logits(m, b).detach(), good.batches)}, steps=1,
               progress=False)
     with pytest.raises(ParameterError, match="task 'x' has no unlabeled batches"):
