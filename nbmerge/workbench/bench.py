@@ -5,9 +5,12 @@ For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench 
 - ``individual``: each task under the model fine-tuned on it alone;
 - every applicable method with its declared defaults;
 - ``METHOD (tuned)``: the point of the method's declared grid (``Param.grid``, product over parameters) with the
-  best average accuracy on the validation split, then evaluated once on test.
-Rows report the per-task mean over seeds, the average's mean ± standard deviation (population, over seeds) and
-the normalised average (accuracy / individual accuracy, mean over tasks and seeds).
+  best average accuracy on the validation split, then evaluated once on test;
+- ``best_static``: of every static (tensor-wise) method's defaults and tuned point, the one with the best
+  validation average, on test (its row names the choice). Module-building methods (we_moe, adamerging) adapt on
+  the test inputs, so they are never the static choice.
+Rows report the per-task mean and standard deviation over seeds (population), the average's mean ± standard
+deviation and the normalised average (accuracy / individual accuracy, mean over tasks and seeds).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class BenchRow:
 
     def task_mean(self, task: str) -> float:
         return statistics.fmean(r.accuracy[task] for r in self.reports)
+
+    def task_spread(self, task: str) -> float:
+        return statistics.pstdev(r.accuracy[task] for r in self.reports)
 
     @property
     def average(self) -> float:
@@ -115,6 +121,7 @@ class BenchResult:
         data = {"pool": self.pool, "seeds": self.seeds, "skipped": self.skipped, "seconds": self.seconds,
                 "rows": [{"label": r.label, "method": r.method, "params": r.params, "average": r.average,
                           "spread": r.spread, "normalized": r.normalized,
+                          "tasks": {task: {"mean": r.task_mean(task), "std": r.task_spread(task)} for task in r.tasks},
                           "reports": [asdict(report) for report in r.reports]} for r in self.rows]}
         text = json.dumps(data, indent=1)
         if path is not None:
@@ -152,23 +159,36 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
     for seed in seeds:
         pools = task_pool(pool, seed=seed, cache_dir=cache_dir, progress=progress)
         runnable = [name for name in chosen if name not in skipped and _applicable(registered[name], pools, skipped)]
-        total = 2 + sum(1 + (len(_grid(registered[n])) + 1 if tune and _grid(registered[n]) else 0) for n in runnable)
+        total = 2 + sum(1 + (len(_grid(registered[n])) + 1 if tune and _grid(registered[n]) else 0)
+                        + (tune and registered[n].build_module is None) for n in runnable)
         bar = tqdm(total=total, desc=f"bench {pool} seed {seed}", unit="eval", disable=not progress)
         _add(rows, "pretrained", None, {}, evaluate(pools.base, pools, name="pretrained", progress=False))
         individual = individual_accuracy(pools, "test", [t.name for t in pools.tasks])
         _add(rows, "individual", None, {}, EvalReport("individual", pools.name, "test", individual,
                                                       _examples(pools), individual))
         bar.update(2)
+        static_choices: list[tuple[float, str, dict, EvalReport]] = []  # (validation average, row, params, test)
         for name in runnable:
             method = registered[name]
-            _add(rows, name, name, {}, evaluate(_merged(method, pools, {}), pools, name=name, progress=False))
+            static = method.build_module is None
+            defaults = evaluate(_merged(method, pools, {}), pools, name=name, progress=False)
+            _add(rows, name, name, {}, defaults)
             bar.update(1)
+            if tune and static:
+                static_choices.append((_validation_average(method, pools, {}, bar), name, {}, defaults))
             grid = _grid(method) if tune else []
             if grid:
-                best = max(grid, key=lambda point: _validation_average(method, pools, point, bar))
-                _add(rows, f"{name} (tuned)", name, best,
-                     evaluate(_merged(method, pools, best), pools, name=f"{name} (tuned)", progress=False))
+                scores = [_validation_average(method, pools, point, bar) for point in grid]
+                best_score = max(scores)
+                best = grid[scores.index(best_score)]
+                tuned = evaluate(_merged(method, pools, best), pools, name=f"{name} (tuned)", progress=False)
+                _add(rows, f"{name} (tuned)", name, best, tuned)
                 bar.update(1)
+                if static:
+                    static_choices.append((best_score, f"{name} (tuned)", best, tuned))
+        if static_choices:
+            _, label, params, report = max(static_choices, key=lambda choice: choice[0])
+            _add(rows, "best_static", None, {"choice": label, **params}, report)
         bar.close()
     return BenchResult(pool, list(seeds), list(rows.values()), skipped, round(time.perf_counter() - started, 1))
 

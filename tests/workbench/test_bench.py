@@ -18,7 +18,7 @@ def bench(tiny_zoo):
 
 def test_rows_and_skips(bench, tiny_zoo):
     assert [row.label for row in bench.rows] == ["pretrained", "individual", "task_arithmetic",
-                                                 "task_arithmetic (tuned)"]
+                                                 "task_arithmetic (tuned)", "best_static"]
     assert bench.skipped == {"linear": "takes 1 to 2 model(s) besides the base, got 5"}
     pool = tiny_zoo.pool
     assert bench.row("individual").reports[0].accuracy == individual_accuracy(pool, "test", [t.name for t in pool.tasks])
@@ -40,6 +40,21 @@ def test_tuned_row_is_the_best_grid_point_on_validation(bench, tiny_zoo):
     assert tuned.params == [{"scaling": best}]
     merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False, scaling=best)
     assert tuned.reports[0].accuracy == nbmerge.evaluate(merged, pool, progress=False).accuracy
+    # the best static merge: the candidate (defaults, scaling 0.3, or the tuned point) best on validation, on test
+    chosen = bench.row("best_static")
+    assert chosen.params[0]["choice"] in ("task_arithmetic", "task_arithmetic (tuned)")
+    chosen_scaling = chosen.params[0].get("scaling", 0.3)
+    assert validation[chosen_scaling] == validation[best]
+    merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False,
+                           scaling=chosen_scaling)
+    assert chosen.reports[0].accuracy == nbmerge.evaluate(merged, pool, progress=False).accuracy
+
+
+def test_json_rows_carry_per_task_means_and_spreads(bench):
+    data = json.loads(bench.to_json())
+    row = next(r for r in data["rows"] if r["label"] == "task_arithmetic")
+    accuracy = row["reports"][0]["accuracy"]
+    assert row["tasks"] == {task: {"mean": pytest.approx(value), "std": 0.0} for task, value in accuracy.items()}
 
 
 def test_table_mean_and_spread_over_seeds(bench):
