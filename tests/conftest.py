@@ -75,3 +75,11 @@ def tiny_zoo():
     from nbmerge.workbench.models.zoo import build_zoo
 
     return build_zoo("tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_zoo():
+    """The vision zoo's tiny profile (built once, ~2 minutes on 2 cores, then cached in $NBMERGE_CACHE)."""
+    from nbmerge.workbench.models.vision_zoo import build_vision_zoo
+
+    return build_vision_zoo("tiny", seed=0, progress=False)

@@ -124,7 +124,7 @@ def test_no_module_imports_the_package_face():
 def test_only_task_pool_plugins_import_the_workbench():
     """A method receives tensors (or modules) and returns one; building a task pool's models is the workbench's."""
     assert {name for name, targets in imports_of("nbmerge_plugins").items()
-            if any(within(t, "nbmerge.workbench") for t in targets)} == {"nbmerge_plugins.minilm_pools"}
+            if any(within(t, "nbmerge.workbench") for t in targets)} == {"nbmerge_plugins.task_pools"}
 
 
 def test_no_method_imports_another_method():

@@ -135,18 +135,32 @@ class WeightEnsemblingLinear(nn.Module):
         return out + expert_sum.view(out.shape)
 
 
-class RoutedBlock(nn.Module):
-    """Wraps the module whose input is the MLP's input: routes on that input, then runs the wrapped module."""
+class WeightEnsemblingPointwiseConv(WeightEnsemblingLinear):
+    """A 1 × 1 convolution upcycled like a linear: each pixel of [B, C, H, W] is a token of the linear map."""
 
-    def __init__(self, inner: nn.Module, router: Router, slot: RoutingSlot, batch_reduce: bool):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        return super().forward(tokens).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+class RoutedBlock(nn.Module):
+    """Wraps the module whose input is the MLP's input: routes on that input, then runs the wrapped module.
+
+    ``channels_first``: the input is a feature map [B, C, H, W], whose pixels are the router's tokens."""
+
+    def __init__(self, inner: nn.Module, router: Router, slot: RoutingSlot, batch_reduce: bool,
+                 channels_first: bool = False):
         super().__init__()
         self.inner = inner
         self.router = router
         self.slot = slot
         self.batch_reduce = batch_reduce
+        self.channels_first = channels_first
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        self.slot.weights = self.router.route(hidden_states, self.slot.token_mask, self.batch_reduce)
+        tokens = hidden_states.flatten(2).transpose(1, 2) if self.channels_first else hidden_states
+        self.slot.weights = self.router.route(tokens, self.slot.token_mask, self.batch_reduce)
         return self.inner(hidden_states, *args, **kwargs)
 
 
@@ -176,11 +190,13 @@ class TokenMaskCapture:
 @dataclass(frozen=True)
 class MLPBlock:
     """One transformer layer's MLP: ``entry`` is the module whose input is the MLP input; ``linears`` its
-    linears (module paths), the first of which reads that input."""
+    linears (module paths), the first of which reads that input. In a convolutional block (``channels_first``)
+    they are its 1 × 1 convolutions, per-pixel linear maps, and ``entry`` is the block itself."""
 
     family: str
     entry: str
     linears: tuple[str, ...]
+    channels_first: bool = False
 
 
 FAMILIES = {
@@ -193,21 +209,37 @@ FAMILIES = {
 }
 
 
+# MobileNet/EfficientNet inverted bottleneck (MBConv): expand_conv (1×1, absent at expand ratio 1), depthwise_conv,
+# project_conv (1×1); the block's input is the expand's
+CONV_FAMILIES = {"mbconv": (("depthwise_conv", "project_conv"), ("expand_conv", "project_conv"))}
+
+
 def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
-    """Every transformer layer's MLP block in module order; an error when the model has none we know."""
+    """Every transformer layer's MLP block (or convolutional block's 1 × 1 convolutions) in module order; an
+    error when the model has none we know."""
     blocks = []
     for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
         for family, (children, entry, linears) in FAMILIES.items():
             if all(hasattr(module, child) for child in children) and \
                     all(isinstance(_get(module, linear), nn.Linear) for linear in linears):
-                prefix = f"{path}." if path else ""
                 blocks.append(MLPBlock(family, prefix + entry, tuple(prefix + linear for linear in linears)))
                 break
+        for family, (children, convolutions) in CONV_FAMILIES.items():
+            present = [name for name in convolutions if _is_pointwise(_get(module, name))]
+            if path and all(hasattr(module, child) for child in children) and present:
+                blocks.append(MLPBlock(family, path, tuple(prefix + name for name in present), channels_first=True))
     if not blocks:
         raise ModelInputError(
             f"{type(model).__name__}: no MLP block of a supported family (BERT-style intermediate.dense + "
-            f"output.dense, CLIP mlp.fc1 + mlp.fc2, LLaMA-style mlp.gate_proj/up_proj/down_proj) to upcycle")
+            f"output.dense, CLIP mlp.fc1 + mlp.fc2, LLaMA-style mlp.gate_proj/up_proj/down_proj, MBConv "
+            f"expand_conv/project_conv) to upcycle")
     return blocks
+
+
+def _is_pointwise(module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.groups == 1 and module.padding in ((0, 0), "valid"))
 
 
 def _get(module: nn.Module, path: str):
@@ -248,11 +280,13 @@ def upcycle(base: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor] | 
     for block in blocks:
         slot = RoutingSlot()
         for linear_path in block.linears:
-            _set(model, linear_path, _expert_linear(linear_path, base_state, expert_states, slot))
+            _set(model, linear_path, _expert_linear(linear_path, base_state, expert_states, slot,
+                                                    block.channels_first))
         first = _get(model, block.linears[0])
         router = Router(first.in_features, len(expert_states), router_hidden_layers, init_lambda, generator,
                         dtype=first.base_weight.dtype if first.base_weight.is_floating_point() else torch.float32)
-        _set(model, block.entry, RoutedBlock(model.get_submodule(block.entry), router, slot, batch_reduce))
+        _set(model, block.entry, RoutedBlock(model.get_submodule(block.entry), router, slot, batch_reduce,
+                                             block.channels_first))
         slots.append(slot)
     model.register_forward_pre_hook(TokenMaskCapture(model, slots), with_kwargs=True)
     return model
@@ -290,16 +324,20 @@ def _task_arithmetic_into(model: nn.Module, base_state, expert_states, init_lamb
     model.load_state_dict(merged, strict=False)
 
 
-def _expert_linear(path: str, base_state, expert_states, slot: RoutingSlot) -> WeightEnsemblingLinear:
-    base_weight = base_state[f"{path}.weight"]
-    task_weights = torch.stack([state[f"{path}.weight"] - base_weight for state in expert_states.values()], 1)
+def _expert_linear(path: str, base_state, expert_states, slot: RoutingSlot,
+                   pointwise: bool = False) -> WeightEnsemblingLinear:
+    """The upcycled linear (or 1 × 1 convolution, whose [O, I, 1, 1] weights are a linear's [O, I]) at ``path``."""
+    base_weight = base_state[f"{path}.weight"].flatten(1)
+    task_weights = torch.stack([state[f"{path}.weight"].flatten(1) - base_weight for state in expert_states.values()],
+                               1)
     base_bias = base_state.get(f"{path}.bias")
     task_biases = None
     if base_bias is not None:
         task_biases = torch.stack([state[f"{path}.bias"] - base_bias for state in expert_states.values()], 1)
         base_bias = base_bias.clone()
-    return WeightEnsemblingLinear(base_weight.clone(), base_bias, task_weights.contiguous(),
-                                  None if task_biases is None else task_biases.contiguous(), slot)
+    kind = WeightEnsemblingPointwiseConv if pointwise else WeightEnsemblingLinear
+    return kind(base_weight.clone(), base_bias, task_weights.contiguous(),
+                None if task_biases is None else task_biases.contiguous(), slot)
 
 
 # -- inspecting an upcycled model -----------------------------------------------------------------------------

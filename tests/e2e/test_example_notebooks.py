@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from notebooks import execute, notebook_paths, problems  # noqa: E402
 
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"

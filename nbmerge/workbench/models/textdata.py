@@ -7,9 +7,8 @@ Sources (their packages are installed for their data files only; nbmerge never i
   Latin-script languages). Topics and languages with fewer than
   70 distinct lines (tech_support, swedish) are left out.
 
-Every task is deduplicated (a text appears once, so it cannot sit in both train and test), then split
-class-balanced and seeded: each class contributes the same number of examples, ``per_class = min(smallest
-class, cap // n_classes)``, divided train/validation/test by ``fractions``.
+Every task is deduplicated (a text appears once, so it cannot sit in both train and test); the zoo then splits it
+class-balanced and seeded (``training.balanced_splits``).
 """
 
 from __future__ import annotations
@@ -17,15 +16,11 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nbmerge.errors import NBMergeError
 from nbmerge.workbench.models.cache import package_folder
-
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -121,30 +116,3 @@ TASK_LOADERS: dict[str, Callable[[], LabelledTexts]] = {
     "sentiment": sentiment, "subjectivity": subjectivity, "debate_party": debate_party,
     "chat_topic": chat_topic, "chat_language": chat_language,
 }
-
-
-def balanced_splits(data: LabelledTexts, cap: int, seed: int,
-                    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)) -> dict[str, list[int]]:
-    """Indices of a seeded, class-balanced train/validation/test split of at most ``cap`` examples.
-
-    Each class keeps ``per_class = min(smallest class size, cap // n_classes)`` examples; of those,
-    ``round(per_class · f)`` go to train and validation, the rest to test. Within a split, examples are shuffled.
-    """
-    by_class: dict[int, list[int]] = {c: [] for c in range(len(data.classes))}
-    for index, label in enumerate(data.labels):
-        by_class[label].append(index)
-    per_class = min(min(len(v) for v in by_class.values()), cap // len(data.classes))
-    if per_class < 4:
-        raise NBMergeError(f"task {data.name!r}: only {per_class} examples per class; need at least 4")
-    rng = random.Random(f"{data.name}:{seed}")
-    n_train = max(1, round(per_class * fractions[0]))
-    n_validation = max(1, round(per_class * fractions[1]))
-    splits: dict[str, list[int]] = {split: [] for split in SPLITS}
-    for members in by_class.values():
-        chosen = rng.sample(members, per_class)
-        splits["train"] += chosen[:n_train]
-        splits["validation"] += chosen[n_train:n_train + n_validation]
-        splits["test"] += chosen[n_train + n_validation:]
-    for indices in splits.values():
-        rng.shuffle(indices)
-    return splits

@@ -17,7 +17,7 @@ from nbmerge.method import check_fits
 from nbmerge.results import MergeResult
 from nbmerge.taskpool import Task, TaskPool
 from nbmerge.workbench.models.statedicts import state_dict_of
-from nbmerge.workbench.models.textdata import SPLITS
+from nbmerge.workbench.models.training import SPLITS
 
 EVAL_BATCH = 64
 

@@ -16,7 +16,6 @@ finished). The cache is
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +26,9 @@ import torch
 from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import NBMergeError, ParameterError
 from nbmerge.workbench.models.cache import build_once, default_cache_dir, package_folder
-from nbmerge.workbench.models.textdata import SPLITS, TASK_LOADERS, balanced_splits
+from nbmerge.workbench.models.textdata import TASK_LOADERS
 from nbmerge.workbench.models.textpool import TextTask, TextTaskPool
+from nbmerge.workbench.models.training import SPLITS, balanced_splits, batch_order, fit_linear_head
 
 ZOO_VERSION = 1
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -181,23 +181,6 @@ def _cls_features(encoder, tokenizer, texts: list[str], max_length: int) -> torc
     return torch.cat(features)
 
 
-def _fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, iterations: int) -> torch.nn.Linear:
-    """Multinomial logistic regression (L2 1e-3) on fixed features: the fine-tuning's starting head."""
-    head = torch.nn.Linear(features.shape[1], n_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def loss_closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(features), labels) + 1e-3 * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(loss_closure)
-    return head
-
-
 def _fine_tune(base_state, base_encoder, tokenizer, split_record, profile: Profile, seed: int, bar):
     import copy
 
@@ -205,17 +188,14 @@ def _fine_tune(base_state, base_encoder, tokenizer, split_record, profile: Profi
     texts = split_record["train"]["texts"]
     labels = torch.tensor(split_record["train"]["labels"])
     features = _cls_features(base_encoder, tokenizer, texts, profile.max_length)
-    head = _fit_head(features, labels, len(split_record["classes"]), profile.head_fit_iterations)
+    head = fit_linear_head(features, labels, len(split_record["classes"]), profile.head_fit_iterations)
     encoder = copy.deepcopy(base_encoder).train()
     encoder.get_input_embeddings().requires_grad_(False)
     trained = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=profile.lr)
-    order_rng = random.Random(seed)
-    order: list[int] = []
+    batches = batch_order(len(texts), profile.batch_size, seed)
     for _ in range(profile.steps):
-        if len(order) < profile.batch_size:
-            order += order_rng.sample(range(len(texts)), len(texts))
-        batch_indices, order = order[:profile.batch_size], order[profile.batch_size:]
+        batch_indices = next(batches)
         batch = tokenizer([texts[i] for i in batch_indices], padding=True, truncation=True,
                           max_length=profile.max_length, return_tensors="pt")
         logits = head(encoder(**batch).last_hidden_state[:, 0])

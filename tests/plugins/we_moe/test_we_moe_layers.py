@@ -216,3 +216,76 @@ def test_unsupported_model_and_mismatched_expert_are_clear_errors():
     broken["encoder.layer.0.output.dense.weight"] = torch.zeros(16, 41)
     with pytest.raises(ModelInputError, match=r"'encoder.layer.0.output.dense.weight' of model 'task1'"):
         upcycle(base, {"task0": fine_tuned["task0"], "task1": broken})
+
+
+# -- convolutional blocks: MBConv's 1 × 1 convolutions routed like an MLP's linears --------------------------------
+class TinyConvNet(torch.nn.Module):
+    """A stem and three MBConv blocks (expand ratio 1, then 3) with random weights and BatchNorm statistics."""
+
+    def __init__(self):
+        from nbmerge.workbench.models.efficientnet import MBConv
+
+        super().__init__()
+        self.conv_stem = torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn0 = torch.nn.BatchNorm2d(8)
+        self.blocks = torch.nn.ModuleList([MBConv(8, 8, 1, 3, 1), MBConv(8, 12, 3, 3, 2), MBConv(12, 12, 3, 5, 1)])
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+
+    def forward(self, images):
+        x = torch.nn.functional.relu6(self.bn0(self.conv_stem(images)))
+        for block in self.blocks:
+            x = block(x)
+        return x.mean((2, 3))
+
+
+def conv_model_set(experts: int = 3):
+    torch.manual_seed(0)
+    base = TinyConvNet().eval()
+    fine_tuned = {}
+    for e in range(experts):
+        model = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(200 + e)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        fine_tuned[f"task{e}"] = model
+    return base, fine_tuned
+
+
+def test_mbconv_blocks_route_their_pointwise_convolutions():
+    base, _ = conv_model_set(1)
+    blocks = find_mlp_blocks(base)
+    assert [(b.family, b.entry, b.linears) for b in blocks] == [
+        ("mbconv", "blocks.0", ("blocks.0.project_conv",)),
+        ("mbconv", "blocks.1", ("blocks.1.expand_conv", "blocks.1.project_conv")),
+        ("mbconv", "blocks.2", ("blocks.2.expand_conv", "blocks.2.project_conv"))]
+
+
+def test_fixed_routing_of_a_conv_net_equals_hand_built_weights():
+    """1 × 1 convolutions W_0 + Σ r_e τ_e, every other tensor (stem, depthwise, BatchNorm) θ_0 + λ Σ τ_e."""
+    base, fine_tuned = conv_model_set()
+    moe = upcycle(base, fine_tuned, init_lambda=0.3)
+    routing = torch.tensor([0.6, -0.1, 0.35])
+    fix_routing(moe, routing)
+    states = [m.state_dict() for m in fine_tuned.values()]
+    merged = {}
+    for key, value in base.state_dict().items():
+        if not value.is_floating_point():
+            merged[key] = value
+            continue
+        pointwise = re.search(r"blocks\.\d+\.(expand|project)_conv\.", key)
+        weights = routing.tolist() if pointwise else [0.3] * len(states)
+        merged[key] = value + sum(w * (s[key] - value) for w, s in zip(weights, states))
+    expected_model = copy.deepcopy(base)
+    expected_model.load_state_dict(merged)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = expected_model(images)
+        for batch_reduce in (False, True):
+            set_batch_reduce(moe, batch_reduce)
+            torch.testing.assert_close(moe(images), expected, atol=2e-5, rtol=1e-4)

@@ -6,8 +6,9 @@ import importlib.util
 
 import pytest
 
-from nbmerge.workbench.models import textdata
 from nbmerge.errors import NBMergeError
+from nbmerge.workbench.models import textdata
+from nbmerge.workbench.models.training import balanced_splits
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def test_language_task_labels_a_known_line(tasks):
 @pytest.mark.parametrize("name", list(textdata.TASK_LOADERS))
 def test_splits_are_balanced_disjoint_and_seeded(tasks, name):
     data = tasks[name]
-    splits = textdata.balanced_splits(data, cap=300, seed=3)
-    assert splits == textdata.balanced_splits(data, cap=300, seed=3)
-    assert splits != textdata.balanced_splits(data, cap=300, seed=4)
+    splits = balanced_splits(data, cap=300, seed=3)
+    assert splits == balanced_splits(data, cap=300, seed=3)
+    assert splits != balanced_splits(data, cap=300, seed=4)
     every = splits["train"] + splits["validation"] + splits["test"]
     assert len(every) == len(set(every)) <= 300
     for indices in splits.values():
@@ -58,7 +59,7 @@ def test_splits_are_balanced_disjoint_and_seeded(tasks, name):
 def test_too_few_examples_per_class_is_an_error():
     data = textdata.LabelledTexts("tiny", ("a", "b"), ("x1", "x2", "x3", "y1"), (0, 0, 0, 1))
     with pytest.raises(NBMergeError, match="task 'tiny': only 1 examples per class"):
-        textdata.balanced_splits(data, cap=100, seed=0)
+        balanced_splits(data, cap=100, seed=0)
 
 
 def test_missing_data_package_says_what_to_install(monkeypatch):

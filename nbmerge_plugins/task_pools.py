@@ -1,0 +1,36 @@
+"""The built-in evaluation task pools, each in two sizes: ``-tiny`` builds in a few minutes on 2 cores (tests, CI),
+``-full`` is the benchmark's profile. Options: ``seed`` (the zoo's splits and fine-tuning), ``cache_dir``,
+``progress``.
+
+- ``minilm-*``: all-MiniLM-L6-v2 fine-tuned on five text tasks (``nbmerge.workbench.models.zoo``);
+- ``vision-*``, the hard workbench: EfficientNet-Lite0 fine-tuned on eight image tasks of different domains and
+  label spaces (``nbmerge.workbench.models.vision_zoo``), where static merges lose much more.
+"""
+
+import nbmerge
+
+
+def _pool_builder(zoo: str, profile: str):
+    def build(seed: int = 0, cache_dir=None, progress: bool = True):
+        if zoo == "minilm":
+            from nbmerge.workbench.models.zoo import build_zoo as build_the_zoo
+        else:
+            from nbmerge.workbench.models.vision_zoo import build_vision_zoo as build_the_zoo
+
+        return build_the_zoo(profile, seed=seed, cache_dir=cache_dir, progress=progress).pool
+
+    return build
+
+
+@nbmerge.hookimpl
+def register_task_pools(register):
+    register("minilm-tiny", _pool_builder("minilm", "tiny"),
+             "all-MiniLM-L6-v2 fine-tuned on 5 text tasks (sentiment, subjectivity, debate party, chat topic, "
+             "chat language); short texts, 40 steps")
+    register("minilm-full", _pool_builder("minilm", "full"),
+             "the same 5 tasks at benchmark size: 64-token texts, 150 fine-tuning steps per task")
+    register("vision-tiny", _pool_builder("vision", "tiny"),
+             "EfficientNet-Lite0 fine-tuned on 8 image tasks (MNIST, Fashion-MNIST, animal silhouettes, 8×8 digits, "
+             "emoji groups, emoji skin tones, letters, writing systems); 24 images per class, 25 steps")
+    register("vision-full", _pool_builder("vision", "full"),
+             "the same 8 tasks at benchmark size: 120 images per class, 300 fine-tuning steps per task")

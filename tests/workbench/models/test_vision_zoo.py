@@ -1,0 +1,47 @@
+"""The vision zoo (tiny profile): balanced seeded splits, fine-tuning that keeps the BatchNorm statistics, and a
+pool that evaluates any backbone the user holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nbmerge
+from nbmerge.errors import ModelInputError
+from nbmerge.workbench.models.imagedata import TASK_LOADERS
+from nbmerge.workbench.models.training import SPLITS
+
+
+def test_eight_tasks_with_balanced_splits(tiny_vision_zoo):
+    pool = tiny_vision_zoo.pool
+    assert [task.name for task in pool.tasks] == list(TASK_LOADERS)
+    for task in pool.tasks:
+        counts = {split: np.bincount(task.labels(split).numpy(), minlength=len(task.classes)) for split in SPLITS}
+        per_class = 24 if task.name != "digits" else 24
+        assert counts["train"].tolist() == [round(per_class * 0.6)] * len(task.classes), task.name
+        assert counts["validation"].tolist() == [round(per_class * 0.15)] * len(task.classes), task.name
+        assert task.inputs("test").shape[1:] == (3, 48, 48) and 0.0 <= task.inputs("test").min()
+
+
+def test_fine_tuning_moves_the_weights_and_keeps_the_batchnorm_statistics(tiny_vision_zoo):
+    pool = tiny_vision_zoo.pool
+    base = pool.load_encoder(tiny_vision_zoo.base).state_dict()
+    for name, folder in tiny_vision_zoo.models.items():
+        tuned = pool.load_encoder(folder).state_dict()
+        assert not torch.equal(tuned["blocks.5.expand_conv.weight"], base["blocks.5.expand_conv.weight"]), name
+        for key in base:
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(tuned[key], base[key]), (name, key)
+
+
+def test_individual_models_beat_the_pretrained_backbone_with_the_task_heads(tiny_vision_zoo):
+    pool = tiny_vision_zoo.pool
+    report = nbmerge.evaluate(tiny_vision_zoo.base, pool, progress=False)
+    individual = report.individual
+    assert sum(individual.values()) / len(individual) > report.average + 10
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_vision_zoo, llama_set):
+    with pytest.raises(ModelInputError, match="model for task pool 'vision-tiny' lacks .* backbone weight"):
+        tiny_vision_zoo.pool.load_encoder(llama_set.base_dir)
