@@ -14,7 +14,7 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"dare", "expo", "linear", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
+BUILTIN = {"adamerging", "dare", "expo", "linear", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
            "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
