@@ -289,6 +289,7 @@ def test_workbench_magic_mistakes_are_one_line_usage_errors(shell, zoo_ns, capsy
 
 def test_without_pool_the_magics_ask_for_one(monkeypatch, capsys):
     ipython = InteractiveShell.instance()
+    ipython.run_line_magic("load_ext", "nbmerge")
     magics = ipython.magics_manager.registry["MergeMagics"]
     monkeypatch.setattr(magics, "__dict__", {k: v for k, v in magics.__dict__.items() if k != "_last_pool"})
     ipython.user_ns["lone"] = {"w": torch.zeros(2)}
