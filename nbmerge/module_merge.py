@@ -58,7 +58,8 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
         _check_same_models(source, expected_fingerprints, fingerprints)
     tasks = {name: _unlabeled(pool.task(name), split) for name in named}
     check_cancel(cancel, "before training")
-    built = method.build_module(ModuleJob(base_module, modules, checked, tasks, trained_state, progress, step_done))
+    built = method.build_module(ModuleJob(base_module, modules, checked, tasks, trained_state, progress, step_done,
+                                          _validation_score(pool, list(named))))
     seconds = time.perf_counter() - started
     recipe = recipe_header(method, checked, list(named), model_label(base, type(base).__name__),
                            pool=getattr(pool, "name", ""), split=split, fingerprints=fingerprints,
@@ -156,6 +157,23 @@ def _named_models(method: MergeMethod, models, pool) -> dict[str, Any]:
         raise ParameterError(f"{method.name}: model(s) {', '.join(map(repr, unknown))} match no task of pool "
                              f"{getattr(pool, 'name', '')!r} (its tasks: {', '.join(task_names)})")
     return named
+
+
+def _validation_score(pool, task_names: list[str]):
+    """score(module) = mean over the tasks of the validation accuracy (%), or None when the pool has no
+    labelled validation split."""
+    tasks = [pool.task(name) for name in task_names]
+    try:
+        labels = [task.labels("validation") for task in tasks]
+    except (AttributeError, KeyError, NotImplementedError, ValueError):
+        return None
+
+    def score(module) -> float:
+        correct = [(task.predict(module, "validation") == truth).double().mean().item()
+                   for task, truth in zip(tasks, labels)]
+        return 100.0 * sum(correct) / len(correct)
+
+    return score
 
 
 def _unlabeled(task, split: str) -> UnlabeledTask:

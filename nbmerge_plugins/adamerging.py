@@ -9,7 +9,8 @@ one coefficient λ_k^g per task and group: ``granularity="task"`` (task-wise Ada
 ``"tensor"`` (one λ per task and parameter tensor: FusionBench's layer-wise AdaMerging, the default). λ starts at
 ``init_lambda`` (task arithmetic); Adam (``lr``, ``steps``) then minimises the summed entropy of every task's
 predictions on ``batch_size`` unlabeled inputs of that task per step (``nbmerge_plugins._test_time``, the
-machinery WE-MoE uses), through the merged weights. With ``clamp`` each λ is kept in [0, 1] after every step
+machinery WE-MoE uses), through the merged weights; every ``select_every`` steps the merge is scored on the pool's
+validation split and the best step's λ is kept. With ``clamp`` each λ is kept in [0, 1] after every step
 (FusionBench's ``clamp_weights``). Tensors no model changed stay θ_0.
 
 The result is a plain module of the base's architecture holding the merged weights: a static merge, found on
@@ -28,7 +29,8 @@ from nbmerge import hookimpl
 from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob, Param, check_fits
 from nbmerge.method.tensor_names import layer_index
-from nbmerge_plugins._test_time import OBJECTIVES, AdaptationTask, minimise, shuffled_batches
+from nbmerge_plugins._test_time import (OBJECTIVES, SELECT_EVERY, AdaptationTask, adaptation_record, minimise,
+                                        shuffled_batches)
 
 COEFFICIENTS = "merging_coefficients"
 GRANULARITIES = ("task", "layer", "tensor")
@@ -44,6 +46,7 @@ PARAMS = (
     Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
           "(the paper's) or 'information_max' (entropy − entropy of the batch's mean prediction)",
           choices=OBJECTIVES),
+    SELECT_EVERY,
     Param("seed", "int", 0, "seeds the order of the unlabeled batches", low=0),
 )
 
@@ -123,11 +126,15 @@ def build_adamerging(job: ModuleJob) -> BuiltModule:
 
         history = minimise(merging, [merging.coefficients], tasks, lr=params["lr"], steps=params["steps"],
                            objective=params["objective"], owner="adamerging", progress=job.progress,
-                           on_step=after_step)
-        record = {"steps_done": history.steps, "interrupted": history.interrupted,
-                  "adaptation_seconds": round(history.seconds, 2)}
+                           on_step=after_step, select=_selector(merging, job.validation_score),
+                           select_every=params["select_every"])
+        record = adaptation_record(history)
     trained = {COEFFICIENTS: merging.coefficients.detach().clone()}
     return BuiltModule(merging.merged_module(), trained, history, record)
+
+
+def _selector(model: nn.Module, validation_score):
+    return None if validation_score is None else (lambda: validation_score(model))
 
 
 def _whole(merging: AdaMergedModule, state: dict[str, torch.Tensor]) -> BuiltModule:

@@ -121,6 +121,9 @@ class ModuleJob:
     build trained (``BuiltModule.trained``), to rebuild the same module without training again.
     A builder that trains calls ``step_done(done, total)`` after each step: it reports progress to the caller
     and raises MergeCancelled when the caller asked to stop (the builder lets it propagate).
+    ``validation_score(module)``: the average accuracy (%) of a candidate module over the job's tasks on the
+    pool's labelled validation split, for choosing a training step as every other method's hyperparameters are
+    chosen (None when the pool has no validation split).
     """
 
     base: torch.nn.Module
@@ -130,6 +133,7 @@ class ModuleJob:
     trained_state: dict[str, torch.Tensor] | None = None
     progress: bool = True
     step_done: Callable[[int, int], None] = lambda done, total: None
+    validation_score: Callable[[torch.nn.Module], float] | None = None
 
 
 @dataclass

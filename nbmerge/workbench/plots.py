@@ -100,3 +100,69 @@ def layer_conflicts(models: Sequence[Any] | Mapping[str, Any], base: Any):
     norm_axes.set_ylabel("‖τ‖₂")
     norm_axes.legend(fontsize="small")
     return figure
+
+
+def normalized_accuracy(bench: Any):
+    """Horizontal bars: each bench row's normalised accuracy (accuracy / individual accuracy, %), mean over seeds,
+    with the seeds' spread as error bars; the individual models' 100 % is the dashed line.
+
+    ``bench``: a BenchResult (``nbmerge bench`` / ``run_bench``) or the dict its ``to_json`` wrote.
+    """
+    rows = bench["rows"] if isinstance(bench, Mapping) else [
+        {"label": r.label, "reports": [{"accuracy": rep.accuracy, "individual": rep.individual} for rep in r.reports]}
+        for r in bench.rows]
+    labels, means, spreads = [], [], []
+    for row in rows:
+        values = [_normalized(report) for report in row["reports"]]
+        if None in values or row["label"] == "individual":
+            continue
+        labels.append(row["label"])
+        means.append(sum(values) / len(values))
+        spreads.append((sum((v - means[-1]) ** 2 for v in values) / len(values)) ** 0.5)
+    figure = _figure(6.5, 0.35 * len(labels) + 1.4)
+    axes = figure.add_subplot()
+    axes.barh(range(len(labels)), means, xerr=spreads, color="tab:blue", alpha=0.8)
+    axes.set_yticks(range(len(labels)), labels)
+    axes.invert_yaxis()
+    axes.axvline(100.0, color="black", linestyle="--", linewidth=1)
+    axes.set_xlabel("normalised accuracy (% of the individual models')")
+    axes.set_title("normalised accuracy per method (mean ± std over seeds)")
+    return figure
+
+
+def _normalized(report: Mapping[str, Any]) -> float | None:
+    individual = report.get("individual") or {}
+    if not individual:
+        return None
+    return 100.0 * sum(report["accuracy"][t] / individual[t] for t in individual) / len(individual)
+
+
+def routing_heatmap(weights: Mapping[str, Any], layers: Sequence[str], experts: Sequence[str]):
+    """WE-MoE routing weights per layer and task: one panel per task whose inputs were routed, rows the routed
+    layers, columns the experts, each cell the routing weight averaged over that task's inputs.
+
+    ``weights``: {task: [layers, experts] array}; ``layers`` / ``experts``: the row and column labels.
+    """
+    import numpy as np
+
+    tasks = list(weights)
+    columns = min(4, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure = _figure(2.6 * columns + 1.2, 0.16 * len(layers) * rows + 1.2 * rows)
+    grids = figure.subplots(rows, columns, squeeze=False, sharey=True)
+    arrays = {task: np.asarray(weights[task], dtype=float) for task in tasks}
+    low = min(a.min() for a in arrays.values())
+    high = max(a.max() for a in arrays.values())
+    image = None
+    for index, axes in enumerate(grids.flat):
+        if index >= len(tasks):
+            axes.set_visible(False)
+            continue
+        task = tasks[index]
+        image = axes.imshow(arrays[task], aspect="auto", cmap="viridis", vmin=low, vmax=high)
+        axes.set_title(f"{task} inputs", fontsize="small")
+        axes.set_xticks(range(len(experts)), experts, rotation=90, fontsize="x-small")
+        axes.set_yticks(range(len(layers)), layers, fontsize="x-small")
+    figure.colorbar(image, ax=grids, shrink=0.6, label="routing weight")
+    figure.suptitle("WE-MoE routing weights per layer (rows) and expert (columns)")
+    return figure

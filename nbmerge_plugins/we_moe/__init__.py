@@ -1,13 +1,15 @@
 """WE-MoE, weight-ensembling mixture of experts (Tang et al. 2024, arXiv 2402.00433), with test-time adaptation.
 
-Every transformer layer's MLP becomes a mixture: the frozen pretrained MLP plus the frozen task vectors of the
-fine-tuned models' MLPs, weighted per input by a router, W = W_0 + Σ_e r_e τ_e (see ``layers``); every
+Every transformer layer's MLP (every convolution of a MobileNet/EfficientNet) becomes a mixture: the frozen
+pretrained weight plus the frozen task vectors of the fine-tuned models, weighted per input by a router,
+W = W_0 + Σ_e r_e τ_e (see ``layers``); every
 other tensor is task arithmetic θ_0 + init_lambda Σ_e τ_e. The routers (fc2(ReLU(fc1(h))), H→H→E, N(0, 0.01²)
 weights, fc2 bias init_lambda) are then trained alone for ``steps`` Adam steps (``lr``) to minimise the summed
 entropy of every task's predictions on ``batch_size`` unlabeled inputs of that task per step
 (``nbmerge_plugins._test_time``; ``objective="information_max"`` subtracts the entropy of each batch's mean prediction,
 against the collapse of few-class tasks onto one class), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
-default); the resulting model routes every sample by itself. ``steps=0`` keeps the initial routers
+default); the resulting model routes every sample by itself. Every ``select_every`` steps the model is scored on
+the pool's validation split and the best step's routers are kept. ``steps=0`` keeps the initial routers
 (≈ task arithmetic). Defaults are the paper's and FusionBench's (configs/method/wemoe/weight_ensembling_moe.yaml).
 
 The method builds a module, so it runs through ``nbmerge.merge("we_moe", {task: model}, base=..., pool=...)``.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob, Param, check_fits
-from nbmerge_plugins._test_time import OBJECTIVES, AdaptationTask, shuffled_batches
+from nbmerge_plugins._test_time import OBJECTIVES, SELECT_EVERY, AdaptationTask, adaptation_record, shuffled_batches
 from nbmerge_plugins.we_moe.adapt import adapt
 from nbmerge_plugins.we_moe.layers import router_parameters, upcycle
 
@@ -34,6 +36,7 @@ PARAMS = (
     Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
           "(the paper's), or 'information_max' = entropy − entropy of the batch's mean prediction, which keeps "
           "few-class tasks from collapsing onto one class", choices=OBJECTIVES),
+    SELECT_EVERY,
     Param("seed", "int", 0, "seeds the routers' initialisation and the order of the unlabeled batches", low=0),
 )
 
@@ -53,9 +56,10 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                  for index, name in enumerate(job.models)}
         history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
                         objective=params["objective"], progress=job.progress,
-                        on_step=lambda done, _loss: job.step_done(done, params["steps"]))
-        record = {"steps_done": history.steps, "interrupted": history.interrupted,
-                  "adaptation_seconds": round(history.seconds, 2)}
+                        on_step=lambda done, _loss: job.step_done(done, params["steps"]),
+                        select=None if job.validation_score is None else lambda: job.validation_score(model),
+                        select_every=params["select_every"])
+        record = adaptation_record(history)
     trained = {name: parameter.detach().clone() for name, parameter in router_parameters(model).items()}
     return BuiltModule(model, trained, history, record)
 
@@ -84,8 +88,8 @@ def _load_whole(model, state) -> None:
 WE_MOE = MergeMethod(
     name="we_moe",
     summary="Weight-ensembling MoE: routed MLP task vectors, routers adapted on unlabeled task inputs",
-    formula="MLP: W = W_0 + Σ_e r_e(x) τ_e, r = router(h) averaged over tokens; elsewhere θ_0 + λ Σ_e τ_e; "
-            "routers minimise Σ_tasks entropy",
+    formula="MLP linears (convolutions in a convnet): W = W_0 + Σ_e r_e(x) τ_e, r = router(h) averaged over "
+            "tokens (pixels); elsewhere θ_0 + λ Σ_e τ_e; routers minimise Σ_tasks entropy, step chosen on validation",
     params=PARAMS,
     merge_tensor=None,
     build_module=build_we_moe,

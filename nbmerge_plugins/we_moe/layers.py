@@ -15,6 +15,13 @@ Per-sample routing never builds a weight matrix per sample: the expert terms are
 task vectors, scaling the E copies of the input (when in_features ≤ out_features) or weighting the E expert
 outputs (otherwise), whichever keeps the intermediate smaller. With ``batch_reduce`` the one shared weight
 W_0 + Σ_e r_e τW_e is built once per call.
+
+Convolutional networks (MobileNet/EfficientNet MBConv blocks) are upcycled the same way, every convolution
+routed: a convolution is linear in its weight, so y_b = conv(x_b, W_0) + b_0 + Σ_e r_{b,e} (conv(x_b, τW_e) + τb_e),
+and the E expert convolutions run as one convolution whose output channels are the E task vectors of each
+channel side by side (channel o·E + e), which keeps grouped (depthwise) convolutions' groups intact. Each MBConv
+block's convolutions (expand, depthwise, project) share one router on the block's input; every convolution
+outside the blocks (the stem, the head) gets its own router on its input. A conv router's tokens are the pixels.
 """
 
 from __future__ import annotations
@@ -135,13 +142,50 @@ class WeightEnsemblingLinear(nn.Module):
         return out + expert_sum.view(out.shape)
 
 
-class WeightEnsemblingPointwiseConv(WeightEnsemblingLinear):
-    """A 1 × 1 convolution upcycled like a linear: each pixel of [B, C, H, W] is a token of the linear map."""
+class WeightEnsemblingConv(nn.Module):
+    """A frozen 2-D convolution y = conv(x, W_0 + Σ_e r_e τW_e) + b_0 + Σ_e r_e τb_e, r from the RoutingSlot.
+
+    Buffers: ``base_weight`` [O, I/g, kh, kw], ``base_bias`` [O] or None, ``task_weights`` [O, E, I/g, kh, kw] and
+    ``task_biases`` [O, E]; stride, padding, dilation and groups are the original convolution's.
+    """
+
+    def __init__(self, conv: nn.Conv2d, base_weight: torch.Tensor, base_bias: torch.Tensor | None,
+                 task_weights: torch.Tensor, task_biases: torch.Tensor | None, slot: RoutingSlot):
+        super().__init__()
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise ModelInputError(f"we_moe: convolutions with padding={conv.padding!r} / padding_mode="
+                                  f"{conv.padding_mode!r} are not supported (explicit zero padding only)")
+        self.out_features, self.num_experts = task_weights.shape[:2]
+        self.in_features = conv.in_channels
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("base_weight", base_weight)
+        self.register_buffer("base_bias", base_bias)
+        self.register_buffer("task_weights", task_weights)
+        self.register_buffer("task_biases", task_biases)
+        self.slot = slot
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        return super().forward(tokens).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        routing = self.slot.weights
+        if routing is None:
+            raise RuntimeError("WeightEnsemblingConv called outside its upcycled block (no routing weights)")
+        routing = routing.to(x.dtype)
+        if routing.dim() == 1:
+            weight = self.base_weight + torch.einsum("oe...,e->o...", self.task_weights, routing)
+            bias = None if self.base_bias is None else self.base_bias + self.task_biases @ routing
+            return self._conv(x, weight, bias)
+        batch = routing.shape[0]
+        if x.shape[0] != batch:
+            raise RuntimeError(f"routing weights for {batch} samples, input batch of {x.shape[0]}")
+        out = self._conv(x, self.base_weight, self.base_bias)
+        experts = self._conv(x, self.task_weights.flatten(0, 1), None)             # [B, O·E, H', W']
+        experts = experts.view(batch, self.out_features, self.num_experts, *experts.shape[2:])
+        expert_sum = torch.einsum("boe...,be->bo...", experts, routing)
+        if self.task_biases is not None:
+            expert_sum = expert_sum + (routing @ self.task_biases.T)[:, :, None, None]
+        return out + expert_sum
 
 
 class RoutedBlock(nn.Module):
@@ -211,12 +255,12 @@ FAMILIES = {
 
 # MobileNet/EfficientNet inverted bottleneck (MBConv): expand_conv (1×1, absent at expand ratio 1), depthwise_conv,
 # project_conv (1×1); the block's input is the expand's
-CONV_FAMILIES = {"mbconv": (("depthwise_conv", "project_conv"), ("expand_conv", "project_conv"))}
+CONV_FAMILIES = {"mbconv": (("depthwise_conv", "project_conv"), ("expand_conv", "depthwise_conv", "project_conv"))}
 
 
 def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
-    """Every transformer layer's MLP block (or convolutional block's 1 × 1 convolutions) in module order; an
-    error when the model has none we know."""
+    """Every transformer layer's MLP block in module order; in a convolutional network every MBConv block's
+    convolutions, then each other convolution as a block of its own. An error when the model has none we know."""
     blocks = []
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
@@ -226,20 +270,19 @@ def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
                 blocks.append(MLPBlock(family, prefix + entry, tuple(prefix + linear for linear in linears)))
                 break
         for family, (children, convolutions) in CONV_FAMILIES.items():
-            present = [name for name in convolutions if _is_pointwise(_get(module, name))]
+            present = [name for name in convolutions if isinstance(_get(module, name), nn.Conv2d)]
             if path and all(hasattr(module, child) for child in children) and present:
                 blocks.append(MLPBlock(family, path, tuple(prefix + name for name in present), channels_first=True))
+    if any(block.channels_first for block in blocks):
+        routed = {linear for block in blocks for linear in block.linears}
+        blocks += [MLPBlock("conv", path, (path,), channels_first=True) for path, module in model.named_modules()
+                   if isinstance(module, nn.Conv2d) and path not in routed]
     if not blocks:
         raise ModelInputError(
             f"{type(model).__name__}: no MLP block of a supported family (BERT-style intermediate.dense + "
             f"output.dense, CLIP mlp.fc1 + mlp.fc2, LLaMA-style mlp.gate_proj/up_proj/down_proj, MBConv "
-            f"expand_conv/project_conv) to upcycle")
+            f"expand_conv/depthwise_conv/project_conv) to upcycle")
     return blocks
-
-
-def _is_pointwise(module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
-            and module.groups == 1 and module.padding in ((0, 0), "valid"))
 
 
 def _get(module: nn.Module, path: str):
@@ -280,8 +323,7 @@ def upcycle(base: nn.Module, experts: Mapping[str, Mapping[str, torch.Tensor] | 
     for block in blocks:
         slot = RoutingSlot()
         for linear_path in block.linears:
-            _set(model, linear_path, _expert_linear(linear_path, base_state, expert_states, slot,
-                                                    block.channels_first))
+            _set(model, linear_path, _expert_linear(model, linear_path, base_state, expert_states, slot))
         first = _get(model, block.linears[0])
         router = Router(first.in_features, len(expert_states), router_hidden_layers, init_lambda, generator,
                         dtype=first.base_weight.dtype if first.base_weight.is_floating_point() else torch.float32)
@@ -324,20 +366,22 @@ def _task_arithmetic_into(model: nn.Module, base_state, expert_states, init_lamb
     model.load_state_dict(merged, strict=False)
 
 
-def _expert_linear(path: str, base_state, expert_states, slot: RoutingSlot,
-                   pointwise: bool = False) -> WeightEnsemblingLinear:
-    """The upcycled linear (or 1 × 1 convolution, whose [O, I, 1, 1] weights are a linear's [O, I]) at ``path``."""
-    base_weight = base_state[f"{path}.weight"].flatten(1)
-    task_weights = torch.stack([state[f"{path}.weight"].flatten(1) - base_weight for state in expert_states.values()],
-                               1)
+def _expert_linear(model: nn.Module, path: str, base_state, expert_states,
+                   slot: RoutingSlot) -> WeightEnsemblingLinear | WeightEnsemblingConv:
+    """The upcycled linear or convolution at ``path``: its experts stacked along dimension 1."""
+    base_weight = base_state[f"{path}.weight"]
+    task_weights = torch.stack([state[f"{path}.weight"] - base_weight for state in expert_states.values()], 1)
     base_bias = base_state.get(f"{path}.bias")
     task_biases = None
     if base_bias is not None:
         task_biases = torch.stack([state[f"{path}.bias"] - base_bias for state in expert_states.values()], 1)
         base_bias = base_bias.clone()
-    kind = WeightEnsemblingPointwiseConv if pointwise else WeightEnsemblingLinear
-    return kind(base_weight.clone(), base_bias, task_weights.contiguous(),
-                None if task_biases is None else task_biases.contiguous(), slot)
+    task_biases = None if task_biases is None else task_biases.contiguous()
+    original = model.get_submodule(path)
+    if isinstance(original, nn.Conv2d):
+        return WeightEnsemblingConv(original, base_weight.clone(), base_bias, task_weights.contiguous(), task_biases,
+                                    slot)
+    return WeightEnsemblingLinear(base_weight.clone(), base_bias, task_weights.contiguous(), task_biases, slot)
 
 
 # -- inspecting an upcycled model -----------------------------------------------------------------------------

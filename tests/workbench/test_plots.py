@@ -51,3 +51,29 @@ def test_layer_conflicts_panels(llama_set):
     conflict_axes, norm_axes = figure.axes[:2]
     assert [bar.get_height() for bar in conflict_axes.containers[0]] == pytest.approx(stats.conflict_fraction[:3])
     assert [list(line.get_ydata()) for line in norm_axes.lines] == [norms[:3] for norms in stats.delta_norms.values()]
+
+
+def test_normalized_accuracy_bars_are_accuracy_over_individual():
+    from nbmerge.workbench.bench import BenchResult, BenchRow
+
+    seed1 = _report("a", {"x": 45.0, "y": 90.0})
+    bench = BenchResult("pool", [0, 1], [BenchRow("individual", None, [{}, {}], [A, A]),
+                                         BenchRow("a", "a", [{}, {}], [A, seed1]), BenchRow("b", "b", [{}], [B])])
+    for source in (bench, __import__("json").loads(bench.to_json())):
+        axes = plots.normalized_accuracy(source).axes[0]
+        widths = [bar.get_width() for bar in axes.patches]
+        # a: seed 0 (60/90 + 80/90)/2 = 77.8 %, seed 1 (45/90 + 90/90)/2 = 75 %; b: (70/90 + 50/90)/2 = 66.7 %
+        assert widths == pytest.approx([(700 / 9 + 75.0) / 2, 100 * 120 / 180])
+        assert [t.get_text() for t in axes.get_yticklabels()] == ["a", "b"]
+
+
+def test_routing_heatmap_shows_each_tasks_weights():
+    import numpy as np
+
+    weights = {"x": np.array([[0.1, 0.9], [0.4, 0.6], [0.3, 0.3]]), "y": np.array([[0.8, 0.2], [0.5, 0.5], [0, 1]])}
+    figure = plots.routing_heatmap(weights, ["block 0", "block 1", "head"], ["x", "y"])
+    panels = [axes for axes in figure.axes if axes.images and axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["x inputs", "y inputs"]
+    for axes, task in zip(panels, weights):
+        np.testing.assert_array_equal(axes.images[0].get_array(), weights[task])
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["block 0", "block 1", "head"]

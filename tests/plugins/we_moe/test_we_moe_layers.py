@@ -218,7 +218,7 @@ def test_unsupported_model_and_mismatched_expert_are_clear_errors():
         upcycle(base, {"task0": fine_tuned["task0"], "task1": broken})
 
 
-# -- convolutional blocks: MBConv's 1 × 1 convolutions routed like an MLP's linears --------------------------------
+# -- convolutional networks: every convolution routed, MBConv blocks sharing one router ---------------------------
 class TinyConvNet(torch.nn.Module):
     """A stem and three MBConv blocks (expand ratio 1, then 3) with random weights and BatchNorm statistics."""
 
@@ -257,17 +257,18 @@ def conv_model_set(experts: int = 3):
     return base, fine_tuned
 
 
-def test_mbconv_blocks_route_their_pointwise_convolutions():
+def test_mbconv_blocks_route_their_convolutions_and_the_stem_its_own():
     base, _ = conv_model_set(1)
     blocks = find_mlp_blocks(base)
     assert [(b.family, b.entry, b.linears) for b in blocks] == [
-        ("mbconv", "blocks.0", ("blocks.0.project_conv",)),
-        ("mbconv", "blocks.1", ("blocks.1.expand_conv", "blocks.1.project_conv")),
-        ("mbconv", "blocks.2", ("blocks.2.expand_conv", "blocks.2.project_conv"))]
+        ("mbconv", "blocks.0", ("blocks.0.depthwise_conv", "blocks.0.project_conv")),
+        ("mbconv", "blocks.1", ("blocks.1.expand_conv", "blocks.1.depthwise_conv", "blocks.1.project_conv")),
+        ("mbconv", "blocks.2", ("blocks.2.expand_conv", "blocks.2.depthwise_conv", "blocks.2.project_conv")),
+        ("conv", "conv_stem", ("conv_stem",))]
 
 
 def test_fixed_routing_of_a_conv_net_equals_hand_built_weights():
-    """1 × 1 convolutions W_0 + Σ r_e τ_e, every other tensor (stem, depthwise, BatchNorm) θ_0 + λ Σ τ_e."""
+    """Every convolution (stem, expand, depthwise, project) W_0 + Σ r_e τ_e, BatchNorm θ_0 + λ Σ τ_e."""
     base, fine_tuned = conv_model_set()
     moe = upcycle(base, fine_tuned, init_lambda=0.3)
     routing = torch.tensor([0.6, -0.1, 0.35])
@@ -278,8 +279,8 @@ def test_fixed_routing_of_a_conv_net_equals_hand_built_weights():
         if not value.is_floating_point():
             merged[key] = value
             continue
-        pointwise = re.search(r"blocks\.\d+\.(expand|project)_conv\.", key)
-        weights = routing.tolist() if pointwise else [0.3] * len(states)
+        routed = re.search(r"conv", key)
+        weights = routing.tolist() if routed else [0.3] * len(states)
         merged[key] = value + sum(w * (s[key] - value) for w, s in zip(weights, states))
     expected_model = copy.deepcopy(base)
     expected_model.load_state_dict(merged)
