@@ -105,16 +105,36 @@ def _bench(argv: list[str]) -> int:
                         "~/.cache/nbmerge)")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
+                        help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     result = run_bench(args.pool or f"minilm-{args.profile}", methods=args.methods, seeds=args.seeds,
                        tune=not args.no_tune, cache_dir=args.cache_dir, progress=not args.quiet,
-                       threads=args.threads)
+                       threads=args.threads, overrides=_overrides(args.set))
     print(result)
     if args.json:
         result.to_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _overrides(settings: list[str]) -> dict[str, dict]:
+    """``["we_moe.steps=300"]`` -> ``{"we_moe": {"steps": 300}}`` (values read as JSON where they parse)."""
+    from nbmerge.errors import ParameterError
+
+    overrides: dict[str, dict] = {}
+    for setting in settings:
+        target, equals, text = setting.partition("=")
+        method, dot, param = target.partition(".")
+        if not (equals and dot and method and param):
+            raise ParameterError(f"bench: --set {setting!r}: expected METHOD.PARAM=VALUE, e.g. we_moe.steps=300")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides.setdefault(method, {})[param] = value
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ PARAMS = (
     Param("clamp", "bool", False, "keep every coefficient in [0, 1] after each step"),
     Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
           "(the paper's) or 'information_max' (entropy − entropy of the batch's mean prediction)",
-          choices=OBJECTIVES),
+          choices=OBJECTIVES, grid=OBJECTIVES),
     SELECT_EVERY,
     Param("seed", "int", 0, "seeds the order of the unlabeled batches", low=0),
 )

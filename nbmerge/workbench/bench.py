@@ -8,7 +8,9 @@ For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench 
   best average accuracy on the validation split, then evaluated once on test;
 - ``best_static``: of every static (tensor-wise) method's defaults and tuned point, the one with the best
   validation average, on test (its row names the choice). Module-building methods (we_moe, adamerging) adapt on
-  the test inputs, so they are never the static choice.
+  the test inputs, so they are never the static choice;
+- for a module-building method with a grid (the objective): one row per grid point, ``we_moe (objective=…)``,
+  each built once, and the row ``we_moe``: the point with the best validation average.
 Rows report the per-task mean and standard deviation over seeds (population), the average's mean ± standard
 deviation and the normalised average (accuracy / individual accuracy, mean over tasks and seeds).
 """
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 from nbmerge.api import merge
 from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import ParameterError
+from nbmerge.method.params import validate_params
 from nbmerge.plugins import all_methods, task_pool
 from nbmerge.taskpool import TaskPool
 from nbmerge.workbench.evaluation import EvalReport, evaluate, individual_accuracy
@@ -131,17 +134,18 @@ class BenchResult:
 
 def run_bench(pool: str = "minilm-tiny", methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
               tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
-              threads: int | None = 1) -> BenchResult:
+              threads: int | None = 1, overrides: dict[str, dict[str, Any]] | None = None) -> BenchResult:
     """Run the bench (see the module docstring) and return its table.
 
+    overrides: {method: {param: value}} fixed for that method in every row (e.g. fewer adaptation steps).
     threads: torch threads while evaluating (default 1: on a busy 2-core machine two threads made these small
     matrix products several times slower); None leaves torch's setting alone.
     """
     with torch_threads(threads):
-        return _run_bench(pool, methods, seeds, tune, cache_dir, progress)
+        return _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides or {})
 
 
-def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
+def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides) -> BenchResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -150,6 +154,10 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
     unknown = [name for name in chosen if name not in registered]
     if unknown:
         raise ParameterError(f"bench: unknown method {unknown[0]!r}; registered: {', '.join(registered)}")
+    for name, fixed in overrides.items():
+        if name not in chosen:
+            raise ParameterError(f"bench: parameters set for {name!r}, which is not among the methods run")
+        validate_params(name, registered[name].params, fixed)
     rows: dict[str, BenchRow] = {}
     skipped: dict[str, str] = {}
     if not methods:
@@ -159,8 +167,10 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
     for seed in seeds:
         pools = task_pool(pool, seed=seed, cache_dir=cache_dir, progress=progress)
         runnable = [name for name in chosen if name not in skipped and _applicable(registered[name], pools, skipped)]
-        total = 2 + sum(1 + (len(_grid(registered[n])) + 1 if tune and _grid(registered[n]) else 0)
-                        + (tune and registered[n].build_module is None) for n in runnable)
+        total = 2 + sum(2 * len(_grid(registered[n])) if tune and registered[n].build_module is not None
+                        and _grid(registered[n]) else 1 + (len(_grid(registered[n])) + 1 if tune and
+                        _grid(registered[n]) else 0) + (tune and registered[n].build_module is None)
+                        for n in runnable)
         bar = tqdm(total=total, desc=f"bench {pool} seed {seed}", unit="eval", disable=not progress)
         _add(rows, "pretrained", None, {}, evaluate(pools.base, pools, name="pretrained", progress=False))
         individual = individual_accuracy(pools, "test", [t.name for t in pools.tasks])
@@ -170,13 +180,17 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
         static_choices: list[tuple[float, str, dict, EvalReport]] = []  # (validation average, row, params, test)
         for name in runnable:
             method = registered[name]
-            static = method.build_module is None
-            defaults = evaluate(_merged(method, pools, {}), pools, name=name, progress=False)
-            _add(rows, name, name, {}, defaults)
+            fixed = dict(overrides.get(name, {}))
+            grid = [dict(point, **fixed) for point in _grid(method)] if tune else []
+            if method.build_module is not None and grid:
+                _add_adapted(rows, name, method, pools, grid, bar)
+                continue
+            defaults = evaluate(_merged(method, pools, fixed), pools, name=name, progress=False)
+            _add(rows, name, name, fixed, defaults)
             bar.update(1)
+            static = method.build_module is None
             if tune and static:
-                static_choices.append((_validation_average(method, pools, {}, bar), name, {}, defaults))
-            grid = _grid(method) if tune else []
+                static_choices.append((_validation_average(method, pools, fixed, bar), name, fixed, defaults))
             if grid:
                 scores = [_validation_average(method, pools, point, bar) for point in grid]
                 best_score = max(scores)
@@ -191,6 +205,27 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress) -> BenchResult:
             _add(rows, "best_static", None, {"choice": label, **params}, report)
         bar.close()
     return BenchResult(pool, list(seeds), list(rows.values()), skipped, round(time.perf_counter() - started, 1))
+
+
+def _add_adapted(rows: dict[str, BenchRow], name: str, method, pool: TaskPool, grid: list[dict], bar) -> None:
+    """A module-building method: one row per grid point (``we_moe (objective=information_max)``), each built
+    once and evaluated on validation and test, and the row ``name``: the point with the best validation
+    average."""
+    points = []
+    for point in grid:
+        merged = _merged(method, pool, point)
+        validation = evaluate(merged, pool, split="validation", progress=False).average
+        label = f"{name} ({', '.join(f'{key}={_short(value)}' for key, value in point.items() if key in _axes(method))})"
+        test = evaluate(merged, pool, name=label, progress=False)
+        _add(rows, label, name, point, test)
+        points.append((validation, point, test))
+        bar.update(2)
+    validation, point, test = max(points, key=lambda choice: choice[0])
+    _add(rows, name, name, point, test)
+
+
+def _axes(method) -> set[str]:
+    return {param.name for param in method.params if param.grid}
 
 
 def _add(rows: dict[str, BenchRow], label: str, method: str | None, params: dict, report: EvalReport) -> None:

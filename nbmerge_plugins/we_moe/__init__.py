@@ -35,7 +35,7 @@ PARAMS = (
           "(FusionBench's recipe, several times faster); the result always routes per sample"),
     Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
           "(the paper's), or 'information_max' = entropy − entropy of the batch's mean prediction, which keeps "
-          "few-class tasks from collapsing onto one class", choices=OBJECTIVES),
+          "few-class tasks from collapsing onto one class", choices=OBJECTIVES, grid=OBJECTIVES),
     SELECT_EVERY,
     Param("seed", "int", 0, "seeds the routers' initialisation and the order of the unlabeled batches", low=0),
 )

@@ -81,3 +81,36 @@ def test_cli_bench_unknown_method(tiny_zoo, capsys):
     code = main(["bench", "--methods", "tie", "--seeds", "0", "--cache-dir", str(tiny_zoo.root.parent), "--quiet"])
     assert code == 1
     assert "bench: unknown method 'tie'" in capsys.readouterr().err
+
+
+def test_an_adapted_method_gets_a_row_per_objective_and_the_validation_choice(tiny_zoo):
+    fixed = {"steps": 2, "select_every": 0, "granularity": "task"}
+    result = run_bench("minilm-tiny", methods=["adamerging"], seeds=[0], progress=False,
+                       overrides={"adamerging": fixed})
+    labels = [row.label for row in result.rows]
+    assert labels == ["pretrained", "individual", "adamerging (objective=entropy)",
+                      "adamerging (objective=information_max)", "adamerging"]
+    pool = tiny_zoo.pool
+    validation = {}
+    for objective in ("entropy", "information_max"):
+        merged = nbmerge.merge("adamerging", tiny_zoo.models, base=tiny_zoo.base, pool=pool, progress=False,
+                               objective=objective, **fixed)
+        test = nbmerge.evaluate(merged, pool, progress=False)
+        assert result.row(f"adamerging (objective={objective})").reports[0].accuracy == test.accuracy
+        validation[objective] = nbmerge.evaluate(merged, pool, split="validation", progress=False).average
+    chosen = max(validation, key=validation.get)
+    assert result.row("adamerging").params == [dict(fixed, objective=chosen)]
+    assert result.row("adamerging").average == result.row(f"adamerging (objective={chosen})").average
+
+
+def test_cli_bench_set_fixes_a_parameter_and_refuses_a_bad_one(tiny_zoo, capsys):
+    cache = str(tiny_zoo.root.parent)
+    assert main(["bench", "--seeds", "0", "--methods", "task_arithmetic", "--no-tune", "--cache-dir", cache,
+                 "--set", "task_arithmetic.scaling=0.5", "--quiet"]) == 0
+    assert "scaling=0.5" in capsys.readouterr().out
+    assert main(["bench", "--seeds", "0", "--methods", "task_arithmetic", "--cache-dir", cache,
+                 "--set", "ties.density=0.5", "--quiet"]) == 1
+    assert "parameters set for 'ties', which is not among the methods run" in capsys.readouterr().err
+    assert main(["bench", "--seeds", "0", "--methods", "task_arithmetic", "--cache-dir", cache,
+                 "--set", "task_arithmetic.scalin=0.5", "--quiet"]) == 1
+    assert "scaling" in capsys.readouterr().err
