@@ -104,14 +104,27 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--cache-dir", help="where zoos are built and cached (default: $NBMERGE_CACHE or "
                         "~/.cache/nbmerge)")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--add-to", metavar="PATH", help="add this run's rows to the table in PATH (a --json file "
+                        "of the same pool and seeds) and write it back, e.g. adaptive methods after the static ones")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
                         help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    result = run_bench(args.pool or f"minilm-{args.profile}", methods=args.methods, seeds=args.seeds,
-                       tune=not args.no_tune, cache_dir=args.cache_dir, progress=not args.quiet,
-                       threads=args.threads, overrides=_overrides(args.set))
+    pool = args.pool or f"minilm-{args.profile}"
+    earlier = None
+    if args.add_to:
+        from nbmerge.workbench.bench import BenchResult
+
+        earlier = BenchResult.from_json(args.add_to)
+        earlier.check_addable(pool, args.seeds)  # before the run, not after it
+    result = run_bench(pool, methods=args.methods, seeds=args.seeds, tune=not args.no_tune,
+                       cache_dir=args.cache_dir, progress=not args.quiet, threads=args.threads,
+                       overrides=_overrides(args.set))
+    if earlier is not None:
+        result = result.added_to(earlier)
+        result.to_json(args.add_to)
+        print(f"added to {args.add_to}")
     print(result)
     if args.json:
         result.to_json(args.json)

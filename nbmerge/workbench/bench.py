@@ -131,6 +131,32 @@ class BenchResult:
             Path(path).write_text(text)
         return text
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BenchResult":
+        """The table a ``to_json`` file holds."""
+        data = json.loads(Path(path).read_text())
+        rows = [BenchRow(row["label"], row["method"], row["params"], [EvalReport(**report) for report in row["reports"]])
+                for row in data["rows"]]
+        return cls(data["pool"], data["seeds"], rows, data.get("skipped", {}), data.get("seconds", 0.0))
+
+    def check_addable(self, pool: str, seeds: Sequence[int]) -> None:
+        """A run on ``pool`` and ``seeds`` can be added to this table only when both are the same."""
+        if (pool, list(seeds)) != (self.pool, self.seeds):
+            raise ParameterError(f"bench: cannot add a run on {pool} seeds {list(seeds)} to one on "
+                                 f"{self.pool} seeds {self.seeds}")
+
+    def added_to(self, earlier: "BenchResult") -> "BenchResult":
+        """``earlier``'s table with this run's rows added (a row of the same label replaced): a bench run in parts,
+        e.g. the static methods first and the adaptive ones later, on the same pool and seeds."""
+        earlier.check_addable(self.pool, self.seeds)
+        shared = {"pretrained", "individual"}  # the same in both runs: kept from the earlier one
+        mine, theirs = {row.label for row in self.rows}, {row.label for row in earlier.rows}
+        rows = [row for row in earlier.rows if row.label not in mine or row.label in shared] + \
+               [row for row in self.rows if row.label not in shared or row.label not in theirs]
+        skipped = {name: reason for name, reason in {**earlier.skipped, **self.skipped}.items()
+                   if not any(row.method == name for row in rows)}
+        return BenchResult(self.pool, self.seeds, rows, skipped, round(earlier.seconds + self.seconds, 1))
+
 
 def run_bench(pool: str = "minilm-tiny", methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
               tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
@@ -181,7 +207,7 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides) -> Be
         for name in runnable:
             method = registered[name]
             fixed = dict(overrides.get(name, {}))
-            grid = [dict(point, **fixed) for point in _grid(method)] if tune else []
+            grid = [dict(point, **fixed) for point in _grid(method, exclude=fixed)] if tune else []
             if method.build_module is not None and grid:
                 _add_adapted(rows, name, method, pools, grid, bar)
                 continue
@@ -224,8 +250,8 @@ def _add_adapted(rows: dict[str, BenchRow], name: str, method, pool: TaskPool, g
     _add(rows, name, name, point, test)
 
 
-def _axes(method) -> set[str]:
-    return {param.name for param in method.params if param.grid}
+def _axes(method, exclude=()) -> set[str]:
+    return {param.name for param in method.params if param.grid and param.name not in exclude}
 
 
 def _add(rows: dict[str, BenchRow], label: str, method: str | None, params: dict, report: EvalReport) -> None:
@@ -247,8 +273,8 @@ def _applicable(method, pool: TaskPool, skipped: dict[str, str]) -> bool:
     return True
 
 
-def _grid(method) -> list[dict]:
-    axes = [(param.name, param.grid) for param in method.params if param.grid]
+def _grid(method, exclude=()) -> list[dict]:
+    axes = [(param.name, param.grid) for param in method.params if param.grid and param.name not in exclude]
     points = [dict(zip([name for name, _ in axes], values)) for values in itertools.product(*[g for _, g in axes])]
     return points if axes else []
 

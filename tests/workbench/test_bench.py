@@ -114,3 +114,20 @@ def test_cli_bench_set_fixes_a_parameter_and_refuses_a_bad_one(tiny_zoo, capsys)
     assert main(["bench", "--seeds", "0", "--methods", "task_arithmetic", "--cache-dir", cache,
                  "--set", "task_arithmetic.scalin=0.5", "--quiet"]) == 1
     assert "scaling" in capsys.readouterr().err
+
+
+def test_a_run_added_to_an_earlier_table_keeps_both(bench, tiny_zoo, tmp_path, capsys):
+    earlier = tmp_path / "bench.json"
+    bench.to_json(earlier)
+    cache = str(tiny_zoo.root.parent)
+    assert main(["bench", "--seeds", "0", "--methods", "simple_average", "--no-tune", "--cache-dir", cache,
+                 "--add-to", str(earlier), "--quiet"]) == 0
+    from nbmerge.workbench.bench import BenchResult
+
+    combined = BenchResult.from_json(earlier)
+    assert [row.label for row in combined.rows] == [row.label for row in bench.rows] + ["simple_average"]
+    assert combined.row("task_arithmetic").average == bench.row("task_arithmetic").average
+    assert combined.skipped == bench.skipped
+    assert main(["bench", "--seeds", "1", "--methods", "simple_average", "--no-tune", "--cache-dir", cache,
+                 "--add-to", str(earlier), "--quiet"]) == 1
+    assert "cannot add a run on minilm-tiny seeds [1] to one on minilm-tiny seeds [0]" in capsys.readouterr().err
