@@ -191,3 +191,7 @@ def test_page_snippets_run(page, tmp_path, monkeypatch):
     finally:
         if shell is not None:
             shell.close()
+        # a page may register plugins in-process (docs/plugins.md does): later tests see only the installed ones
+        from nbmerge.plugins import reload_plugins
+
+        reload_plugins()

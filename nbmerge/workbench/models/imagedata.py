@@ -95,6 +95,12 @@ def fashion() -> LabelledImages:
     return LabelledImages("fashion", FASHION_CLASSES, images, labels.astype(np.int64))
 
 
+try:  # numpy 2 moved the array constructor; numpy.core still works there but warns
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+
+
 class _ArraysOnly(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (the animal-mnist files are pickles: never trusted further)."""
 
@@ -104,7 +110,7 @@ class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused to load {module}.{name} from a data file")
-        return {"_reconstruct": np.core.multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
+        return {"_reconstruct": _reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
 
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
