@@ -18,17 +18,18 @@ from nbmerge_plugins import native
 from nbmerge_plugins._task_vectors import blocks_of_task_vectors, weighted_task_vectors
 
 
-def tensor_thresholds(job: TensorJob, density: float) -> list[float]:
-    """Per task vector: the k-th largest |w_i τ_i| of the tensor, k = int(density · positions changed by any model).
+def tensor_thresholds(job: TensorJob, density: float, over_changed: bool = False) -> list[float]:
+    """Per task vector: the k-th largest |w_i τ_i| of the tensor, k = int(density · N), N = the tensor's positions
+    (the references' count) or, with ``over_changed``, only the positions some model changed.
 
     Exact, without sorting: a strided sample of each |τ_i| brackets the k-th largest value in [lo, hi]; one
     streamed pass counts the entries above hi and collects those inside [lo, hi] (a few percent); the k-th largest
     is then the right order statistic of that band. Should the bracket miss (the pass's exact counts say so), the
     radix selection below finds the value instead.
     """
-    samples, brackets = tensor_brackets(job, density)
+    samples, brackets = tensor_brackets(job, density, over_changed)
     changed, above, bands = count_in_brackets(job, brackets, inside_fractions(samples, brackets)[0], wide=False)
-    keep = int(density * changed)
+    keep = int(density * (changed if over_changed else job.base.numel()))
     if keep == 0:
         return [float("inf")] * len(job.models)
     thresholds = native.map_in_threads(lambda band_above: order_statistic(*band_above, keep), zip(bands, above))
@@ -36,11 +37,12 @@ def tensor_thresholds(job: TensorJob, density: float) -> list[float]:
             else threshold for i, threshold in enumerate(thresholds)]
 
 
-def tensor_brackets(job: TensorJob, density: float) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+def tensor_brackets(job: TensorJob, density: float,
+                    over_changed: bool = False) -> tuple[torch.Tensor, list[tuple[float, float]]]:
     """The sample of every |w_i τ_i| of the tensor, and from it each task vector's bracket of its threshold."""
     samples = _sampled_magnitudes(job)
-    changed_fraction = float((samples != 0).any(0).float().mean()) if samples.numel() else 1.0
-    return samples, native.map_in_threads(lambda row: bracket(row, density * changed_fraction), list(samples))
+    counted = float((samples != 0).any(0).float().mean()) if samples.numel() and over_changed else 1.0
+    return samples, native.map_in_threads(lambda row: bracket(row, density * counted), list(samples))
 
 
 def order_statistic(band: torch.Tensor, above: int, keep: int) -> float | None:

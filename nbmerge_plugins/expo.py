@@ -2,8 +2,10 @@
 
 θ = θ_r + a · (θ_r − θ_0), where θ_r is the fine-tuned model, or the simple average of several (with
 ``drop_rate`` > 0, the DARE average θ_0 + (1/n) Σ_i DARE(τ_i)). The factor a is ``alpha`` (default 0.1), times
-``attention_scaling`` for attention projections. The LLaMA options of the reference generalise to any transformer
-through tensor-name filters; a tensor that is not extrapolated is θ_r:
+``attention_scaling`` for attention projections. By default every tensor is extrapolated (the seed's formula and
+FusionBench's ExPOAlgorithm). The options of FusionBench's ExPOAlgorithmForLlama generalise to any transformer
+through tensor-name filters (its defaults: ``on_linear_bias``, ``on_norm``, ``on_embedding`` false,
+``only_on_backbone`` true, ``attention_scaling`` 0.5); a tensor that is not extrapolated is θ_r:
   - inside the layer stack, layers [fix_first_n_layers, L − fix_last_n_layers) are extrapolated ("half" = L // 2);
     2-D weights when ``on_linear_weights``, biases when ``on_linear_bias``, other tensors (norms) when ``on_norm``;
   - embedding tables when ``on_embedding``;
@@ -23,10 +25,10 @@ PARAMS = (
     Param("alpha", "float", 0.1, "extrapolation factor α", grid=(0.1, 0.3, 0.5, 1.0)),
     Param("attention_scaling", "float", 1.0, "attention projections use α · attention_scaling"),
     Param("on_linear_weights", "bool", True, "extrapolate 2-D weights"),
-    Param("on_linear_bias", "bool", False, "extrapolate biases"),
-    Param("on_norm", "bool", False, "extrapolate the other tensors of a layer (norm weights)"),
-    Param("on_embedding", "bool", False, "extrapolate embedding tables"),
-    Param("only_on_backbone", "bool", True, "leave the head and final norm at θ_r"),
+    Param("on_linear_bias", "bool", True, "extrapolate biases"),
+    Param("on_norm", "bool", True, "extrapolate the other tensors of a layer (norm weights)"),
+    Param("on_embedding", "bool", True, "extrapolate embedding tables"),
+    Param("only_on_backbone", "bool", False, "leave the head and final norm at θ_r"),
     Param("fix_first_n_layers", "layers", 0, "leave the first n layers at θ_r (a count or 'half')"),
     Param("fix_last_n_layers", "layers", 0, "leave the last n layers at θ_r (a count or 'half')"),
     Param("magnitude_sparsity_ratio", "float", None, "zero this fraction of the smallest |δ| in each row first",

@@ -1,8 +1,10 @@
 """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
 With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
-1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest. The fraction counts only the positions
-   some model changed (τ ≠ 0 for some i), so frozen parameters do not dilute it. ``trim_scope="tensor"`` ranks
+1. trim: keep the top ``density`` fraction of |τ_i| and zero the rest: k = int(density · N) entries, N counting
+   every position (``density_over="all"``, as FusionBench and mergekit do) or only the positions some model
+   changed (``"changed"``: τ ≠ 0 for some i, so frozen parameters do not dilute the fraction; FusionBench keeps
+   one entry more, int(d·N) + 1, in model scope). ``trim_scope="tensor"`` ranks
    each tensor on its own (mergekit); ``"model"`` ranks the whole model at once with one exact global threshold
    per task vector (the paper and FusionBench). Either way a sample brackets each threshold and a counting pass
    collects the entries inside the bracket, whose order statistic is the exact threshold; in tensor scope the
@@ -37,8 +39,12 @@ from nbmerge_plugins._task_vectors import blocks_of_task_vectors, disjoint_merge
 
 GLOBAL_THRESHOLD = "global trim threshold"
 
-DENSITY = Param("density", "float", 0.2, "fraction of each task vector's changed entries kept by magnitude",
+DENSITY = Param("density", "float", 0.2, "fraction of each task vector's entries kept by magnitude",
                 low=0.0, high=1.0, low_inclusive=False, grid=(0.1, 0.2, 0.4))
+
+DENSITY_OVER = Param("density_over", "choice", "all",
+                     "what the density counts: all positions (FusionBench, mergekit) or those some model changed",
+                     choices=("all", "changed"))
 
 SIGN = Param("sign", "choice", "sum", "sign election: by summed mass or by count of signs", choices=("sum", "count"))
 
@@ -65,7 +71,8 @@ def _ties_in_one_pass(job: TensorJob) -> torch.Tensor | None:
     buffer overflowed or nothing is kept (the two-pass path then runs).
     """
     params = job.params
-    samples, brackets = tensor_brackets(job, params["density"])
+    over_changed = params["density_over"] == "changed"
+    samples, brackets = tensor_brackets(job, params["density"], over_changed)
     band_fractions, deferred_fraction = inside_fractions(samples, brackets)
     if deferred_fraction > ONE_PASS_MAX_DEFERRED:
         return None
@@ -73,7 +80,7 @@ def _ties_in_one_pass(job: TensorJob) -> torch.Tensor | None:
     done = native.ties_bracketed(job, brackets, int(2 * max(band_fractions, default=1.0) * numel) + 4096,
                                  int(2 * deferred_fraction * numel) + 4096, params["sign"], 1.0,
                                  params["merge_func"], params["scaling"])
-    keep = int(params["density"] * done.changed)
+    keep = int(params["density"] * (done.changed if over_changed else numel))
     if done.bands is None or done.deferred is None or keep == 0:
         return None
     thresholds = native.map_in_threads(lambda band_above: order_statistic(*band_above, keep),
@@ -91,7 +98,8 @@ def threshold_passes(params: dict, wide: bool) -> int:
 def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
 
-    The k-th largest |w_i τ_i| over the model, k = int(density · positions changed by any model), exactly:
+    The k-th largest |w_i τ_i| over the model, k = int(density · N) for N = the model's positions (or those
+    changed by any model, ``density_over="changed"``), exactly:
     1. a strided sample of every |τ_i| (every 127th position of the concatenated model, thinned to at most
        4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial spread);
     2. one streamed pass counts the changed positions and, per task vector, the entries above hi, and collects
@@ -103,20 +111,21 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """
     sampler = ModelSample()
     stream(sampler.visit)
-    changed_fraction = sampler.changed_fraction()
-    brackets = [bracket(row, params["density"] * changed_fraction) for row in sampler.rows()]
+    over_changed = params["density_over"] == "changed"
+    counted_fraction = sampler.changed_fraction() if over_changed else 1.0
+    brackets = [bracket(row, params["density"] * counted_fraction) for row in sampler.rows()]
     fractions = inside_fractions(sampler.rows(), brackets)[0]
-    changed, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
+    counted, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
     def count(job: TensorJob) -> None:
         job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
-        changed[0] += job_changed
+        counted[0] += job_changed if over_changed else job.base.numel()
         for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
             above[i] += count_above
             bands[i].append(band)
 
     stream(count)
-    keep = int(params["density"] * changed[0])
+    keep = int(params["density"] * counted[0])
     if keep == 0:
         return {"thresholds": [float("inf")] * len(brackets), "majority_sign": 1.0}
     thresholds = native.map_in_threads(lambda band_above: order_statistic(torch.cat(band_above[0]),
@@ -147,7 +156,8 @@ def _ties(job: TensorJob) -> torch.Tensor:
         merged = _ties_in_one_pass(job) if native.accepts(job) else None
         if merged is not None:
             return merged
-        thresholds, tie_sign = tensor_thresholds(job, params["density"]), 1.0
+        thresholds = tensor_thresholds(job, params["density"], params["density_over"] == "changed")
+        tie_sign = 1.0
     if native.accepts(job):
         return native.ties_merge(job, thresholds, params["sign"], tie_sign, params["merge_func"],
                                  params["scaling"])
@@ -166,7 +176,7 @@ TIES = MergeMethod(
     name="ties",
     summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
     formula="θ = θ_0 + λ · disjoint_merge(trim_density(w_i τ_i), γ), γ = sign(Σ_i w_i τ̂_i)",
-    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, WEIGHTS),
+    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, DENSITY_OVER, WEIGHTS),
     merge_tensor=_ties,
     stored_inputs=True,
     min_models=1,

@@ -41,12 +41,35 @@ def fine_tune_like(base: torch.nn.Module, seed: int, scale: float = 0.02) -> tor
     return model
 
 
-def build_model_set(root: Path, n_models: int = 3, dtype=torch.float32, layers: int = 3, shard_first="40KB"):
+def sparse_fine_tune_like(base: torch.nn.Module, seed: int, scale: float = 0.02, changed: float = 0.6) -> torch.nn.Module:
+    """A fine-tune whose task vector is sparse and structured, as real ones often are:
+    - frozen tensors (the token embeddings and every input_layernorm) are the base's;
+    - the LM head changes only its first half of rows (a structured block);
+    - every other tensor changes at a seeded ``changed`` fraction of its positions (a different set per model).
+    """
+    model = type(base)(base.config)
+    model.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "embed_tokens" in name or "input_layernorm" in name:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator) * scale
+            if "lm_head" in name:
+                noise[parameter.shape[0] // 2:] = 0
+            else:
+                noise *= torch.rand(parameter.shape, generator=generator) < changed
+            parameter.add_(noise)
+    return model
+
+
+def build_model_set(root: Path, n_models: int = 3, dtype=torch.float32, layers: int = 3, shard_first="40KB",
+                    tune=fine_tune_like):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(1234)
     base = LlamaForCausalLM(tiny_llama_config(layers)).to(dtype)
-    fine_tunes = [fine_tune_like(base, seed=100 + i).to(dtype) for i in range(n_models)]
+    fine_tunes = [tune(base, seed=100 + i).to(dtype) for i in range(n_models)]
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     model_dirs = []
@@ -67,6 +90,12 @@ def llama_set(tmp_path_factory) -> ModelSet:
 @pytest.fixture(scope="session")
 def bf16_llama_set(tmp_path_factory) -> ModelSet:
     return build_model_set(tmp_path_factory.mktemp("llama_bf16"), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session", params=[torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def sparse_llama_set(request, tmp_path_factory) -> ModelSet:
+    """Fine-tunes with sparse, structured task vectors (``sparse_fine_tune_like``), in float32 and in bfloat16."""
+    return build_model_set(tmp_path_factory.mktemp("llama_sparse"), dtype=request.param, tune=sparse_fine_tune_like)
 
 
 @pytest.fixture(scope="session")

@@ -31,14 +31,23 @@ logging.getLogger("fusion_bench").setLevel(logging.WARNING)
 ATOL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def modules(llama_set):
+def as_modules(model_set) -> dict[str, LlamaForCausalLM]:
     def load(state):
-        module = LlamaForCausalLM(tiny_llama_config())
+        module = LlamaForCausalLM(tiny_llama_config()).to(next(iter(state.values())).dtype)
         module.load_state_dict(state)
         return module
 
-    return {"base": load(llama_set.base), **{f"ft{i}": load(s) for i, s in enumerate(llama_set.models)}}
+    return {"base": load(model_set.base), **{f"ft{i}": load(s) for i, s in enumerate(model_set.models)}}
+
+
+@pytest.fixture(scope="module")
+def modules(llama_set):
+    return as_modules(llama_set)
+
+
+@pytest.fixture(scope="module")
+def sparse_modules(sparse_llama_set):
+    return as_modules(sparse_llama_set)
 
 
 def pool(modules, *names, with_base=True):
@@ -103,12 +112,48 @@ def test_ties_model_scope_reproduces_fusionbench_up_to_one_entry(modules, merge_
     assert 1 <= differing <= len(FT)
 
 
-def test_expo_generic(modules):
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+def test_default_ties_density_counts_every_position_as_fusionbench(sparse_modules, merge_func):
+    """Task vectors that change ~60% of positions, frozen tensors and a half-changed head: the default TIES
+    (density over all positions, model scope) is FusionBench's TIES but for its one extra entry per task vector.
+
+    nbmerge computes in float32 whatever the inputs; FusionBench computes in the inputs' dtype, so for bfloat16
+    inputs the reference is FusionBench on float32 copies and the result must be its rounding to bfloat16.
+    """
+    in_float32 = {name: copy.deepcopy(module).float() for name, module in sparse_modules.items()}
+    theirs = state(TiesMergingAlgorithm(scaling_factor=0.5, threshold=20, remove_keys=[], merge_func=merge_func)
+                   .run(pool(in_float32, *FT)))
+    total = sum(t.numel() for t in theirs.values())
+    one_more = ours("ties", sparse_modules, *FT, density=(int(total * 0.2) + 1.5) / total, merge_func=merge_func,
+                    scaling=0.5)
+    assert entries_off(one_more, theirs) == 0
+    assert entries_off(ours("ties", sparse_modules, *FT, density=0.2, merge_func=merge_func, scaling=0.5),
+                       theirs) <= len(FT)
+    over_changed = ours("ties", sparse_modules, *FT, density=0.2, merge_func=merge_func, scaling=0.5,
+                        density_over="changed")
+    assert entries_off(over_changed, theirs) > 0.01 * total  # the option really is the other convention
+
+
+def entries_off(result: dict, reference: dict) -> int:
+    """Entries of ``result`` farther from the float32 ``reference`` than ATOL plus, for bfloat16 results, the
+    half step of rounding to bfloat16 (2⁻⁸ of the magnitude)."""
+    assert set(result) == set(reference)
+    off = 0
+    for name, exact in reference.items():
+        value = result[name]
+        rounding = 2.0 ** -8 * exact.abs() if value.dtype == torch.bfloat16 else 0.0
+        off += int(((value.float() - exact).abs() > ATOL + rounding).sum())
+    return off
+
+
+def test_expo_defaults_are_fusionbench_expo(modules):
+    """The default ExPO is the seed's formula on every parameter, FusionBench's ExPOAlgorithm."""
     theirs = state(ExPOAlgorithm(extrapolation_factor=0.1).run(pool(modules, "ft0", "ft1")))
-    everything = dict(on_linear_weights=True, on_linear_bias=True, on_norm=True, on_embedding=True,
-                      only_on_backbone=False)
-    mine = ours("expo", modules, "ft0", "ft1", alpha=0.1, **everything)
-    assert largest_difference(mine, theirs) <= ATOL
+    assert largest_difference(ours("expo", modules, "ft0", "ft1"), theirs) <= ATOL
+
+
+LLAMA_DEFAULTS = dict(attention_scaling=0.5, on_linear_bias=False, on_norm=False, on_embedding=False,
+                      only_on_backbone=True)  # ExPOAlgorithmForLlama's class defaults, opt-in in nbmerge
 
 
 @pytest.mark.parametrize("options", [
@@ -121,7 +166,7 @@ def test_expo_generic(modules):
 ], ids=["defaults", "embedding-and-head", "fix-first-half", "fix-last-1", "sparsity", "no-linear"])
 def test_expo_llama_options(modules, options):
     theirs = state(ExPOAlgorithmForLlama(extrapolation_factor=0.4, **options).run(pool(modules, "ft0")))
-    mine_options = {"attention_scaling": 0.5, **options}  # FusionBench's class default for attention scaling
+    mine_options = {**LLAMA_DEFAULTS, **options}
     if "attention_scaling_factor" in mine_options:
         mine_options["attention_scaling"] = mine_options.pop("attention_scaling_factor")
     mine = ours("expo", modules, "ft0", alpha=0.4, **mine_options)

@@ -63,6 +63,43 @@ def test_ties_tensor_scope_is_mergekits_ties(llama_set, tmp_path, normalize, mer
     assert_matches(ours, theirs)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.8])
+def test_ties_on_sparse_task_vectors_counts_density_as_mergekit(sparse_llama_set, tmp_path, density):
+    """~60% of positions changed per model, frozen tensors, a half-changed head, in float32 and bfloat16: mergekit
+    keeps int(density · numel) entries of each tensor's task vector (0.8 keeps unchanged positions too), and so
+    does nbmerge's default; counting only the changed positions is the opt-in ``density_over="changed"``.
+
+    Where several entries tie with the threshold (bfloat16 task vectors repeat values), mergekit's topk keeps an
+    arbitrary k of them and nbmerge keeps them all: the results may differ there and nowhere else."""
+    model_set = sparse_llama_set
+    theirs = run_mergekit({"merge_method": "ties", "base_model": str(model_set.base_dir), "dtype": "float32",
+                           "models": weighted_models(model_set.model_dirs, density=density)}, tmp_path / "mk")
+    ours = nbmerge.merge("ties", model_set.model_dirs, base=model_set.base_dir, density=density,
+                         trim_scope="tensor", weights=list(WEIGHTS), out_dtype="float32", progress=False).state_dict
+    assert set(ours) == set(theirs)
+    for name, expected in theirs.items():
+        differing = (ours[name] - expected).abs() > ATOL
+        assert not (differing & ~tied_with_threshold(model_set, name, density)).any(), name
+    over_changed = nbmerge.merge("ties", model_set.model_dirs, base=model_set.base_dir, density=density,
+                                 trim_scope="tensor", weights=list(WEIGHTS), out_dtype="float32",
+                                 density_over="changed", progress=False).state_dict
+    assert any(not torch.allclose(over_changed[k], theirs[k], atol=ATOL) for k in theirs)
+
+
+def tied_with_threshold(model_set, name: str, density: float) -> torch.Tensor:
+    """Positions where some |w_i τ_i| equals its tensor's k-th largest value, k = int(density · numel), when more
+    than k entries reach that value (so that which of them are kept is a tie-break)."""
+    base = model_set.base[name].float()
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    k = int(density * base.numel())
+    for weight, model in zip(WEIGHTS, model_set.models):
+        magnitude = (weight * (model[name].float() - base)).abs()
+        threshold = magnitude.flatten().sort(descending=True).values[k - 1]
+        if int((magnitude >= threshold).sum()) > k:
+            tied |= magnitude == threshold
+    return tied
+
+
 def test_dare_without_drops_matches_dare_linear_and_dare_ties(llama_set, tmp_path):
     for mergekit_name, combine in (("dare_linear", "linear"), ("dare_ties", "ties")):
         theirs = run_mergekit({"merge_method": mergekit_name, "base_model": str(llama_set.base_dir),

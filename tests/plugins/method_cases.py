@@ -100,11 +100,12 @@ def depth_schedule(anchors: list[float], layer: int | None, num_layers: int) -> 
 
 def ties_reference(base: dict, models: list[dict], *, density: float, sign: str = "sum", merge_func: str = "mean",
                    scaling: float = 1.0, weights: list[float] | None = None,
-                   trim_scope: str = "tensor") -> dict[str, np.ndarray]:
+                   trim_scope: str = "tensor", density_over: str = "all") -> dict[str, np.ndarray]:
     """TIES by brute force in float64.
 
-    Trim: per task vector keep the entries whose |w_i τ_i| is at least the k-th largest, k = int(density · number
-    of positions some model changed), counted per tensor ("tensor") or over all tensors concatenated ("model").
+    Trim: per task vector keep the entries whose |w_i τ_i| is at least the k-th largest, k = int(density · N),
+    N = the number of positions ("all") or of positions some model changed ("changed"), counted per tensor
+    ("tensor") or over all tensors concatenated ("model").
     Elect γ per position by summed mass or summed signs; γ = 0 takes + (tensor scope) or the sign of the
     model-wide sum of elected signs (model scope). Disjoint merge over the agreeing non-zero entries.
     """
@@ -115,8 +116,8 @@ def ties_reference(base: dict, models: list[dict], *, density: float, sign: str 
     rows = {name: np.stack([f64(m[name] - base[name]).ravel() for m in models]) * w[:, None] for name in names}
 
     def keep_masks(vectors: np.ndarray) -> np.ndarray:
-        changed = int(np.any(vectors != 0, axis=0).sum())
-        k = int(density * changed)
+        counted = int(np.any(vectors != 0, axis=0).sum()) if density_over == "changed" else vectors.shape[1]
+        k = int(density * counted)
         masks = np.zeros(vectors.shape, dtype=bool)
         if k == 0:
             return masks

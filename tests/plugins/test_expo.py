@@ -38,10 +38,22 @@ def test_expo_extrapolates_a_layer_linear_weight():
     assert_matches(default[name], expo_reference(base, [model], name, 0.1), name=name)
 
 
-def test_expo_defaults_leave_biases_norms_embeddings_and_head_at_the_fine_tune():
+# FusionBench's ExPOAlgorithmForLlama: only the layers' linear weights are extrapolated (opt-in in nbmerge)
+LLAMA_VARIANT = dict(on_linear_bias=False, on_norm=False, on_embedding=False, only_on_backbone=True)
+
+
+def test_expo_defaults_extrapolate_every_tensor():
     base = decoder_state(seed=0)
     model = fine_tuned(base, seed=1)
     merged = merge("expo", [model], base=base, alpha=0.5)
+    for name in base:
+        assert_matches(merged[name], expo_reference(base, [model], name, 0.5), name=name)
+
+
+def test_expo_llama_variant_leaves_biases_norms_embeddings_and_head_at_the_fine_tune():
+    base = decoder_state(seed=0)
+    model = fine_tuned(base, seed=1)
+    merged = merge("expo", [model], base=base, alpha=0.5, **LLAMA_VARIANT)
     for name in (BIAS.format(0), LAYER_NORM.format(1), EMBED, FINAL_NORM, HEAD):
         assert torch.equal(merged[name], model[name]), name
     for name in (Q.format(0), UP.format(0)):
@@ -78,12 +90,12 @@ def test_expo_fixed_first_and_last_layers(fix_first, fix_last, extrapolated):
 def test_expo_off_the_backbone_extrapolates_the_head():
     base = decoder_state(seed=0)
     model = fine_tuned(base, seed=1)
-    merged = merge("expo", [model], base=base, alpha=0.3, only_on_backbone=False)
+    merged = merge("expo", [model], base=base, alpha=0.3, **{**LLAMA_VARIANT, "only_on_backbone": False})
     assert_matches(merged[HEAD], expo_reference(base, [model], HEAD, 0.3))
     # the embeddings have their own switch, and the final norm is not a linear weight
     assert torch.equal(merged[EMBED], model[EMBED])
     assert torch.equal(merged[FINAL_NORM], model[FINAL_NORM])
-    with_embedding = merge("expo", [model], base=base, alpha=0.3, on_embedding=True)
+    with_embedding = merge("expo", [model], base=base, alpha=0.3, **{**LLAMA_VARIANT, "on_embedding": True})
     assert_matches(with_embedding[EMBED], expo_reference(base, [model], EMBED, 0.3))
 
 
@@ -104,5 +116,8 @@ def test_expo_with_several_models_extrapolates_their_average():
     models = [fine_tuned(base, seed=s) for s in (1, 2, 3)]
     merged = merge("expo", models, base=base, alpha=0.2)
     for name in base:
+        assert_matches(merged[name], expo_reference(base, models, name, 0.2), name=name)
+    llama = merge("expo", models, base=base, alpha=0.2, **LLAMA_VARIANT)
+    for name in base:
         factor = 0.2 if name in {Q.format(i) for i in range(2)} | {UP.format(i) for i in range(2)} else 0.0
-        assert_matches(merged[name], expo_reference(base, models, name, factor), name=name)
+        assert_matches(llama[name], expo_reference(base, models, name, factor), name=name)

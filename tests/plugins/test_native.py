@@ -204,8 +204,10 @@ def _check_one_pass_against_two_passes():
         for dtype in (torch.float32, torch.bfloat16):
             job.models, job.base = [m.to(dtype) for m in job.models], job.base.to(dtype)
             job.out_dtype = dtype
-            job.params.update(density=0.2, sign=sign, merge_func=merge_func, scaling=0.7)
-            thresholds = _selection.tensor_thresholds(job, 0.2)
+            over_changed = seed % 2 == 1
+            job.params.update(density=0.2, sign=sign, merge_func=merge_func, scaling=0.7,
+                              density_over="changed" if over_changed else "all")
+            thresholds = _selection.tensor_thresholds(job, 0.2, over_changed)
             expected = native.ties_merge(job, thresholds, sign, 1.0, merge_func, 0.7)
             one_pass = ties._ties_in_one_pass(job)
             assert one_pass is not None, "the one-pass path fell back on an ordinary tensor"
@@ -214,7 +216,7 @@ def _check_one_pass_against_two_passes():
 
 def test_the_one_pass_merge_defers_a_few_percent_and_falls_back_when_its_bracket_misses(monkeypatch):
     job = random_job(positions=200_000, seed=20)
-    job.params.update(density=0.2, sign="sum", merge_func="mean", scaling=1.0, trim_scope="tensor")
+    job.params.update(density=0.2, sign="sum", merge_func="mean", scaling=1.0, trim_scope="tensor", density_over="all")
     passes = []
     real = native.ties_bracketed
 

@@ -29,15 +29,23 @@ def test_ties_hand_example_of_trim_elect_and_mean():
     assert_matches(merged[UP.format(0)], 0.5 + np.array([4.0, 0.0, 3.0, 3.0]))
 
 
-@pytest.mark.parametrize("trim_scope", ["tensor", "model"])
-def test_ties_positions_no_model_changed_do_not_count_toward_density(trim_scope):
+@pytest.mark.parametrize("trim_scope, density_over, kept", [
+    ("tensor", "all", 4),       # k = int(0.4 · 10 positions), as mergekit counts
+    ("model", "all", 5),        # k = int(0.4 · 110 positions) ≥ the 5 changed, as FusionBench counts
+    ("tensor", "changed", 2),   # k = int(0.4 · 5 changed positions)
+    ("model", "changed", 2),    # the frozen tensor's 100 positions do not dilute the density
+])
+def test_ties_density_counts_every_position_or_only_the_changed_ones(trim_scope, density_over, kept):
     name, frozen = UP.format(0), EMBED
     base = {frozen: randn(100, seed=3), name: torch.zeros(10)}
     task_vector = torch.tensor([0.0, 5.0, 0.0, -4.0, 0.0, 3.0, 0.0, 2.0, 0.0, -1.0])
     model = {frozen: base[frozen].clone(), name: base[name] + task_vector}
-    merged = merge("ties", [model], base=base, density=0.4, trim_scope=trim_scope)
-    # 5 changed positions -> k = int(0.4 · 5) = 2 (counting every position would keep 4, or all 5 in model scope)
-    assert_matches(merged[name], np.array([0.0, 5.0, 0.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    options = {} if density_over == "all" else {"density_over": density_over}  # "all" is the default
+    merged = merge("ties", [model], base=base, density=0.4, trim_scope=trim_scope, **options)
+    by_magnitude = [1, 3, 5, 7, 9]  # positions of 5, −4, 3, 2, −1
+    expected = np.zeros(10)
+    expected[by_magnitude[:kept]] = task_vector.numpy()[by_magnitude[:kept]]
+    assert_matches(merged[name], expected)
     assert torch.equal(merged[frozen], base[frozen])
 
 
@@ -175,11 +183,11 @@ def test_ties_model_scope_exact_tie_takes_the_global_majority_sign(majority):
 def test_ties_model_scope_on_a_llama_with_frozen_embeddings_matches_brute_force(llama_set):
     base = llama_set.base
     models = [dict(m) for m in llama_set.models]
-    for model in models:  # embeddings left untrained: they must not count toward the density
+    for model in models:  # embeddings left untrained: with density_over="changed" they do not count
         model["model.embed_tokens.weight"] = base["model.embed_tokens.weight"].clone()
     merged = merge("ties", models, base=base, density=0.2, sign="sum", merge_func="mean", trim_scope="model",
-                   scaling=1.0)
-    expected = ties_reference(base, models, density=0.2, trim_scope="model")
+                   scaling=1.0, density_over="changed")
+    expected = ties_reference(base, models, density=0.2, trim_scope="model", density_over="changed")
     assert set(merged) == set(base)
     for name in expected:
         assert_matches(merged[name], expected[name], atol=1e-6, rtol=0, name=name)
@@ -221,18 +229,19 @@ def _large_ties_job(seed: int = 3, n_models: int = 3, numel: int = 3 * 2**20 + 1
                      layer=None, num_layers=0)
 
 
-def _topk_thresholds(job, density):
+def _topk_thresholds(job, density, over_changed=False):
     vectors = torch.stack([(m - job.base) * w for m, w in zip(job.models, job.params["weights"])])
-    keep = int(density * int((vectors != 0).any(0).sum()))
+    keep = int(density * (int((vectors != 0).any(0).sum()) if over_changed else vectors.shape[1]))
     return [float(row.abs().topk(keep).values[-1]) for row in vectors]
 
 
+@pytest.mark.parametrize("over_changed", [False, True], ids=["all", "changed"])
 @pytest.mark.parametrize("density", [0.003, 0.2, 0.5, 0.95, 1.0])
-def test_ties_tensor_thresholds_equal_topk_on_large_tensors(density):
+def test_ties_tensor_thresholds_equal_topk_on_large_tensors(density, over_changed):
     from nbmerge_plugins._selection import tensor_thresholds
 
     job = _large_ties_job()
-    assert tensor_thresholds(job, density) == _topk_thresholds(job, density)
+    assert tensor_thresholds(job, density, over_changed) == _topk_thresholds(job, density, over_changed)
 
 
 def test_ties_tensor_thresholds_stay_exact_when_the_sampled_bracket_misses(monkeypatch):
