@@ -30,7 +30,7 @@ methods = all_methods  # every registered merge method by name (built-ins and in
 
 def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = None, out: str | Path | None = None,
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
-          overwrite: bool = False, progress: bool = True,
+          overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
           pool: Any = None, split: str = "test", **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
@@ -45,6 +45,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.
+      allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
+      stops the merge with a NonFiniteError naming it (and its file), before anything is written.
 
     Methods that build a module (test-time adaptation on unlabeled inputs) need ``pool``, a task pool whose
     tasks are named like the models ({task: model}); they adapt on the inputs of ``split`` and ``out`` is a
@@ -76,14 +78,14 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
                                None if base is None else model_label(base, "base"),
                                out_dtype=None if dtype is None else str(dtype).removeprefix("torch."))
         return _run(merge_method, checked, plan, model_sources, base_source, target_device, recipe, out_path,
-                    parse_size(shard_size), overwrite, progress, on_progress, cancel)
+                    parse_size(shard_size), overwrite, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:
             source.close()
 
 
 def _run(method, params, plan, models, base, device, recipe, out_path, shard_size, overwrite, progress,
-         on_progress, cancel) -> MergeResult:
+         on_progress, cancel, allow_nonfinite) -> MergeResult:
     stage_passes = sum(stage.pass_count(params, plan.wide) for stage in method.stages if stage.applies(params))
     total = plan.bytes_for() + stage_passes * plan.bytes_for("merge")
     tracker = Progress(total, progress, on_progress, f"nbmerge {method.name}", cancel)
@@ -94,7 +96,7 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    engine = Engine(method, params, plan, models, base, device, tracker)
+    engine = Engine(method, params, plan, models, base, device, tracker, allow_nonfinite)
     try:
         with compute_threads(device), collector_paused():
             engine.run_stages()

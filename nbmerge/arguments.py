@@ -26,6 +26,8 @@ def method_parser(method, prog: str, models_help: str,
     parser.add_argument("--out-dtype", help="store the merged tensors in this dtype (default: the inputs')")
     parser.add_argument("--shard-size", default="5GB", help="largest output shard (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="merge inputs holding NaN or Inf (refused by default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     if method.build_module is not None:
         parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "

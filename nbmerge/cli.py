@@ -29,7 +29,7 @@ def _merge(argv: list[str]) -> int:
         params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
-                   progress=not args.quiet, **params)
+                   allow_nonfinite=args.allow_nonfinite, progress=not args.quiet, **params)
     if result.history is not None:
         print(result.history)
     print(result.report)

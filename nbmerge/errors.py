@@ -30,5 +30,10 @@ class OutputWriteError(NBMergeError, OSError):
     """Writing the output failed (disk full, quota, I/O error); names the file. Nothing is left in its place."""
 
 
+class NonFiniteError(NBMergeError, ValueError):
+    """A tensor holds NaN or ±Inf: an input (named with its model and file) or a merged result (named with the
+    method). ``allow_nonfinite=True`` (``--allow-nonfinite``) merges such tensors anyway."""
+
+
 class RecipeError(NBMergeError, ValueError):
     """A recipe cannot be read, or asks for something nbmerge does not do."""

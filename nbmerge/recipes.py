@@ -6,7 +6,7 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     models: [ft-math/, ft-code/]          # or {name: model}
     base: base/
     params: {density: 0.3, trim_scope: tensor}
-    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite
+    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite
 
 mergekit's (``merge_method``, ``models`` with per-model ``parameters``, ``base_model``, ``parameters``, ``dtype``,
 one ``slices`` entry) maps onto nbmerge methods with mergekit's defaults and semantics:
@@ -35,8 +35,8 @@ from typing import Any, Callable, Mapping
 from nbmerge.errors import RecipeError
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
-NBMERGE_KEYS = ("method", "models", "base", "params", "out", "out_dtype", "device", "shard_size", "overwrite",
-                "nbmerge_version", "plugin")
+RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite")
+NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
 # mergekit options that change what a merge produces and that nbmerge does not do
 MERGEKIT_UNSUPPORTED = {
@@ -102,7 +102,7 @@ def from_nbmerge(config: Mapping) -> MergeCall:
     params = config.get("params") or {}
     if not isinstance(params, Mapping):
         raise RecipeError(f"recipe: 'params' must be a mapping of parameter names to values, got {params!r}")
-    options = {key: config[key] for key in ("out", "out_dtype", "device", "shard_size", "overwrite") if key in config}
+    options = {key: config[key] for key in RUN_OPTIONS if key in config}
     return MergeCall(str(config["method"]), labelled, config.get("base"), dict(params), options)
 
 

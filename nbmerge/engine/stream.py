@@ -25,7 +25,7 @@ import torch
 from nbmerge.engine.memory import release_free_heap
 from nbmerge.engine.plan import BASE, EXACT, MergePlan, TensorPlan
 from nbmerge.engine.progress import Progress
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, NonFiniteError
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.sources import ModelSource
 from nbmerge.method.declaration import MergeMethod, TensorJob
@@ -42,10 +42,12 @@ class Engine:
     """Runs one merge: ``stages()`` then ``merge_into(sink)``. Holds nothing but the plan and open sources."""
 
     def __init__(self, method: MergeMethod, params: dict, plan: MergePlan, models: list[ModelSource],
-                 base: ModelSource | None, device: torch.device, progress: Progress):
+                 base: ModelSource | None, device: torch.device, progress: Progress, allow_nonfinite: bool = False):
         self.method, self.params, self.plan = method, params, plan
         self.models, self.base = models, base
         self.device, self.progress = device, progress
+        self.allow_nonfinite = allow_nonfinite
+        self._checked: set[str] = set()  # tensors whose inputs were found finite (by an earlier pass)
         self.stage_results: dict[str, Any] = {}
         self._schedules = [p.name for p in method.params if p.kind == "schedule"]
         self.pool = BufferPool()
@@ -74,6 +76,7 @@ class Engine:
         self.progress.phase(phase)
         for tensor, loaded in self._prefetched(tensors):
             handle(tensor, loaded)
+            self._checked.add(tensor.name)
             del loaded
             if tensor.read_bytes >= TRIM_AFTER_BYTES:
                 release_free_heap()
@@ -92,6 +95,12 @@ class Engine:
                 merged = self.method.merge_tensor(job)
                 self._check_shape(tensor, merged, tensor.info.shape)
                 produced = self._to_output(merged, tensor.out_dtype)
+            if not self.allow_nonfinite and not finite(produced):
+                raise NonFiniteError(
+                    f"{self.method.name}: the merged tensor {tensor.name!r} holds NaN or Inf although every input "
+                    f"is finite (stored as {str(tensor.out_dtype).removeprefix('torch.')}: a value beyond its range "
+                    f"overflows); nothing was written. Check the parameters, store in a wider out_dtype, or pass "
+                    f"allow_nonfinite=True (--allow-nonfinite) to keep it")
         return _not_aliasing(produced, loaded)
 
     def _in_slices(self, tensor: TensorPlan, job: TensorJob) -> bool:
@@ -172,7 +181,8 @@ class Engine:
         sources, with_base = self._sources_of(tensor)
         for source in sources:
             source.advise(tensor.name)
-        return [readers.submit(source.read, tensor.name, self.pool) for source in sources], with_base
+        read = source_read if self.allow_nonfinite or tensor.name in self._checked else finite_read
+        return [readers.submit(read, source, tensor.name, self.pool) for source in sources], with_base
 
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
         """Yield (tensor, its loaded inputs) while reader threads, as many as inputs, load the next PREFETCH_DEPTH
@@ -196,6 +206,30 @@ class Engine:
                 for _, (futures, _) in pending:
                     for future in futures:
                         future.cancel()
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no ±Inf in ``tensor`` (an integer tensor is finite). One reduction at memory speed, no
+    temporary: the minimum and maximum propagate NaN and are ±Inf when any entry is."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def source_read(source: ModelSource, name: str, pool: BufferPool) -> torch.Tensor:
+    return source.read(name, pool)
+
+
+def finite_read(source: ModelSource, name: str, pool: BufferPool) -> torch.Tensor:
+    """``source.read``, refusing a tensor that holds NaN or Inf (checked in the reader thread, while the pages
+    are read in anyway)."""
+    tensor = source.read(name, pool)
+    if not finite(tensor):
+        raise NonFiniteError(f"{source.where(name)}: tensor {name!r} holds NaN or Inf, so the merge would be "
+                             f"silently wrong; nothing was written. Fix the input, or pass allow_nonfinite=True "
+                             f"(--allow-nonfinite) to merge it anyway")
+    return tensor
 
 
 def _loaded(futures: list[Future], with_base: bool) -> dict:

@@ -53,6 +53,10 @@ class ModelSource:
         """The tensor ``name``; a file-backed source reads it into a buffer lent by ``pool`` when given."""
         raise NotImplementedError
 
+    def where(self, name: str) -> str:
+        """Where ``name`` comes from, for errors: the model's label (and, for a file, the file)."""
+        return self.label
+
     def advise(self, name: str) -> None:
         """Hint that ``name`` will be read soon (a file-backed source starts reading it from disk meanwhile)."""
 
@@ -87,6 +91,9 @@ class SafetensorsSource(ModelSource):
             except OSError:  # a file system that cannot map: read from now on
                 self._mappable = False
         return read_tensor(self._files[entry.path], entry, pool)
+
+    def where(self, name: str) -> str:
+        return f"{self.label} ({self._entries[name].path})"
 
     def advise(self, name: str) -> None:
         """posix_fadvise(WILLNEED) on the tensor's bytes, unless its last byte is already in the page cache.

@@ -25,7 +25,7 @@ from nbmerge.results import MergeResult, is_state_dict
 USAGE = """Merge models with any registered method, from a line or from a YAML recipe.
 
 Line:   %merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]... [-o VAR]
-Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--quiet]
+Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--allow-nonfinite] [--quiet]
         <YAML recipe: mergekit's format (merge_method, models, base_model, parameters, dtype, slices)
          or nbmerge's (method, models, base, params, out_dtype)>
 
@@ -34,7 +34,8 @@ MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths
 (`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods` the table.
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
---shard-size 5GB, --overwrite, --quiet (no progress bar), -o/--var VAR.
+--shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --quiet (no progress bar),
+-o/--var VAR.
 
 Evaluate: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]   (report table + per-task bars)
 Sweep:    %merge_sweep METHOD MODEL... --param NAME --values v1,v2,... [--pool P] [--PARAM VALUE]... [-o VAR]
@@ -211,7 +212,7 @@ class MergeMagics(Magics):
         models = self._models(args.models)
         base = None if args.base is None else self._model(args.base)
         options = dict(out=args.out, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
         if method.build_module is not None:  # test-time adaptation on a task pool's unlabeled inputs
             with usage_errors():
                 options.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
@@ -226,6 +227,7 @@ class MergeMagics(Magics):
         parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
         parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
         try:
             args = parser.parse_args(_split(line))
@@ -244,8 +246,9 @@ class MergeMagics(Magics):
         for key in ("out", "device"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
-        if args.overwrite:
-            options["overwrite"] = True
+        for flag in ("overwrite", "allow_nonfinite"):
+            if getattr(args, flag):
+                options[flag] = True
         return self._run(call.method, models, base, options, call.params, args.var, args.quiet)
 
     # -- shared ------------------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_cli_lists_methods_as_json(capsys):
     assert cli_main(["methods", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert {p["name"] for p in listed["ties"]["params"]} == {"density", "sign", "merge_func", "scaling",
-                                                            "trim_scope", "weights"}
+                                                            "trim_scope", "density_over", "weights"}
     assert listed["dare"]["params"][0] == {**listed["dare"]["params"][0], "name": "drop_rate", "high": 1.0,
                                            "high_inclusive": False}
 

@@ -104,6 +104,19 @@ def test_user_mistakes_are_one_line_usage_errors(shell, ns, capsys, code, messag
     assert message in usage_error(shell, capsys, code)
 
 
+def test_a_nan_input_is_a_usage_error_unless_allowed_in_the_line_and_in_the_cell(shell, ns, capsys):
+    ns["bad"] = {k: v.clone() for k, v in ns["ft1"].items()}
+    ns["bad"]["model.norm.weight"][3] = float("nan")
+    message = usage_error(shell, capsys, "%merge simple_average ft0 bad --quiet")
+    assert "bad: tensor 'model.norm.weight' holds NaN or Inf" in message and "--allow-nonfinite" in message
+    run(shell, "%merge simple_average ft0 bad --allow-nonfinite --quiet -o kept")
+    assert int(ns["kept"].state_dict["model.norm.weight"].isnan().sum()) == 1
+    recipe = "method: simple_average\nmodels: [ft0, bad]"
+    assert "holds NaN or Inf" in usage_error(shell, capsys, f"%%merge --quiet\n{recipe}")
+    run(shell, f"%%merge --allow-nonfinite --quiet -o kept_too\n{recipe}")
+    assert int(ns["kept_too"].state_dict["model.norm.weight"].isnan().sum()) == 1
+
+
 def test_method_help_and_magic_help(shell, capsys):
     run(shell, "%merge ties --help")
     help_text = capsys.readouterr().out
