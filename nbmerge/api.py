@@ -73,6 +73,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         if base_source is not None:
             sources.append(base_source)
         model_sources = sources[:len(labelled)]
+        if out_path is not None:
+            _check_output_apart(out_path, sources)
         plan = make_plan(merge_method, checked, model_sources, base_source, dtype)
         recipe = recipe_header(merge_method, checked, [label for label, _ in labelled],
                                None if base is None else model_label(base, "base"),
@@ -118,6 +120,18 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
     if out_path is None:
         return MergeResult(report, recipe, state_dict=sink.state_dict)
     return MergeResult(report, recipe, path=out_path)
+
+
+def _check_output_apart(out_path: Path, sources: list[ModelSource]) -> None:
+    """The output is neither an input file, nor inside an input's folder, nor a folder holding an input (writing or
+    overwriting it would destroy or mix with what is being read)."""
+    out = out_path.resolve()
+    for source in sources:
+        for path in source.paths():
+            path = path.resolve()
+            if out == path or out.is_relative_to(path) or path.is_relative_to(out):
+                raise ParameterError(f"out: {out_path} overlaps the input {source.label} ({path}); write the merge "
+                                     f"to a path apart from every input")
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -64,11 +64,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             if header_len > min(_MAX_HEADER, size - 8):
                 raise ModelInputError(f"{path}: not a safetensors file (header length {header_len} "
                                       f"does not fit in {size} bytes)")
-            header = json.loads(f.read(header_len))
+            header = json.loads(f.read(header_len), object_pairs_hook=_refuse_duplicate_keys)
     except OSError as exc:
         raise ModelInputError(f"{path}: cannot read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelInputError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except _DuplicateKey as duplicate:
+        raise ModelInputError(f"{path}: the header names tensor {duplicate.args[0]!r} twice") from None
+    if not isinstance(header, dict):
+        raise ModelInputError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_len
     entries = {}
@@ -84,8 +88,30 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise ModelInputError(f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match its "
                                   f"shape {list(shape)} and dtype {spec['dtype']} (file truncated?)")
         entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
-    ordered = dict(sorted(entries.items(), key=lambda item: item[1].start))
+    ordered = dict(sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)))
+    previous = None
+    for name, entry in ordered.items():
+        if previous is not None and entry.start < ordered[previous].end and entry.nbytes:
+            raise ModelInputError(f"{path}: tensors {previous!r} and {name!r} overlap in the file "
+                                  f"(bytes [{ordered[previous].start - data_start}, {ordered[previous].end - data_start}) "
+                                  f"and [{entry.start - data_start}, {entry.end - data_start}))")
+        if entry.nbytes:
+            previous = name
     return ordered, metadata
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of duplicate keys silently; a safetensors header must name each tensor once."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def read_tensor(file, entry: TensorEntry, pool: BufferPool | None = None) -> torch.Tensor:

@@ -57,6 +57,14 @@ class ModelSource:
         """Where ``name`` comes from, for errors: the model's label (and, for a file, the file)."""
         return self.label
 
+    def file_of(self, name: str) -> Path | None:
+        """The file that holds ``name`` where the source knows it."""
+        return None
+
+    def paths(self) -> list[Path]:
+        """The files and folder this model is read from (none for an in-memory model)."""
+        return [] if self.folder is None else [self.folder]
+
     def advise(self, name: str) -> None:
         """Hint that ``name`` will be read soon (a file-backed source starts reading it from disk meanwhile)."""
 
@@ -94,6 +102,12 @@ class SafetensorsSource(ModelSource):
 
     def where(self, name: str) -> str:
         return f"{self.label} ({self._entries[name].path})"
+
+    def file_of(self, name: str) -> Path | None:
+        return self._entries[name].path
+
+    def paths(self) -> list[Path]:
+        return list(self._stamps) + ([] if self.folder is None else [self.folder])
 
     def advise(self, name: str) -> None:
         """posix_fadvise(WILLNEED) on the tensor's bytes, unless its last byte is already in the page cache.
@@ -163,7 +177,10 @@ def _open_folder(folder: Path, label: str) -> ModelSource:
                                ("pytorch_model.bin.index.json", _open_pickle)):
         index_path = folder / index_name
         if index_path.exists():
-            return opener(_files_from_index(index_path, label), label, folder)
+            weight_map = _index_weight_map(index_path, label)
+            source = opener(list(dict.fromkeys(weight_map.values())), label, folder)
+            _check_index(source, weight_map, f"{label}: {index_path}")
+            return source
     if (folder / "model.safetensors").exists():
         return SafetensorsSource([folder / "model.safetensors"], label, folder)
     if (folder / "pytorch_model.bin").exists():
@@ -175,16 +192,37 @@ def _open_folder(folder: Path, label: str) -> ModelSource:
                           f"model.safetensors.index.json, pytorch_model.bin or *.safetensors file")
 
 
-def _files_from_index(index_path: Path, label: str) -> list[Path]:
+def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
+    """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
+    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files)."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise ModelInputError(f"{label}: {index_path} is not a valid shard index (no weight_map)") from None
-    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
-    missing = [f.name for f in files if not f.exists()]
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ModelInputError(f"{label}: {index_path}: weight_map must map tensor names to shard file names")
+    folder = index_path.parent.resolve()
+    shards: dict[str, Path] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        path = index_path.parent / shard
+        if Path(shard).is_absolute() or path.resolve().parent != folder:
+            raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
+        shards[shard] = path
+    missing = [name for name, path in shards.items() if not path.is_file()]
     if missing:
         raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: {', '.join(missing)}")
-    return files
+    return {tensor: shards[shard] for tensor, shard in weight_map.items()}
+
+
+def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -> None:
+    """Every tensor the index lists is in the shard it names."""
+    for tensor, shard in weight_map.items():
+        if tensor not in source.infos:
+            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, which does not hold it")
+        found = source.file_of(tensor)
+        if found is not None and found != shard:
+            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, but it is in {found.name}")
 
 
 def _open_pickle(files: list[Path], label: str, folder: Path | None) -> ModelSource:
