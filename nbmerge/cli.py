@@ -40,7 +40,7 @@ def _merge(argv: list[str]) -> int:
 
 def _methods(argv: list[str]) -> int:
     from nbmerge.display import MethodTable
-    from nbmerge.plugins import all_methods, plugin_versions
+    from nbmerge.plugins import all_methods, broken_plugins, plugin_versions
 
     parser = argparse.ArgumentParser(prog="nbmerge methods", description="list the registered merge methods")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -52,6 +52,8 @@ def _methods(argv: list[str]) -> int:
         print(json.dumps(described, indent=2))
         return 0
     print(MethodTable(methods, versions, flags=True))
+    for name, error in broken_plugins().items():
+        print(f"broken plugin {name}: {error}")
     return 0
 
 

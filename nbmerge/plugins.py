@@ -2,7 +2,8 @@
 
 Plugins are loaded lazily, on the first call that needs a method, so ``import nbmerge`` stays cheap. Setting
 ``NBMERGE_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the built-in plugins shipped with nbmerge itself, not other
-installed packages' entry points.
+installed packages' entry points. A plugin that raises while it is imported is left out, with a warning, and
+listed by ``broken_plugins()`` (and ``nbmerge methods``); every other plugin still works.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import importlib.metadata
 import os
 import threading
+import warnings
 
 import pluggy
 
@@ -36,17 +38,37 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def _load_plugins() -> pluggy.PluginManager:
+    """Every entry point of the group, each imported on its own: one that raises is recorded as broken."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     only_builtin = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
-    if only_builtin:
-        for entry_point in importlib.metadata.distribution("nbmerge").entry_points:
-            if entry_point.group == ENTRY_POINT_GROUP:
-                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
-    else:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    broken: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        if only_builtin and (dist.metadata["Name"] or "").lower() != "nbmerge":
+            continue
+        for entry_point in dist.entry_points:
+            if entry_point.group != ENTRY_POINT_GROUP or pm.has_plugin(entry_point.name) \
+                    or entry_point.name in broken:
+                continue
+            try:
+                plugin = entry_point.load()
+            except Exception as exc:  # any error of someone else's import: the rest must keep working
+                broken[entry_point.name] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"nbmerge plugin {entry_point.name!r} ({dist.metadata['Name']} {dist.version}) "
+                              f"failed to import and is left out: {broken[entry_point.name]}", stacklevel=2)
+                continue
+            pm.register(plugin, name=entry_point.name)
+            versions[entry_point.name] = dist.version
     pm.check_pending()
+    _state["broken"], _state["versions"] = broken, versions
     return pm
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plugin (entry point) name -> the error its import raised, for plugins left out."""
+    plugin_manager()
+    return dict(_state.get("broken", {}))
 
 
 def reload_plugins() -> None:
@@ -111,7 +133,7 @@ def get_method(name: str) -> MergeMethod:
 def plugin_versions() -> dict[str, str]:
     """Plugin name -> version of the distribution that provides it ('' for plugins registered by hand)."""
     pm = plugin_manager()
-    versions = {pm.get_name(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
+    versions = _state.get("versions", {})
     return {pm.get_name(plugin): versions.get(pm.get_name(plugin), "") for plugin in pm.get_plugins()}
 
 

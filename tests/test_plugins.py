@@ -79,6 +79,24 @@ def test_autoload_switch_keeps_builtins_and_skips_third_party(tmp_path, fresh_re
     assert set(nbmerge.methods()) == BUILTIN
 
 
+def test_a_plugin_that_raises_on_import_is_listed_as_broken_and_the_rest_work(tmp_path, fresh_registry, capsys):
+    from nbmerge.cli import main as cli_main
+
+    install_fake_distribution(tmp_path, "nbmerge_median", "median", "nbmerge-median")
+    install_fake_distribution(tmp_path, "nbmerge_broken", "broken", "nbmerge-broken")
+    (tmp_path / "nbmerge_broken.py").write_text("import torch\nraise RuntimeError('needs a GPU driver')\n")
+    sys.path.insert(0, str(tmp_path))
+    plugins.reload_plugins()
+    with pytest.warns(UserWarning, match=r"plugin 'nbmerge_broken' \(nbmerge-broken 1.2.3\) failed to import"):
+        methods = nbmerge.methods()
+    assert BUILTIN | {"median"} == set(methods)
+    assert plugins.broken_plugins() == {"nbmerge_broken": "RuntimeError: needs a GPU driver"}
+    merged = nbmerge.merge("median", [{"w": torch.tensor([float(i)])} for i in (1, 7, 3)], progress=False)
+    assert merged.state_dict["w"].tolist() == [3.0]
+    assert cli_main(["methods"]) == 0
+    assert "broken plugin nbmerge_broken: RuntimeError: needs a GPU driver" in capsys.readouterr().out
+
+
 def test_duplicate_method_names_name_both_plugins(tmp_path, fresh_registry):
     install_fake_distribution(tmp_path, "nbmerge_ties_clash", "ties", "nbmerge-ties-clash")
     sys.path.insert(0, str(tmp_path))
