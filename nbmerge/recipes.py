@@ -93,7 +93,7 @@ def parse_recipe(text: str) -> MergeCall:
 def from_nbmerge(config: Mapping) -> MergeCall:
     _reject_unknown_keys(config, NBMERGE_KEYS, "recipe")
     models = config.get("models")
-    if isinstance(models, Mapping):
+    if isinstance(models, Mapping) and models:
         labelled = {str(label): ref for label, ref in models.items()}
     elif isinstance(models, list) and models:
         labelled = {_reference(ref, f"models[{i}]"): ref for i, ref in enumerate(models)}

@@ -78,6 +78,7 @@ def test_nbmerge_spelling_is_the_api_keywords():
     ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]", "interpolates two models"),
     ("method: ties\nmodel: [x]", "unknown key 'model'; did you mean 'models'?"),
     ("method: ties\nmodels: x", "'models' must be a list"),
+    ("method: ties\nmodels: {}", "'models' must be a list"),  # found by tests/io/test_fuzz.py
     ("models: [x]", "say which method to use"),
     ("- just\n- a list", "expected a mapping"),
     ("method: ties\n  models: [x", "not valid YAML at line 2"),
