@@ -4,10 +4,16 @@ A folder is written into a hidden temporary sibling and renamed into place only 
 interrupted or failed merge never leaves a half-written output that looks finished. Shards are laid out up front
 from the plan (``shard_size`` bytes at most each, a larger tensor alone in its shard), each shard's header is
 written before its data, and tensors stream to disk from a writer thread as they are merged.
+
+The temporary sibling, ``.<out>.partial-XXXX``, is held under an exclusive ``flock`` while its merge runs. A
+merge to ``out`` first looks at the siblings of that name: a locked one means another merge is writing ``out``
+now (refused: two merges to one output at once); an unlocked one was left by a merge that was killed (SIGKILL,
+power loss) and is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -74,7 +80,7 @@ class FolderSink:
         self.recipe, self.config_folder = recipe, config_folder
         self.bytes_written = 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        self.partial, self._lock = claim_partial(out)
         metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
         shards = [layout] if self.single_file else split_layout(layout, shard_size)
         self._writers = [ShardWriter(self.partial / name, shard, metadata)
@@ -98,6 +104,7 @@ class FolderSink:
         if self.single_file:
             os.replace(self._writers[0].path, self.out)
             shutil.rmtree(self.partial)
+            os.close(self._lock)
             return
         if len(self._writers) > 1:
             weight_map = {entry[0]: w.path.name for w in self._writers for entry in w.layout}
@@ -106,6 +113,7 @@ class FolderSink:
         self._copy_config_files()
         (self.partial / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
         _move_into_place(self.partial, self.out)
+        os.close(self._lock)
 
     def abort(self) -> None:
         for future in self._pending:
@@ -114,6 +122,7 @@ class FolderSink:
         for writer in self._writers:
             writer.abort()
         shutil.rmtree(self.partial, ignore_errors=True)
+        os.close(self._lock)
 
     def _copy_config_files(self) -> None:
         if self.config_folder is None:
@@ -138,6 +147,40 @@ def check_output_free(out: Path, overwrite: bool) -> None:
     if out.exists() and out.is_dir() != (out.suffix != ".safetensors"):
         raise OutputExistsError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
                                 f"it cannot be replaced by a merged {'file' if out.is_dir() else 'folder'}")
+
+
+def claim_partial(out: Path) -> tuple[Path, int]:
+    """A new temporary sibling of ``out``, locked (its descriptor is returned), after the siblings left by killed
+    merges to ``out`` are removed; OutputExistsError if another merge is writing ``out`` now.
+
+    The folder is created and locked under a ``.starting-`` name and only then renamed to ``.partial-``, so a
+    merge that scans the ``.partial-`` siblings never sees one whose writer has not locked it yet."""
+    for sibling in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        try:
+            fd = _lock_dir(sibling, wait=False)
+        except FileNotFoundError:  # its merge just finished and moved it into place
+            continue
+        if fd is None:
+            raise OutputExistsError(f"another merge is writing {out} now (its temporary folder {sibling.name}); "
+                                    f"wait for it, or choose another output")
+        shutil.rmtree(sibling, ignore_errors=True)  # left by a merge that was killed
+        os.close(fd)
+    starting = Path(tempfile.mkdtemp(prefix=f".{out.name}.starting-", dir=out.parent))
+    fd = _lock_dir(starting, wait=True)
+    partial = starting.with_name(starting.name.replace(".starting-", ".partial-", 1))
+    os.rename(starting, partial)
+    return partial, fd
+
+
+def _lock_dir(folder: Path, wait: bool) -> int | None:
+    """An exclusive flock on ``folder`` (its descriptor), or None if another holder has it and ``wait`` is false."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _move_into_place(partial: Path, out: Path) -> None:

@@ -1,0 +1,90 @@
+"""Faults around the output: a merge killed with SIGKILL or stopped with SIGINT mid-write, and two merges to one
+output at once. Each real merge runs in its own process, as a notebook kernel or a CLI would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nbmerge
+from nbmerge.errors import OutputExistsError
+
+SLOW_MERGE = textwrap.dedent("""
+    import sys, time
+    import nbmerge
+    out, *inputs = sys.argv[1:]
+    def slowly(event):          # a long merge: each tensor takes a while
+        if event.tensor:
+            time.sleep(0.3)
+    nbmerge.merge("simple_average", inputs, out=out, on_progress=slowly, progress=False)
+""")
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"in{i}.safetensors"
+        save_file({f"t{j}": torch.full((1000,), float(i + j)) for j in range(12)}, path)
+        paths.append(path)
+    return paths
+
+
+def start_slow_merge(out, inputs):
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(out), *map(str, inputs)],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-*")):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the merge never started writing"
+        time.sleep(0.05)
+    time.sleep(0.5)  # some tensors written
+    return process
+
+
+def expected_average(inputs):
+    first, second = (load_file(p) for p in inputs)
+    return {name: (first[name] + second[name]) / 2 for name in first}
+
+
+def test_a_killed_merge_leaves_a_named_temporary_that_the_next_merge_removes(tmp_path, inputs):
+    out = tmp_path / "merged"
+    process = start_slow_merge(out, inputs)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    stray = list(tmp_path.glob(".merged.partial-*"))
+    assert not out.exists() and len(stray) == 1  # no output; one clearly named temporary folder
+    nbmerge.merge("simple_average", inputs, out=out, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+    merged = load_file(out / "model.safetensors")
+    for name, value in expected_average(inputs).items():
+        assert torch.equal(merged[name], value), name
+
+
+def test_sigint_stops_a_merge_and_leaves_nothing(tmp_path, inputs):
+    out = tmp_path / "merged"
+    process = start_slow_merge(out, inputs)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) != 0
+    assert "KeyboardInterrupt" in process.stderr.read()
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors"]
+
+
+def test_a_second_merge_to_an_output_being_written_is_refused(tmp_path, inputs):
+    out = tmp_path / "merged"
+    process = start_slow_merge(out, inputs)
+    with pytest.raises(OutputExistsError, match=r"another merge is writing .*merged now"):
+        nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    merged = load_file(out / "model.safetensors")
+    for name, value in expected_average(inputs).items():
+        assert torch.equal(merged[name], value), name
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
