@@ -88,3 +88,22 @@ def test_a_second_merge_to_an_output_being_written_is_refused(tmp_path, inputs):
     for name, value in expected_average(inputs).items():
         assert torch.equal(merged[name], value), name
     assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+
+
+def test_a_full_disk_fails_naming_the_file_and_keeps_the_existing_output(tmp_path, inputs, monkeypatch):
+    import errno
+
+    from nbmerge.errors import OutputWriteError
+    from nbmerge.io import direct_write
+
+    out = tmp_path / "merged"
+    nbmerge.merge("simple_average", inputs[:1] * 2, out=out, progress=False)  # an earlier result
+    before = (out / "model.safetensors").read_bytes()
+    def disk_fills_up(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_write.os, "pwrite", disk_fills_up)
+    with pytest.raises(OutputWriteError, match=r"model.safetensors: writing the output failed \(No space left"):
+        nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
