@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from nbmerge.errors import OutputExistsError, ParameterError
+from nbmerge.errors import OutputExistsError, OutputWriteError, ParameterError
 from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
 
 CONFIG_FILES = (
@@ -79,8 +79,13 @@ class FolderSink:
         check_output_free(out, overwrite)
         self.recipe, self.config_folder = recipe, config_folder
         self.bytes_written = 0
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.partial, self._lock = claim_partial(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.partial, self._lock = claim_partial(out)
+        except OutputExistsError:
+            raise
+        except OSError as exc:  # a read-only or full file system, a missing permission
+            raise OutputWriteError(f"{out}: cannot create the output there ({exc.strerror or exc})") from None
         metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
         shards = [layout] if self.single_file else split_layout(layout, shard_size)
         self._writers = [ShardWriter(self.partial / name, shard, metadata)

@@ -107,3 +107,18 @@ def test_a_full_disk_fails_naming_the_file_and_keeps_the_existing_output(tmp_pat
         nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, inputs, monkeypatch):
+    import errno
+    import tempfile
+
+    from nbmerge.errors import OutputWriteError
+
+    def read_only(*args, **kwargs):  # what a read-only folder answers (the suite may run as root, which ignores modes)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputWriteError, match=r"merged: cannot create the output there \(Permission denied\)"):
+        nbmerge.merge("simple_average", inputs, out=tmp_path / "merged", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors"]
