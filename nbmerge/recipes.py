@@ -14,7 +14,7 @@ one ``slices`` entry) maps onto nbmerge methods with mergekit's defaults and sem
 =============== ====================================================================================
 linear          weighted_average: weights = per-model weight, normalize (default true)
 task_arithmetic task_arithmetic: weights = weight (÷ Σ weight when normalize), scaling = lambda (default 1)
-ties            ties with trim_scope=tensor, sign=sum: density (one value for all models, default 1),
+ties            ties with trim_scope=tensor, sign=sum: density (per model, default 1),
                 weights, merge_func = mean when normalize (default true) else sum, scaling = lambda
 dare_linear     dare with combine=linear: drop_rate = 1 − density, rescale true → "l1" (mergekit's
                 ‖τ‖₁ rescaling), weights (÷ Σ weight when normalize), scaling = lambda
@@ -169,13 +169,15 @@ def _mergekit_task_vector_params(name: str, settings: dict, per_model: dict, n_m
     params = {"scaling": float(settings["lambda"]), "weights": weights}
     if name == "task_arithmetic":
         return params
-    density = _one_density(name, per_model["density"])
-    if name == "ties":
+    if name == "ties":  # a density per model, as mergekit allows
+        densities = [1.0 if d is None else float(d) for d in per_model["density"]] or [1.0]
+        density = densities[0] if len(set(densities)) == 1 else densities
         return {**params, "density": density, "trim_scope": "tensor", "sign": "sum",
                 "merge_func": "mean" if settings["normalize"] else "sum"}
     if name == "dare_ties" and settings["normalize"]:
         raise RecipeError("recipe: dare_ties with normalize: true is not supported (nbmerge's DARE-TIES sums the "
                           "agreeing task vectors, as mergekit's default does); remove normalize")
+    density = _one_density(name, per_model["density"])
     return {**params, "drop_rate": 1.0 - density, "rescale": "l1" if settings["rescale"] else False,
             "combine": "ties" if name == "dare_ties" else "linear"}
 

@@ -18,7 +18,12 @@ from nbmerge_plugins import native
 from nbmerge_plugins._task_vectors import blocks_of_task_vectors, weighted_task_vectors
 
 
-def tensor_thresholds(job: TensorJob, density: float, over_changed: bool = False) -> list[float]:
+def per_model(value, n: int) -> list:
+    """A per-model parameter's value for each of ``n`` models: its list, or the one value for all."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def tensor_thresholds(job: TensorJob, density, over_changed: bool = False) -> list[float]:
     """Per task vector: the k-th largest |w_i τ_i| of the tensor, k = int(density · N), N = the tensor's positions
     (the references' count) or, with ``over_changed``, only the positions some model changed.
 
@@ -29,20 +34,23 @@ def tensor_thresholds(job: TensorJob, density: float, over_changed: bool = False
     """
     samples, brackets = tensor_brackets(job, density, over_changed)
     changed, above, bands = count_in_brackets(job, brackets, inside_fractions(samples, brackets)[0], wide=False)
-    keep = int(density * (changed if over_changed else job.base.numel()))
-    if keep == 0:
-        return [float("inf")] * len(job.models)
-    thresholds = native.map_in_threads(lambda band_above: order_statistic(*band_above, keep), zip(bands, above))
-    return [_radix_threshold(weighted_task_vectors(job.upcast())[i].abs().flatten(), keep) if threshold is None
+    counted = changed if over_changed else job.base.numel()
+    keeps = [int(d * counted) for d in per_model(density, len(job.models))]
+    thresholds = native.map_in_threads(lambda args: order_statistic(*args) if args[2] else float("inf"),
+                                       zip(bands, above, keeps))
+    return [_radix_threshold(weighted_task_vectors(job.upcast())[i].abs().flatten(), keeps[i]) if threshold is None
             else threshold for i, threshold in enumerate(thresholds)]
 
 
-def tensor_brackets(job: TensorJob, density: float,
+def tensor_brackets(job: TensorJob, density,
                     over_changed: bool = False) -> tuple[torch.Tensor, list[tuple[float, float]]]:
-    """The sample of every |w_i τ_i| of the tensor, and from it each task vector's bracket of its threshold."""
+    """The sample of every |w_i τ_i| of the tensor, and from it each task vector's bracket of its threshold
+    (``density``: one fraction, or one per task vector)."""
     samples = _sampled_magnitudes(job)
     counted = float((samples != 0).any(0).float().mean()) if samples.numel() and over_changed else 1.0
-    return samples, native.map_in_threads(lambda row: bracket(row, density * counted), list(samples))
+    fractions = per_model(density, samples.shape[0])
+    return samples, native.map_in_threads(lambda args: bracket(args[0], args[1] * counted),
+                                          list(zip(samples, fractions)))
 
 
 def order_statistic(band: torch.Tensor, above: int, keep: int) -> float | None:

@@ -31,6 +31,7 @@ from nbmerge_plugins._selection import (
     count_in_brackets,
     inside_fractions,
     order_statistic,
+    per_model,
     radix_global_thresholds,
     tensor_brackets,
     tensor_thresholds,
@@ -39,8 +40,8 @@ from nbmerge_plugins._task_vectors import blocks_of_task_vectors, disjoint_merge
 
 GLOBAL_THRESHOLD = "global trim threshold"
 
-DENSITY = Param("density", "float", 0.2, "fraction of each task vector's entries kept by magnitude",
-                low=0.0, high=1.0, low_inclusive=False, grid=(0.1, 0.2, 0.4))
+DENSITY = Param("density", "float", 0.2, "fraction of each task vector's entries kept by magnitude (one, or one "
+                "per model)", low=0.0, high=1.0, low_inclusive=False, grid=(0.1, 0.2, 0.4), per_model=True)
 
 DENSITY_OVER = Param("density_over", "choice", "all",
                      "what the density counts: all positions (FusionBench, mergekit) or those some model changed",
@@ -80,11 +81,11 @@ def _ties_in_one_pass(job: TensorJob) -> torch.Tensor | None:
     done = native.ties_bracketed(job, brackets, int(2 * max(band_fractions, default=1.0) * numel) + 4096,
                                  int(2 * deferred_fraction * numel) + 4096, params["sign"], 1.0,
                                  params["merge_func"], params["scaling"])
-    keep = int(params["density"] * (done.changed if over_changed else numel))
-    if done.bands is None or done.deferred is None or keep == 0:
+    counted = done.changed if over_changed else numel
+    keeps = [int(d * counted) for d in per_model(params["density"], len(job.models))]
+    if done.bands is None or done.deferred is None or 0 in keeps:
         return None
-    thresholds = native.map_in_threads(lambda band_above: order_statistic(*band_above, keep),
-                                       zip(done.bands, done.above))
+    thresholds = native.map_in_threads(lambda args: order_statistic(*args), zip(done.bands, done.above, keeps))
     if any(threshold is None for threshold in thresholds):
         return None
     return native.ties_fixup(job, done, thresholds, params["sign"], 1.0, params["merge_func"], params["scaling"])
@@ -113,7 +114,8 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
     stream(sampler.visit)
     over_changed = params["density_over"] == "changed"
     counted_fraction = sampler.changed_fraction() if over_changed else 1.0
-    brackets = [bracket(row, params["density"] * counted_fraction) for row in sampler.rows()]
+    densities = per_model(params["density"], sampler.rows().shape[0])
+    brackets = [bracket(row, d * counted_fraction) for row, d in zip(sampler.rows(), densities)]
     fractions = inside_fractions(sampler.rows(), brackets)[0]
     counted, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
 
@@ -125,14 +127,13 @@ def global_thresholds(stream, params: dict, wide: bool) -> dict:
             bands[i].append(band)
 
     stream(count)
-    keep = int(params["density"] * counted[0])
-    if keep == 0:
-        return {"thresholds": [float("inf")] * len(brackets), "majority_sign": 1.0}
-    thresholds = native.map_in_threads(lambda band_above: order_statistic(torch.cat(band_above[0]),
-                                                                           band_above[1], keep), zip(bands, above))
-    if any(threshold is None for threshold in thresholds):
+    keeps = [int(d * counted[0]) for d in densities]
+    thresholds = native.map_in_threads(lambda args: order_statistic(torch.cat(args[0]), args[1], args[2])
+                                       if args[2] else float("inf"), zip(bands, above, keeps))
+    for keep in sorted({keeps[i] for i, threshold in enumerate(thresholds) if threshold is None}):
         radix = radix_global_thresholds(stream, keep, len(thresholds), wide)
-        thresholds = [radix[i] if threshold is None else threshold for i, threshold in enumerate(thresholds)]
+        thresholds = [radix[i] if threshold is None and keeps[i] == keep else threshold
+                      for i, threshold in enumerate(thresholds)]
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:

@@ -66,7 +66,7 @@ def test_nbmerge_spelling_is_the_api_keywords():
     ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "2 slices stitch layers"),
     ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [0, 2]}, {model: y, layer_range: [2, 4]}]}]",
      "the same layer_range"),
-    (mergekit("ties", "  - model: x\n    parameters: {density: 0.3}\n  - model: y\n    parameters: {density: 0.5}\n"),
+    (mergekit("dare_ties", "  - model: x\n    parameters: {density: 0.3}\n  - model: y\n    parameters: {density: 0.5}\n"),
      "a different density per model is not supported"),
     (mergekit("ties", "  - model: x\n    parameters: {weight: [{filter: mlp, value: 1}, {value: 0}]}\n"),
      "per-layer or filtered values of 'weight'"),

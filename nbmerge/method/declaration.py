@@ -196,7 +196,8 @@ class MergeMethod:
         self.check_inputs(n_models, has_base)
         params = validate_params(self.name, self.params, given)
         for param in self.params:
-            if param.per_model and params[param.name] is not None and len(params[param.name]) != n_models:
+            value = params[param.name]
+            if param.per_model and isinstance(value, tuple) and len(value) != n_models:
                 raise ParameterError(f"{self.name}: parameter {param.name!r} has {len(params[param.name])} values "
                                      f"for {n_models} models")
         if self.check is not None:

@@ -96,6 +96,8 @@ class Param:
         if isinstance(value, str) and self.kind not in ("choice", "layers"):
             value = self.parse_text(value, method)
         if self.kind == "float":
+            if self.per_model and isinstance(value, (list, tuple)) and value:  # one value per model
+                return tuple(self._number(_as_float(v, where), where) for v in value)
             return self._number(_as_float(value, where), where)
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
@@ -146,7 +148,8 @@ class Param:
             return _text_choice(text, self.choices)
         if self.kind == "layers" and text == "half":
             return "half"
-        if self.kind in ("floats", "schedule") and not text.startswith(("[", "{")) and "," in text:
+        per_model_list = self.kind == "float" and self.per_model
+        if (self.kind in ("floats", "schedule") or per_model_list) and not text.startswith(("[", "{")) and "," in text:
             return [_as_float(part.strip(), where) for part in text.split(",") if part.strip()]
         try:
             return json.loads(text)

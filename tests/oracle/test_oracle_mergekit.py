@@ -6,6 +6,8 @@ random stream) the test pins the documented difference.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import load_folder
@@ -98,6 +100,24 @@ def tied_with_threshold(model_set, name: str, density: float) -> torch.Tensor:
         if int((magnitude >= threshold).sum()) > k:
             tied |= magnitude == threshold
     return tied
+
+
+def test_ties_with_a_density_per_model_is_mergekits(llama_set, tmp_path):
+    densities = (0.2, 0.5, 0.9)
+    models = [{"model": str(path), "parameters": {"weight": w, "density": d}}
+              for path, w, d in zip(llama_set.model_dirs, WEIGHTS, densities)]
+    recipe = {"merge_method": "ties", "base_model": str(llama_set.base_dir), "models": models}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    ours = nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, density=list(densities),
+                         trim_scope="tensor", weights=list(WEIGHTS), progress=False).state_dict
+    assert_matches(ours, theirs)
+    from nbmerge.recipes import parse_recipe  # the same recipe through the parser the magics and the CLI use
+
+    call = parse_recipe(json.dumps(recipe))
+    assert call.method == "ties" and call.params["density"] == list(densities)
+    via_recipe = nbmerge.merge(call.method, list(call.models.values()), base=call.base, progress=False,
+                               **call.params).state_dict
+    assert_matches(via_recipe, theirs)
 
 
 def test_dare_without_drops_matches_dare_linear_and_dare_ties(llama_set, tmp_path):

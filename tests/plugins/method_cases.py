@@ -117,11 +117,12 @@ def ties_reference(base: dict, models: list[dict], *, density: float, sign: str 
 
     def keep_masks(vectors: np.ndarray) -> np.ndarray:
         counted = int(np.any(vectors != 0, axis=0).sum()) if density_over == "changed" else vectors.shape[1]
-        k = int(density * counted)
+        densities = density if isinstance(density, (list, tuple)) else [density] * len(vectors)
         masks = np.zeros(vectors.shape, dtype=bool)
-        if k == 0:
-            return masks
         for i, row in enumerate(vectors):
+            k = int(densities[i] * counted)
+            if k == 0:
+                continue
             kth_largest = np.sort(np.abs(row))[::-1][k - 1]
             masks[i] = np.abs(row) >= kth_largest
         return masks

@@ -158,6 +158,20 @@ def test_ties_model_scope_falls_back_to_radix_selection_when_the_bracket_misses(
         assert_matches(merged[name], expected[name], name=name)
 
 
+@pytest.mark.parametrize("trim_scope", ["tensor", "model"])
+def test_ties_density_per_model(trim_scope):
+    base, models = many_valued_ties_inputs()
+    densities = [0.05, 0.3, 0.8]
+    merged = merge("ties", models, base=base, density=densities, trim_scope=trim_scope, weights=[1.0, 0.5, 2.0])
+    expected = ties_reference(base, models, density=densities, trim_scope=trim_scope, weights=[1.0, 0.5, 2.0])
+    for name in base:
+        assert_matches(merged[name], expected[name], name=name)
+    with pytest.raises(nbmerge.ParameterError, match="'density' has 2 values for 3 models"):
+        merge("ties", models, base=base, density=[0.1, 0.2])
+    with pytest.raises(nbmerge.ParameterError, match=r"'density' must be in \(0, 1\], got 1.5"):
+        merge("ties", models, base=base, density=[0.1, 0.2, 1.5])
+
+
 def test_ties_model_scope_is_the_default():
     base, models = two_scale_ties_inputs()
     default = merge("ties", models, base=base, density=0.4)
