@@ -20,6 +20,8 @@ dare_linear     dare with combine=linear: drop_rate = 1 − density, rescale tru
                 ‖τ‖₁ rescaling), weights (÷ Σ weight when normalize), scaling = lambda
 dare_ties       dare with combine=ties (normalize must stay false, mergekit's default)
 slerp           slerp: base_model is the t = 0 endpoint, t a number, anchors or filter list
+model_stock     model_stock: base_model, two or more models, filter_wise (default false)
+nearswap        nearswap: base_model and one model, t (required)
 =============== ====================================================================================
 
 DARE's masks are nbmerge's own seeded draws, so a dare merge equals mergekit's in distribution, not bit for bit.
@@ -34,7 +36,8 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "model_stock",
+                    "nearswap")
 RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
@@ -55,6 +58,8 @@ MERGEKIT_PARAMS = {
     "dare_linear": ({"normalize": False, "rescale": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
     "dare_ties": ({"normalize": False, "rescale": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
     "slerp": ({"t": None}, {}),
+    "model_stock": ({"filter_wise": False}, {}),
+    "nearswap": ({"t": None}, {}),
 }
 
 
@@ -133,7 +138,8 @@ def from_mergekit(config: Mapping) -> MergeCall:
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
         _reject_unknown_keys(own, tuple(model_defaults), f"recipe: {name} parameters of model {reference!r}")
-        if reference == base and name in ("ties", "task_arithmetic", "dare_ties", "dare_linear"):
+        if reference == base and name in ("ties", "task_arithmetic", "dare_ties", "dare_linear", "model_stock",
+                                          "nearswap"):
             continue  # mergekit skips the base when it is listed among the models: its task vector is 0
         models[_reference(reference, "model")] = reference
         for key, default in model_defaults.items():
@@ -144,6 +150,11 @@ def from_mergekit(config: Mapping) -> MergeCall:
             per_model[key].append(value)
     if name == "slerp":
         return _mergekit_slerp(models, base, settings, config, layer_range)
+    if name in ("model_stock", "nearswap"):
+        if base is None:
+            raise RecipeError(f"recipe: mergekit {name} needs base_model")
+        params = {"filter_wise": bool(settings["filter_wise"])} if name == "model_stock" else {"t": settings["t"]}
+        return MergeCall(name, models, base, params, _mergekit_options(config), layer_range, "mergekit")
     params = _mergekit_task_vector_params(name, settings, per_model, len(models))
     if name == "linear":
         base = None  # mergekit's linear averages the listed models; base_model only names the config source

@@ -120,6 +120,38 @@ def test_ties_with_a_density_per_model_is_mergekits(llama_set, tmp_path):
     assert_matches(via_recipe, theirs)
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_is_mergekits_through_its_recipe(llama_set, tmp_path, filter_wise):
+    from nbmerge.recipes import parse_recipe
+
+    recipe = {"merge_method": "model_stock", "base_model": str(llama_set.base_dir), "dtype": "float32",
+              "parameters": {"filter_wise": filter_wise}, "models": [{"model": str(p)} for p in llama_set.model_dirs]}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    call = parse_recipe(json.dumps(recipe))
+    ours = nbmerge.merge(call.method, list(call.models.values()), base=call.base, out_dtype="float32",
+                         progress=False, **call.params).state_dict
+    assert call.method == "model_stock" and call.params == {"filter_wise": filter_wise}
+    assert_matches(ours, theirs, atol=1e-5)
+
+
+def test_nearswap_is_mergekits_through_its_recipe(llama_set, tmp_path):
+    from nbmerge.recipes import parse_recipe
+
+    recipe = {"merge_method": "nearswap", "base_model": str(llama_set.base_dir), "dtype": "float32",
+              "parameters": {"t": 0.01}, "models": [{"model": str(llama_set.model_dirs[0])}]}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    call = parse_recipe(json.dumps(recipe))
+    ours = nbmerge.merge(call.method, list(call.models.values()), base=call.base, out_dtype="float32",
+                         progress=False, **call.params).state_dict
+    assert_matches(ours, theirs)
+    # an independent look at one tensor: entries within t of the base take the model's value
+    name = "model.layers.0.mlp.up_proj.weight"
+    base, model = llama_set.base[name], llama_set.models[0][name]
+    near = (base - model).abs() <= 0.01
+    assert near.any() and (~near).any()
+    assert torch.allclose(ours[name][near], model[near], atol=ATOL)
+
+
 def test_dare_without_drops_matches_dare_linear_and_dare_ties(llama_set, tmp_path):
     for mergekit_name, combine in (("dare_linear", "linear"), ("dare_ties", "ties")):
         theirs = run_mergekit({"merge_method": mergekit_name, "base_model": str(llama_set.base_dir),
