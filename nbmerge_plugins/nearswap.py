@@ -7,6 +7,7 @@ base's is θ_1's, one farther away moves towards θ_1 by t / |θ_0 − θ_1|. As
 import torch
 
 from nbmerge import hookimpl
+from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 
 T = Param("t", "float", None, "the distance below which the model's value replaces the base's", low=0.0)
@@ -21,8 +22,6 @@ def _nearswap(job: TensorJob) -> torch.Tensor:
 
 def _needs_t(params: dict, n_models: int, has_base: bool) -> None:
     if params["t"] is None:
-        from nbmerge.errors import ParameterError
-
         raise ParameterError("nearswap: parameter 't' is required (the distance below which values swap)")
 
 
