@@ -160,7 +160,8 @@ def claim_partial(out: Path) -> tuple[Path, int]:
 
     The folder is created and locked under a ``.starting-`` name and only then renamed to ``.partial-``, so a
     merge that scans the ``.partial-`` siblings never sees one whose writer has not locked it yet."""
-    for sibling in sorted(out.parent.glob(f".{out.name}.partial-*")):
+    prefix = f".{out.name}.partial-"  # matched by name: an output name may hold glob characters
+    for sibling in sorted(out.parent / name for name in os.listdir(out.parent) if name.startswith(prefix)):
         try:
             fd = _lock_dir(sibling, wait=False)
         except FileNotFoundError:  # its merge just finished and moved it into place

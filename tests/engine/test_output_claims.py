@@ -122,3 +122,14 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, inputs, monk
     with pytest.raises(OutputWriteError, match=r"merged: cannot create the output there \(Permission denied\)"):
         nbmerge.merge("simple_average", inputs, out=tmp_path / "merged", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors"]
+
+
+def test_an_output_name_with_glob_characters_is_claimed_like_any_other(tmp_path, inputs):
+    out = tmp_path / "merged[v1]*"
+    stale = tmp_path / ".merged[v1]*.partial-dead"  # left by a killed merge to that very name
+    stale.mkdir()
+    unrelated = tmp_path / ".merged1.partial-other"  # another output's: a glob of the name would match it
+    unrelated.mkdir()
+    nbmerge.merge("simple_average", inputs, out=out, progress=False)
+    assert sorted(os.listdir(tmp_path)) == [".merged1.partial-other", "in0.safetensors", "in1.safetensors",
+                                            "merged[v1]*"]
