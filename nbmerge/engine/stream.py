@@ -181,8 +181,8 @@ class Engine:
         sources, with_base = self._sources_of(tensor)
         for source in sources:
             source.advise(tensor.name)
-        read = source_read if self.allow_nonfinite or tensor.name in self._checked else finite_read
-        return [readers.submit(read, source, tensor.name, self.pool) for source in sources], with_base
+        check = not self.allow_nonfinite and tensor.name not in self._checked
+        return [readers.submit(read_input, source, tensor.name, self.pool, check) for source in sources], with_base
 
     def _prefetched(self, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, dict]]:
         """Yield (tensor, its loaded inputs) while reader threads, as many as inputs, load the next PREFETCH_DEPTH
@@ -217,15 +217,11 @@ def finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def source_read(source: ModelSource, name: str, pool: BufferPool) -> torch.Tensor:
-    return source.read(name, pool)
-
-
-def finite_read(source: ModelSource, name: str, pool: BufferPool) -> torch.Tensor:
-    """``source.read``, refusing a tensor that holds NaN or Inf (checked in the reader thread, while the pages
-    are read in anyway)."""
+def read_input(source: ModelSource, name: str, pool: BufferPool, check_finite: bool) -> torch.Tensor:
+    """``source.read``; with ``check_finite``, a tensor that holds NaN or Inf is refused (checked in the reader
+    thread, while the pages are read in anyway)."""
     tensor = source.read(name, pool)
-    if not finite(tensor):
+    if check_finite and not finite(tensor):
         raise NonFiniteError(f"{source.where(name)}: tensor {name!r} holds NaN or Inf, so the merge would be "
                              f"silently wrong; nothing was written. Fix the input, or pass allow_nonfinite=True "
                              f"(--allow-nonfinite) to merge it anyway")
