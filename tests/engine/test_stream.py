@@ -112,16 +112,30 @@ def test_weights_only_pickle_checkpoints(tmp_path):
 
 
 class _Exploit:
+    """Unpickling it would run a shell command that creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused(tmp_path):
-    with open(tmp_path / "evil.bin", "wb") as f:
-        pickle.dump({"w": _Exploit()}, f)
+def _legacy_pickle(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(state, f)
+
+
+@pytest.mark.parametrize("suffix, save", [(".bin", _legacy_pickle), (".pt", torch.save)],
+                         ids=["bin-legacy-pickle", "pt-zip"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, suffix, save):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"evil{suffix}"
+    save({"w": _Exploit(marker)}, evil)
     torch.save({"w": torch.ones(2)}, tmp_path / "good.bin")
-    with pytest.raises(ModelInputError, match="evil.bin.*weights-only"):
-        nbmerge.merge("simple_average", [tmp_path / "good.bin", tmp_path / "evil.bin"], progress=False)
+    with pytest.raises(ModelInputError, match=f"evil\\{suffix}.*weights-only"):
+        nbmerge.merge("simple_average", [tmp_path / "good.bin", evil], progress=False)
+    assert not marker.exists()
 
 
 def test_inputs_are_never_modified(llama_set):
