@@ -36,31 +36,36 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "model_stock",
-                    "nearswap")
 RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
-MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
+MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source")
 # mergekit options that change what a merge produces and that nbmerge does not do
 MERGEKIT_UNSUPPORTED = {
-    "tokenizer_source": "nbmerge copies the tokenizer files of the base (or first) model",
-    "tokenizer": "nbmerge copies the tokenizer files of the base (or first) model",
-    "chat_template": "nbmerge copies the tokenizer files of the base (or first) model",
+    "tokenizer": "nbmerge copies the tokenizer files of one model; give tokenizer_source: base or a model",
+    "chat_template": "nbmerge copies the tokenizer files of one model, chat template included",
     "modules": "per-module recipes",
 }
 # mergekit parameters that only change memory use, not the result
 MERGEKIT_NO_EFFECT = ("int8_mask",)
-# per method: (global parameter -> mergekit default), (per-model parameter -> mergekit default)
-MERGEKIT_PARAMS = {
-    "linear": ({"normalize": True}, {"weight": None}),
-    "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": None}),
-    "ties": ({"normalize": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
-    "dare_linear": ({"normalize": False, "rescale": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
-    "dare_ties": ({"normalize": False, "rescale": True, "lambda": 1.0}, {"weight": None, "density": 1.0}),
-    "slerp": ({"t": None}, {}),
-    "model_stock": ({"filter_wise": False}, {}),
-    "nearswap": ({"t": None}, {}),
-}
+
+
+@dataclass(frozen=True)
+class MergekitMethod:
+    """How one mergekit merge_method maps onto an nbmerge method.
+
+    shared / per_model: mergekit's parameters with their defaults (None: required or absent);
+    params(settings, per_model, n): the nbmerge parameters from the recipe's values (per_model: name -> a list,
+    one value per model); base: "used", "required" or "input" (mergekit's linear: one more averaged model);
+    skips_listed_base: a base listed among the models is dropped (its task vector is 0).
+    """
+
+    method: str
+    shared: dict
+    per_model: dict
+    params: Callable[[dict, dict, int], dict]
+    base: str = "used"
+    skips_listed_base: bool = True
 
 
 @dataclass
@@ -117,87 +122,218 @@ def from_mergekit(config: Mapping) -> MergeCall:
             raise RecipeError(f"recipe: mergekit's {key!r} is not supported ({reason}); remove it")
     _reject_unknown_keys(config, MERGEKIT_KEYS, "recipe (mergekit format)")
     name = config["merge_method"]
-    if name not in MERGEKIT_METHODS:
+    if name not in MERGEKIT:
         raise RecipeError(f"recipe: mergekit merge_method {name!r} is not supported; nbmerge maps "
-                          f"{', '.join(MERGEKIT_METHODS)} (or write 'method:' with any nbmerge method)")
-    entries, layer_range = _mergekit_models(config)
+                          f"{', '.join(MERGEKIT)} (or write 'method:' with any nbmerge method)")
+    spec = MERGEKIT[name]
+    entries, layer_range, slice_parameters = _mergekit_models(config)
     base = config.get("base_model")
-    global_defaults, model_defaults = MERGEKIT_PARAMS[name]
-    given = dict(config.get("parameters") or {})
+    given = {**dict(config.get("parameters") or {}), **slice_parameters}
     for key in MERGEKIT_NO_EFFECT:
         given.pop(key, None)
     # mergekit lets a top-level parameter give the default of a per-model one
-    model_level = {key: given.pop(key) for key in list(given) if key in model_defaults}
-    _reject_unknown_keys(given, tuple(global_defaults), f"recipe: {name} parameters")
-    settings = {**global_defaults, **given}
+    model_level = {key: given.pop(key) for key in list(given) if key in spec.per_model}
+    _reject_unknown_keys(given, tuple(spec.shared), f"recipe: {name} parameters")
+    settings = {key: _setting(given.get(key, default), default, f"{name} parameter {key!r}")
+                for key, default in spec.shared.items()}
     models: dict[str, Any] = {}
-    per_model: dict[str, list] = {key: [] for key in model_defaults}
+    per_model: dict[str, list] = {key: [] for key in spec.per_model}
+    if spec.base == "input" and base is not None and all(entry["model"] != base for entry in entries):
+        entries = [*entries, {"model": base}]  # mergekit's linear averages the base too, with the default weight
     for entry in entries:
         reference = entry["model"]
         own = dict(entry.get("parameters") or {})
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
-        _reject_unknown_keys(own, tuple(model_defaults), f"recipe: {name} parameters of model {reference!r}")
-        if reference == base and name in ("ties", "task_arithmetic", "dare_ties", "dare_linear", "model_stock",
-                                          "nearswap"):
+        _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {reference!r}")
+        if reference == base and spec.skips_listed_base:
             continue  # mergekit skips the base when it is listed among the models: its task vector is 0
         models[_reference(reference, "model")] = reference
-        for key, default in model_defaults.items():
+        for key, default in spec.per_model.items():
             value = own.get(key, model_level.get(key, default))
-            if isinstance(value, (list, Mapping)):
-                raise RecipeError(f"recipe: per-layer or filtered values of {key!r} (model {reference!r}) are not "
-                                  f"supported; give one number")
-            per_model[key].append(value)
+            per_model[key].append(_setting(value, default, f"{name} parameter {key!r} of model {reference!r}"))
+    if spec.base == "required" and base is None:
+        raise RecipeError(f"recipe: mergekit {name} needs base_model")
     if name == "slerp":
         return _mergekit_slerp(models, base, settings, config, layer_range)
-    if name in ("model_stock", "nearswap"):
-        if base is None:
-            raise RecipeError(f"recipe: mergekit {name} needs base_model")
-        params = {"filter_wise": bool(settings["filter_wise"])} if name == "model_stock" else {"t": settings["t"]}
-        return MergeCall(name, models, base, params, _mergekit_options(config), layer_range, "mergekit")
-    params = _mergekit_task_vector_params(name, settings, per_model, len(models))
-    if name == "linear":
-        base = None  # mergekit's linear averages the listed models; base_model only names the config source
-    return MergeCall(_NBMERGE_METHOD[name], models, base, params, _mergekit_options(config), layer_range, "mergekit")
+    params = spec.params(settings, per_model, len(models))
+    if spec.base == "input":
+        base = None  # now one of the averaged models
+    options = _mergekit_options(config, base, models)
+    return MergeCall(spec.method, models, base, params, options, layer_range, "mergekit")
 
 
-_NBMERGE_METHOD = {"linear": "weighted_average", "task_arithmetic": "task_arithmetic", "ties": "ties",
-                   "dare_linear": "dare", "dare_ties": "dare"}
+def _setting(value: Any, default: Any, where: str) -> Any:
+    """A mergekit parameter value in nbmerge's spelling: a number (or true/false), a list of anchors over depth,
+    or filter entries [{filter, value}, ...]. mergekit takes the first entry whose filter is in the tensor's name,
+    an entry without filter (or with filter "*") matching every tensor: entries after that one never apply, and
+    when every entry has a filter the parameter's default applies elsewhere."""
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list) or not any(isinstance(v, Mapping) for v in value):
+        return value
+    entries = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
+            raise RecipeError(f"recipe: {where}: each entry must be {{filter: ..., value: ...}}, got {entry!r}")
+        if entry.get("filter") in (None, "*"):
+            entries.append({"value": entry["value"]})
+            break
+        entries.append({"filter": entry["filter"], "value": entry["value"]})
+    else:
+        if default is None:
+            raise RecipeError(f"recipe: {where}: every entry has a filter; add one without filter (the value for "
+                              f"the other tensors)")
+        entries.append({"value": default})
+    return entries
 
 
-def _mergekit_task_vector_params(name: str, settings: dict, per_model: dict, n_models: int) -> dict:
+def _flag(value: Any, where: str) -> bool:
+    """A mergekit boolean: true/false (or 1/0, which mergekit's validation also accepts)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise RecipeError(f"recipe: {where} must be true or false, got {value!r}")
+
+
+def _one_per_model_value(values: list) -> Any:
+    """The per-model values as one number when every model has the same number, else the list (one shared
+    gradient stays a list per model: a bare list would read as one value per model)."""
+    return values[0] if values and _is_number(values[0]) and all(v == values[0] for v in values) else list(values)
+
+
+def _weights(per_model: dict, method: str) -> list | None:
     weights = per_model["weight"]
     if any(w is None for w in weights) and not all(w is None for w in weights):
-        raise RecipeError(f"recipe: give every model a weight or none (mergekit {name})")
-    weights = None if not weights or weights[0] is None else [float(w) for w in weights]
-    if name == "linear":
-        return {"weights": weights, "normalize": bool(settings["normalize"])}
-    if settings["normalize"] and name in ("task_arithmetic", "dare_linear"):
-        # mergekit divides the weighted sum of task vectors by Σ weight
-        raw = weights or [1.0] * n_models
+        raise RecipeError(f"recipe: give every model a weight or none (mergekit {method}"
+                          f"{'; its base_model is averaged too' if method == 'linear' else ''})")
+    return None if not weights or weights[0] is None else list(weights)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _linear(settings: dict, per_model: dict, n: int) -> dict:
+    return {"weights": _weights(per_model, "linear"), "normalize": _flag(settings["normalize"], "linear normalize")}
+
+
+def _task_vector_sum(method: str, settings: dict, per_model: dict, n: int) -> dict:
+    """weights and scaling of a method that sums weighted task vectors; mergekit's normalize divides by Σ weight."""
+    weights = _weights(per_model, method)
+    if _flag(settings["normalize"], f"{method} normalize"):
+        raw = weights or [1.0] * n
+        if not all(_is_number(w) for w in raw):
+            raise RecipeError(f"recipe: {method} with normalize: true and weights that vary over layers or tensors "
+                              f"is not supported; give numbers or set normalize: false")
         total = sum(raw)
         weights = [w / total for w in raw] if abs(total) >= 1e-8 else raw
-    params = {"scaling": float(settings["lambda"]), "weights": weights}
-    if name == "task_arithmetic":
-        return params
-    if name == "ties":  # a density per model, as mergekit allows
-        densities = [1.0 if d is None else float(d) for d in per_model["density"]] or [1.0]
-        density = densities[0] if len(set(densities)) == 1 else densities
-        return {**params, "density": density, "trim_scope": "tensor", "sign": "sum",
-                "merge_func": "mean" if settings["normalize"] else "sum"}
-    if name == "dare_ties" and settings["normalize"]:
-        raise RecipeError("recipe: dare_ties with normalize: true is not supported (nbmerge's DARE-TIES sums the "
-                          "agreeing task vectors, as mergekit's default does); remove normalize")
-    density = _one_density(name, per_model["density"])
-    return {**params, "drop_rate": 1.0 - density, "rescale": "l1" if settings["rescale"] else False,
-            "combine": "ties" if name == "dare_ties" else "linear"}
+    return {"scaling": settings["lambda"], "weights": weights}
 
 
-def _one_density(name: str, densities: list) -> float:
-    if len(set(densities)) > 1:
-        raise RecipeError(f"recipe: {name} with a different density per model is not supported; give every model "
-                          f"the same density (got {', '.join(str(d) for d in densities)})")
-    return float(densities[0]) if densities else 1.0
+def _task_arithmetic(settings: dict, per_model: dict, n: int) -> dict:
+    return _task_vector_sum("task_arithmetic", settings, per_model, n)
+
+
+def _ties(settings: dict, per_model: dict, n: int) -> dict:
+    normalize = _flag(settings["normalize"], "ties normalize")
+    return {"scaling": settings["lambda"], "weights": _weights(per_model, "ties"),
+            "density": _one_per_model_value(per_model["density"]), "trim_scope": "tensor", "sign": "sum",
+            "merge_func": "mean" if normalize else "sum"}
+
+
+def _dare(combine: str) -> Callable[[dict, dict, int], dict]:
+    method = f"dare_{combine}"
+
+    def params(settings: dict, per_model: dict, n: int) -> dict:
+        if combine == "ties" and _flag(settings["normalize"], "dare_ties normalize"):
+            raise RecipeError("recipe: dare_ties with normalize: true is not supported (nbmerge's DARE-TIES sums the "
+                              "agreeing task vectors, as mergekit's default does); remove normalize")
+        drop_rate = _one_per_model_value([_complement(d, method) for d in per_model["density"]])
+        linear_normalize = combine == "linear" and settings["normalize"]
+        return {**_task_vector_sum(method, {**settings, "normalize": linear_normalize}, per_model, n),
+                "drop_rate": drop_rate, "combine": combine,
+                "rescale": "l1" if _flag(settings["rescale"], f"{method} rescale") else False}
+
+    return params
+
+
+def _complement(setting: Any, method: str) -> Any:
+    """1 − a mergekit setting (a density as a drop rate): a number, anchors, or filter entries of either."""
+    if isinstance(setting, list):
+        return [{**entry, "value": _complement(entry["value"], method)} if isinstance(entry, Mapping)
+                else _complement(entry, method) for entry in setting]
+    try:
+        return 1.0 - float(setting)
+    except (TypeError, ValueError):
+        raise RecipeError(f"recipe: {method}: density must be a number, got {setting!r}") from None
+
+
+def _sparsified(method: str, combine: str, sparsity: tuple[str, ...]) -> Callable[[dict, dict, int], dict]:
+    """breadcrumbs and della: per-model sparsification parameters, then a linear or TIES combination."""
+    def params(settings: dict, per_model: dict, n: int) -> dict:
+        return {"combine": combine, "normalize": _flag(settings["normalize"], f"{method} normalize"),
+                "rescale": _flag(settings["rescale"], f"{method} rescale"), "scaling": settings["lambda"],
+                "weights": _weights(per_model, method),
+                **{key: _one_per_model_value(per_model[key]) for key in ("density", *sparsity)}}
+
+    return params
+
+
+def _spherical(flags: dict) -> Callable[[dict, dict, int], dict]:
+    """nuslerp and multislerp: per-model weights and their own options (mergekit name -> nbmerge name)."""
+    def params(settings: dict, per_model: dict, n: int) -> dict:
+        converted = {ours: _flag(settings[theirs], theirs) if isinstance(spec_default, bool) else settings[theirs]
+                     for theirs, (ours, spec_default) in flags.items()}
+        return {"weights": _weights(per_model, "spherical"), **converted}
+
+    return params
+
+
+SPARSE_SHARED = {"normalize": False, "rescale": False, "lambda": 1.0}
+MERGEKIT = {
+    "linear": MergekitMethod("weighted_average", {"normalize": True}, {"weight": None}, _linear, base="input",
+                             skips_listed_base=False),
+    "task_arithmetic": MergekitMethod("task_arithmetic", {"normalize": False, "lambda": 1.0}, {"weight": None},
+                                      _task_arithmetic, base="required"),
+    "ties": MergekitMethod("ties", {"normalize": True, "lambda": 1.0}, {"weight": None, "density": 1.0}, _ties,
+                           base="required"),
+    "dare_linear": MergekitMethod("dare", {"normalize": False, "rescale": True, "lambda": 1.0},
+                                  {"weight": None, "density": 1.0}, _dare("linear"), base="required"),
+    "dare_ties": MergekitMethod("dare", {"normalize": False, "rescale": True, "lambda": 1.0},
+                                {"weight": None, "density": 1.0}, _dare("ties"), base="required"),
+    "breadcrumbs": MergekitMethod("breadcrumbs", SPARSE_SHARED, {"weight": None, "density": 1.0, "gamma": 0.01},
+                                  _sparsified("breadcrumbs", "linear", ("gamma",)), base="required"),
+    "breadcrumbs_ties": MergekitMethod("breadcrumbs", SPARSE_SHARED,
+                                       {"weight": None, "density": 1.0, "gamma": 0.01},
+                                       _sparsified("breadcrumbs_ties", "ties", ("gamma",)), base="required"),
+    "della": MergekitMethod("della", {**SPARSE_SHARED, "normalize": True, "rescale": True},
+                            {"weight": None, "density": 1.0, "epsilon": 0.15},
+                            _sparsified("della", "ties", ("epsilon",)), base="required"),
+    "della_linear": MergekitMethod("della", {**SPARSE_SHARED, "rescale": True},
+                                   {"weight": None, "density": 1.0, "epsilon": 0.15},
+                                   _sparsified("della_linear", "linear", ("epsilon",)), base="required"),
+    "sce": MergekitMethod("sce", {"select_topk": 1.0}, {},
+                          lambda settings, per_model, n: {"select_topk": settings["select_topk"]}, base="required"),
+    "slerp": MergekitMethod("slerp", {"t": None}, {}, lambda settings, per_model, n: {}, base="required",
+                            skips_listed_base=False),
+    "nuslerp": MergekitMethod("nuslerp", {"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": None},
+                              _spherical({"nuslerp_row_wise": ("row_wise", False),
+                                          "nuslerp_flatten": ("flatten", True)})),
+    "multislerp": MergekitMethod("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": None},
+                                 _spherical({"normalize_weights": ("normalize_weights", True),
+                                             "eps": ("eps", 1e-8)})),
+    "karcher": MergekitMethod("karcher", {"max_iter": 10, "tol": 1e-5}, {},
+                              lambda settings, per_model, n: {"max_iter": settings["max_iter"],
+                                                              "tol": settings["tol"]}),
+    "model_stock": MergekitMethod("model_stock", {"filter_wise": False}, {},
+                                  lambda settings, per_model, n: {"filter_wise": _flag(settings["filter_wise"],
+                                                                                       "filter_wise")},
+                                  base="required"),
+    "nearswap": MergekitMethod("nearswap", {"t": None}, {},
+                               lambda settings, per_model, n: {"t": settings["t"]}, base="required"),
+}
 
 
 def _mergekit_slerp(models: dict, base, settings: dict, config: Mapping, layer_range) -> MergeCall:
@@ -209,26 +345,31 @@ def _mergekit_slerp(models: dict, base, settings: dict, config: Mapping, layer_r
                           f"(got {', '.join(map(str, models)) or 'none'})")
     if settings["t"] is None:
         raise RecipeError("recipe: slerp needs parameters: {t: ...}")
-    return MergeCall("slerp", others, base, {"t": settings["t"]}, _mergekit_options(config), layer_range, "mergekit")
+    return MergeCall("slerp", others, base, {"t": settings["t"]}, _mergekit_options(config, base, others),
+                     layer_range, "mergekit")
 
 
-def _mergekit_models(config: Mapping) -> tuple[list[dict], tuple[int, int] | None]:
+def _mergekit_models(config: Mapping) -> tuple[list[dict], tuple[int, int] | None, dict]:
+    """The model entries, the one slice's layer range (None without slices) and the slice's own parameters."""
     if "slices" in config and "models" in config:
         raise RecipeError("recipe: give either 'models' or 'slices', not both")
     if "slices" not in config:
-        return [_model_entry(entry) for entry in _as_list(config.get("models"), "models")], None
+        return [_model_entry(entry) for entry in _as_list(config.get("models"), "models")], None, {}
     slices = _as_list(config["slices"], "slices")
     if len(slices) != 1:
         raise RecipeError(f"recipe: {len(slices)} slices stitch layers of several merges (a frankenmerge), which "
                           f"nbmerge does not do; use one slice covering every layer")
-    sources = _as_list(slices[0].get("sources") if isinstance(slices[0], Mapping) else None, "slices[0].sources")
+    if not isinstance(slices[0], Mapping):
+        raise RecipeError(f"recipe: slices[0] must be a mapping with 'sources', got {slices[0]!r}")
+    _reject_unknown_keys(slices[0], ("sources", "parameters"), "recipe: slices[0]")
+    sources = _as_list(slices[0].get("sources"), "slices[0].sources")
     entries = [_model_entry(source) for source in sources]
-    ranges = {tuple(source.get("layer_range") or ()) for source in sources}
+    ranges = {tuple(source.get("layer_range") or ()) for source in entries}
     if len(ranges) != 1 or len(next(iter(ranges))) != 2:
         raise RecipeError("recipe: every source of the slice needs the same layer_range [start, end]; different "
                           "ranges per model are not supported")
     start, end = next(iter(ranges))
-    return entries, (int(start), int(end))
+    return entries, (int(start), int(end)), dict(slices[0].get("parameters") or {})
 
 
 def _model_entry(entry) -> dict:
@@ -242,9 +383,31 @@ def _model_entry(entry) -> dict:
     return dict(entry)
 
 
-def _mergekit_options(config: Mapping) -> dict:
+def _mergekit_options(config: Mapping, base, models: dict) -> dict:
+    options = {}
     dtype = config.get("out_dtype") or config.get("dtype")
-    return {"out_dtype": dtype} if dtype else {}
+    if dtype:
+        options["out_dtype"] = dtype
+    source = config.get("tokenizer_source")
+    if source is not None:
+        options["tokenizer_source"] = _tokenizer_source(source, base, models)
+    return options
+
+
+def _tokenizer_source(source, base, models: dict):
+    """mergekit's tokenizer_source: "base", "union", or a model (also spelt "model:<ref>")."""
+    if not isinstance(source, str):
+        raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {source!r}")
+    if source == "base":
+        if base is None:
+            raise RecipeError("recipe: tokenizer_source: base needs base_model")
+        return base
+    if source == "union":
+        return "union"
+    reference = source.removeprefix("model:")
+    if reference != base and reference not in models.values():
+        raise RecipeError(f"recipe: tokenizer_source {source!r} names none of the recipe's models")
+    return reference
 
 
 def _as_list(value, what: str) -> list:

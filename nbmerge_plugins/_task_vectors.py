@@ -133,3 +133,24 @@ def keep_mask(job: TensorJob, model_index: int, drop_rate: float) -> torch.Tenso
     """The Bernoulli(1 − p) mask of model ``model_index`` for this tensor, in the job's dtype and device."""
     draws = uniform_draws(job.random_key(job.params["seed"], model_index), 0, job.base.numel(), job.base.device)
     return (draws >= keep_from(drop_rate)).to(job.base.dtype).view(job.base.shape)
+
+
+# -- mergekit's generalized task arithmetic, after each task vector was sparsified on its own ---------------------
+def combine_sparse(sparse: torch.Tensor, weights: list[float], combine: str, normalize: bool) -> torch.Tensor:
+    """Combine [n, ...] weighted sparse task vectors δ_i = w_i τ̃_i (consumes ``sparse``).
+
+    ``"linear"``: Σ_i δ_i, ÷ Σ_i w_i when ``normalize`` (unless |Σ w| < 10⁻⁸). ``"ties"``: Σ_i δ_i [sign(δ_i) = γ],
+    γ = sign(Σ_i δ_i) with exact ties electing +, ÷ Σ_i w_i [sign(δ_i) = γ] when ``normalize`` (1 where no entry
+    agrees). As mergekit 0.1.5's GeneralizedTaskArithmeticMerge (breadcrumbs, della and their TIES variants).
+    """
+    if combine == "ties":
+        return disjoint_merge(sparse, elect_sign(sparse, "sum", 1.0), "mean" if normalize else "sum", weights)
+    total = sparse.sum(0)
+    divisor = sum(weights)
+    return total.div_(divisor) if normalize and abs(divisor) >= 1e-8 else total
+
+
+def l1_rescaled(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """m ⊙ τ scaled by ‖τ‖₁ / ‖m ⊙ τ‖₁ (left alone when either norm is below eps); in place on ``masked``."""
+    before, after = float(original.abs().sum()), float(masked.abs().sum())
+    return masked if before < eps or after < eps else masked.mul_(before / after)

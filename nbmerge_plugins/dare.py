@@ -14,6 +14,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins._selection import per_model
 from nbmerge_plugins._task_vectors import (
     RESCALE,
     SEED,
@@ -24,8 +25,8 @@ from nbmerge_plugins._task_vectors import (
     keep_mask,
 )
 
-DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry",
-                  low=0.0, high=1.0, high_inclusive=False, grid=(0.3, 0.5, 0.7))
+DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry (one, or one "
+                  "per model)", low=0.0, high=1.0, high_inclusive=False, grid=(0.3, 0.5, 0.7), per_model=True)
 
 COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
                 choices=("linear", "ties"))
@@ -39,16 +40,17 @@ BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, 
 
 
 def _dare(job: TensorJob) -> torch.Tensor:
-    if native.accepts(job):
+    drop_rates = per_model(job.params["drop_rate"], len(job.models))
+    if native.accepts(job) and len(set(drop_rates)) == 1:  # the fused kernel takes one drop rate for all models
         return native.dare_merge(job, [job.random_key(job.params["seed"], i) for i in range(len(job.models))],
-                                 keep_from(job.params["drop_rate"]))
+                                 keep_from(drop_rates[0]))
     job = job.upcast()
     params = job.params
     weights = params["weights"] or [1.0] * len(job.models)
     sparse = job.empty((len(job.models), *job.base.shape), job.base.dtype)
-    for i, (row, model, weight) in enumerate(zip(sparse, job.models, weights)):
+    for i, (row, model, weight, drop_rate) in enumerate(zip(sparse, job.models, weights, drop_rates)):
         torch.sub(model, job.base, out=row)
-        drop_and_rescale(row, keep_mask(job, i, params["drop_rate"]), params["drop_rate"], params["rescale"])
+        drop_and_rescale(row, keep_mask(job, i, drop_rate), drop_rate, params["rescale"])
         row.mul_(weight)
     merged = job.empty(job.base.shape, job.base.dtype)
     sparse_flat, merged_flat, base_flat = sparse.view(len(job.models), -1), merged.view(-1), job.base.reshape(-1)

@@ -14,8 +14,9 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"adamerging", "dare", "expo", "linear", "model_stock", "nearswap", "simple_average", "slerp",
-           "task_arithmetic", "ties", "we_moe", "weighted_average"}
+BUILTIN = {"adamerging", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock", "multislerp",
+           "nearswap", "nuslerp", "sce", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
+           "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

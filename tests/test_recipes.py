@@ -16,7 +16,8 @@ TWO = "  - model: x\n    parameters: {weight: 1}\n  - model: y\n    parameters: 
 
 
 @pytest.mark.parametrize("method, extra, expected_method, expected", [
-    ("linear", "", "weighted_average", {"weights": [1.0, 3.0], "normalize": True}),
+    # mergekit's linear averages base_model too, with the top-level (default) weight
+    ("linear", "parameters: {weight: 2}", "weighted_average", {"weights": [1.0, 3.0, 2.0], "normalize": True}),
     ("task_arithmetic", "", "task_arithmetic", {"weights": [1.0, 3.0], "scaling": 1.0}),
     ("task_arithmetic", "parameters: {normalize: true, lambda: 0.5}", "task_arithmetic",
      {"weights": [0.25, 0.75], "scaling": 0.5}),
@@ -32,7 +33,7 @@ TWO = "  - model: x\n    parameters: {weight: 1}\n  - model: y\n    parameters: 
 def test_mergekit_methods_map_with_mergekits_defaults(method, extra, expected_method, expected):
     call = parse_recipe(mergekit(method, TWO, extra))
     assert (call.method, call.params, call.source) == (expected_method, expected, "mergekit")
-    assert call.models == {"x": "x", "y": "y"}
+    assert call.models == ({"x": "x", "y": "y", "b": "b"} if method == "linear" else {"x": "x", "y": "y"})
     assert call.base == (None if method == "linear" else "b")
 
 
@@ -61,19 +62,22 @@ def test_nbmerge_spelling_is_the_api_keywords():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: della\nmodels: [x]", "merge_method 'della' is not supported; nbmerge maps linear, "),
-    ("merge_method: ties\nmodels: [x]\ntokenizer_source: union", "'tokenizer_source' is not supported"),
+    ("merge_method: arcee_fusion\nmodels: [x]", "merge_method 'arcee_fusion' is not supported; nbmerge maps linear, "),
+    ("merge_method: ties\nmodels: [x]\ntokenizer: {source: union}", "'tokenizer' is not supported"),
+    ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer_source: y", "tokenizer_source 'y' names none"),
     ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "2 slices stitch layers"),
     ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [0, 2]}, {model: y, layer_range: [2, 4]}]}]",
      "the same layer_range"),
-    (mergekit("dare_ties", "  - model: x\n    parameters: {density: 0.3}\n  - model: y\n    parameters: {density: 0.5}\n"),
-     "a different density per model is not supported"),
-    (mergekit("ties", "  - model: x\n    parameters: {weight: [{filter: mlp, value: 1}, {value: 0}]}\n"),
-     "per-layer or filtered values of 'weight'"),
+    (mergekit("dare_ties", "  - model: x\n    parameters: {density: high}\n"), "dare_ties: density must be a number"),
+    (mergekit("ties", "  - model: x\n    parameters: {weight: [{filter: mlp, value: 1}]}\n"),
+     "ties parameter 'weight' of model 'x': every entry has a filter"),
+    (mergekit("ties", "  - model: x\n    parameters: {weight: [{filter: mlp, vlaue: 1}]}\n"),
+     "each entry must be {filter: ..., value: ...}"),
     (mergekit("ties", "  - model: x\n    parameters: {epsilon: 0.1}\n"), "unknown key 'epsilon'"),
     (mergekit("ties", TWO, "parameters: {lamda: 2}"), "unknown key 'lamda'; did you mean 'lambda'?"),
     (mergekit("dare_ties", TWO, "parameters: {normalize: true}"), "dare_ties with normalize: true"),
     (mergekit("ties", "  - model: x\n  - model: y\n    parameters: {weight: 2}\n"), "every model a weight or none"),
+    (mergekit("linear", TWO), "every model a weight or none (mergekit linear"),
     ("merge_method: slerp\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}", "needs base_model"),
     ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]", "interpolates two models"),
     ("method: ties\nmodel: [x]", "unknown key 'model'; did you mean 'models'?"),

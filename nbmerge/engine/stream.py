@@ -29,7 +29,7 @@ from nbmerge.errors import ModelInputError, NonFiniteError
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.sources import ModelSource
 from nbmerge.method.declaration import MergeMethod, TensorJob
-from nbmerge.method.params import schedule_value
+from nbmerge.method.params import holds_schedule, resolved
 
 PREFETCH_DEPTH = 2
 MAX_READERS = 8  # reader threads: one per input, up to this many
@@ -49,7 +49,7 @@ class Engine:
         self.allow_nonfinite = allow_nonfinite
         self._checked: set[str] = set()  # tensors whose inputs were found finite (by an earlier pass)
         self.stage_results: dict[str, Any] = {}
-        self._schedules = [p.name for p in method.params if p.kind == "schedule"]
+        self._varying = [p.name for p in method.params if holds_schedule(params[p.name])]
         self.pool = BufferPool()
         self._on_cpu = device.type == "cpu"
 
@@ -143,8 +143,8 @@ class Engine:
         compute = tensor.compute_dtype
         as_stored = self.method.stored_inputs and self._on_cpu and compute == torch.float32
         params = dict(self.params)
-        for name in self._schedules:
-            params[name] = schedule_value(params[name], tensor.name, tensor.layer, self.plan.num_layers)
+        for name in self._varying:
+            params[name] = resolved(params[name], tensor.name, tensor.layer, self.plan.num_layers)
         return TensorJob(
             name=tensor.name,
             models=[self._on_device(t, compute, as_stored) for t in loaded["models"]],

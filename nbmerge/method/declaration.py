@@ -12,13 +12,14 @@ it receives a ``ModuleJob`` and returns a ``BuiltModule``; ``nbmerge.merge`` the
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from nbmerge.errors import ModelInputError, ParameterError
-from nbmerge.method.params import Param, validate_params
+from nbmerge.method.params import Param, holds_schedule, is_schedule, schedule_corners, validate_params
 
 BASE_REQUIRED, BASE_OPTIONAL, BASE_UNUSED = "required", "optional", "unused"
 
@@ -197,11 +198,21 @@ class MergeMethod:
         params = validate_params(self.name, self.params, given)
         for param in self.params:
             value = params[param.name]
-            if param.per_model and isinstance(value, tuple) and len(value) != n_models:
+            if param.per_model and isinstance(value, tuple) and not is_schedule(value) and len(value) != n_models:
                 raise ParameterError(f"{self.name}: parameter {param.name!r} has {len(params[param.name])} values "
                                      f"for {n_models} models")
+        varying = [p.name for p in self.params if p.kind != "schedule" and holds_schedule(params[p.name])]
+        if varying and self.build_module is not None:
+            raise ParameterError(f"{self.name}: {', '.join(map(repr, varying))} must be one value (this method "
+                                 f"builds a module from whole models; values over layers or tensors do not apply)")
+        for stage in self.stages:
+            if varying and stage.applies(params):
+                raise ParameterError(f"{self.name}: {', '.join(map(repr, varying))} varies over layers or tensors, "
+                                     f"but this setting runs the whole-model pass {stage.name!r}, which needs one "
+                                     f"value for the whole model; give one number per model")
         if self.check is not None:
-            self.check(params, n_models, has_base)
+            for corner in _corners(params, varying):
+                self.check(corner, n_models, has_base)
         return params
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
@@ -248,3 +259,14 @@ def check_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], w
         if tuple(state[key].shape) != tuple(shape):
             raise ModelInputError(f"{what}: tensor {key!r} has shape {tuple(state[key].shape)}, expected "
                                   f"{tuple(shape)}")
+
+
+def _corners(params: dict, varying: list[str]) -> list[dict]:
+    """The parameters with every varying value at each combination of its extremes (its smallest and largest
+    anchors): a cross-parameter check that holds at those holds wherever the values interpolate between them.
+    Past 10 varying values, all-smallest and all-largest only."""
+    if not varying:
+        return [params]
+    extremes = [schedule_corners(params[name]) for name in varying]
+    combos = itertools.product(*extremes) if len(varying) <= 10 else zip(*extremes)
+    return [{**params, **dict(zip(varying, combo))} for combo in combos]

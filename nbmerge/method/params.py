@@ -81,13 +81,15 @@ class Param:
 
     def plain(self, value: Any) -> Any:
         """A checked value in plain JSON form that ``check`` accepts again (for recipes and reports)."""
-        if self.kind == "schedule" and isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        if is_schedule(value):
             if len(value) == 1:
                 anchors = value[0][1]
                 return anchors[0] if len(anchors) == 1 else list(anchors)
             return [{"filter": f, "value": a[0] if len(a) == 1 else list(a)} if f is not None
                     else {"value": a[0] if len(a) == 1 else list(a)} for f, a in value]
-        return _jsonable(value)
+        if isinstance(value, tuple):
+            return [self.plain(v) for v in value]
+        return value
 
     # -- checking ---------------------------------------------------------------------------------------------
     def check(self, value: Any, method: str) -> Any:
@@ -96,9 +98,9 @@ class Param:
         if isinstance(value, str) and self.kind not in ("choice", "layers"):
             value = self.parse_text(value, method)
         if self.kind == "float":
-            if self.per_model and isinstance(value, (list, tuple)) and value:  # one value per model
-                return tuple(self._number(_as_float(v, where), where) for v in value)
-            return self._number(_as_float(value, where), where)
+            if self.per_model and isinstance(value, (list, tuple)) and value and not _filter_entries(value):
+                return tuple(self._scalar_or_schedule(v, where) for v in value)  # one value per model
+            return self._scalar_or_schedule(value, where)
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
                 raise ParameterError(f"{where} must be an integer, got {value!r}")
@@ -120,6 +122,8 @@ class Param:
                 value = [value]
             if not isinstance(value, (list, tuple)) or not value:
                 raise ParameterError(f"{where} must be a list of numbers, got {value!r}")
+            if self.per_model:  # a model's entry may vary over depth and tensor kind
+                return tuple(self._scalar_or_schedule(v, where) for v in value)
             return tuple(self._number(_as_float(v, where), where) for v in value)
         if self.kind == "schedule":
             return self._schedule(value, where)
@@ -164,6 +168,14 @@ class Param:
         if too_low or too_high:
             raise ParameterError(f"{where} must be in {self.range_text()}, got {_show(value)}")
         return value
+
+    def _scalar_or_schedule(self, value: Any, where: str) -> float | tuple:
+        """A number, or (given anchors or filter entries) a canonical schedule resolved per tensor by the engine;
+        a schedule of one number everywhere is that number."""
+        if not isinstance(value, (list, tuple, Mapping)):
+            return self._number(_as_float(value, where), where)
+        schedule = self._schedule([value] if isinstance(value, Mapping) else value, where)
+        return schedule[0][1][0] if len(schedule) == 1 and len(schedule[0][1]) == 1 else schedule
 
     def _schedule(self, value: Any, where: str) -> tuple:
         """Canonical schedule: a tuple of (filter or None, anchors tuple); exactly one entry has no filter."""
@@ -244,6 +256,46 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _filter_entries(value: Any) -> bool:
+    """Whether a list is a filtered schedule ([{filter: ..., value: ...}, ...]) rather than plain values."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def is_schedule(value: Any) -> bool:
+    """Whether a checked value is a canonical schedule: a tuple of (filter or None, anchors) pairs."""
+    return (isinstance(value, tuple) and bool(value)
+            and all(isinstance(e, tuple) and len(e) == 2 and (e[0] is None or isinstance(e[0], str))
+                    and isinstance(e[1], tuple) for e in value))
+
+
+def holds_schedule(value: Any) -> bool:
+    """Whether a checked value varies over tensors: a schedule, or per-model values with a schedule among them."""
+    return is_schedule(value) or (isinstance(value, tuple) and any(is_schedule(v) for v in value))
+
+
+def resolved(value: Any, tensor_name: str, layer: int | None, num_layers: int) -> Any:
+    """A checked value for one tensor: schedules (also inside per-model tuples) replaced by their value there."""
+    if is_schedule(value):
+        return schedule_value(value, tensor_name, layer, num_layers)
+    if isinstance(value, tuple):
+        return tuple(resolved(v, tensor_name, layer, num_layers) for v in value)
+    return value
+
+
+def schedule_corners(value: Any) -> list:
+    """Plain values bounding a checked value over all tensors: [value] for a fixed value, else [the value with
+    every schedule at its smallest anchor, ... at its largest] (a schedule interpolates between its anchors)."""
+    if not holds_schedule(value):
+        return [value]
+
+    def at(extreme, v):
+        if is_schedule(v):
+            return extreme(a for _, anchors in v for a in anchors)
+        return tuple(at(extreme, item) for item in v) if isinstance(v, tuple) else v
+
+    return [at(min, value), at(max, value)]
 
 
 def schedule_value(schedule: tuple, tensor_name: str, layer: int | None, num_layers: int) -> float:

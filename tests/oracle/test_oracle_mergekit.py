@@ -210,3 +210,190 @@ def test_slerp_between_two_fine_tunes(llama_set, tmp_path):
                            "models": [{"model": first}, {"model": second}]}, tmp_path / "mk")
     ours = nbmerge.merge("slerp", [first, second], t=0.6, progress=False).state_dict
     assert_matches(ours, theirs, atol=1e-5)
+
+
+def merge_recipe(recipe: dict, **options) -> dict[str, torch.Tensor]:
+    """nbmerge's merge of a mergekit recipe, through the parser the magics and the CLI use."""
+    from nbmerge.recipes import parse_recipe
+
+    call = parse_recipe(json.dumps(recipe))
+    return nbmerge.merge(call.method, list(call.models.values()), base=call.base, progress=False,
+                         **{**call.options, **options}, **call.params).state_dict
+
+
+def per_model_recipe(method: str, model_set, parameters: dict, per_model: list[dict], **top) -> dict:
+    return {"merge_method": method, "base_model": str(model_set.base_dir), "dtype": "float32",
+            "parameters": parameters, **top,
+            "models": [{"model": str(path), "parameters": own} for path, own in zip(model_set.model_dirs, per_model)]}
+
+
+@pytest.mark.parametrize("method, parameters", [
+    ("breadcrumbs", {}),
+    ("breadcrumbs", {"normalize": True, "rescale": True, "lambda": 0.8}),
+    ("breadcrumbs_ties", {}),
+    ("breadcrumbs_ties", {"normalize": True, "rescale": True}),
+])
+def test_breadcrumbs_is_mergekits(sparse_llama_set, tmp_path, method, parameters):
+    """Per-model densities and outlier fractions, on sparse task vectors (zeros tie at the lower band edge, but a
+    zero contributes nothing whether kept or not). Equal to mergekit on every tensor without non-zero ties at a
+    band edge; where bfloat16 repeats a value there, mergekit's sort keeps an arbitrary subset of the equal
+    entries and nbmerge keeps them all (with rescale the L1 factor then differs over the whole tensor)."""
+    model_set = sparse_llama_set
+    densities, gammas = (0.5, 0.7, 0.9), (0.01, 0.05, 0.0)
+    own = [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(WEIGHTS, densities, gammas)]
+    recipe = per_model_recipe(method, model_set, parameters, own)
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    ours = merge_recipe(recipe)
+    assert set(ours) == set(theirs)
+    untied = [k for k in theirs if not band_edge_tied(model_set, k, densities, gammas)]
+    assert len(untied) >= len(theirs) // 3
+    assert_matches({k: ours[k] for k in untied}, {k: theirs[k] for k in untied}, atol=1e-5)
+
+
+def band_edge_tied(model_set, name: str, densities, gammas) -> bool:
+    """Whether some model's kept band of |τ| (ascending ranks [n_bot, n_bot + k)) has a non-zero edge value that
+    also occurs just outside the band, so that which of the equal entries are kept is a tie-break."""
+    base = model_set.base[name].float()
+    for model, density, gamma in zip(model_set.models, densities, gammas):
+        ascending = (model[name].float() - base).abs().flatten().sort().values
+        n = ascending.numel()
+        keep, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - keep - top)
+        if 0 < bottom and ascending[bottom] != 0 and ascending[bottom - 1] == ascending[bottom]:
+            return True
+        if bottom + keep < n and ascending[bottom + keep - 1] == ascending[bottom + keep]:
+            return True
+    return False
+
+
+def test_breadcrumbs_keeps_the_band_between_the_outliers_and_the_smallest(llama_set):
+    """An independent look at one tensor and one model: exactly the k entries of ascending rank [N − k − γN, N − γN)
+    keep their task-vector value."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    base, model = llama_set.base[name], llama_set.models[0][name]
+    ours = nbmerge.merge("breadcrumbs", llama_set.model_dirs[:1], base=llama_set.base_dir, density=0.3, gamma=0.1,
+                         progress=False).state_dict[name]
+    task_vector = (model - base).reshape(-1)
+    n = task_vector.numel()
+    ranks = task_vector.abs().argsort().argsort()
+    kept = (ranks >= n - int(0.3 * n) - int(0.1 * n)) & (ranks < n - int(0.1 * n))
+    expected = base.reshape(-1) + task_vector * kept
+    assert torch.allclose(ours.reshape(-1), expected, atol=1e-6)
+    assert int(kept.sum()) == int(0.3 * n)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_is_mergekits(sparse_llama_set, tmp_path, select_topk):
+    model_set = sparse_llama_set
+    recipe = per_model_recipe("sce", model_set, {"select_topk": select_topk}, [{}, {}, {}])
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    ours = merge_recipe(recipe)
+    assert set(ours) == set(theirs)
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    if model_set.base[next(iter(theirs))].dtype == torch.float32 or select_topk == 1.0:
+        assert worst <= 1e-5
+    else:  # variance ties at the top-k threshold: bfloat16 task vectors repeat values
+        differing = sum(int(((ours[k] - theirs[k]).abs() > 1e-5).sum()) for k in ours)
+        assert differing <= 1e-3 * sum(v.numel() for v in ours.values())
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("parameters", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False,
+                                                                          "nuslerp_row_wise": True}])
+def test_nuslerp_is_mergekits(llama_set, tmp_path, with_base, parameters):
+    recipe = {"merge_method": "nuslerp", "dtype": "float32", "parameters": parameters,
+              "models": [{"model": str(path), "parameters": {"weight": w}}
+                         for path, w in zip(llama_set.model_dirs[:2], (0.3, 0.9))]}
+    if with_base:
+        recipe["base_model"] = str(llama_set.base_dir)
+    assert_matches(merge_recipe(recipe), run_mergekit(recipe, tmp_path / "mk"), atol=1e-5)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_multislerp_is_mergekits(llama_set, tmp_path, with_base):
+    recipe = {"merge_method": "multislerp", "dtype": "float32",
+              "models": [{"model": str(path), "parameters": {"weight": w}}
+                         for path, w in zip(llama_set.model_dirs, WEIGHTS)]}
+    if with_base:
+        recipe["base_model"] = str(llama_set.base_dir)
+    assert_matches(merge_recipe(recipe), run_mergekit(recipe, tmp_path / "mk"), atol=1e-5)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_karcher_is_mergekits(llama_set, tmp_path, with_base):
+    recipe = {"merge_method": "karcher", "dtype": "float32", "parameters": {"max_iter": 20, "tol": "1e-6"},
+              "models": [{"model": str(path)} for path in llama_set.model_dirs]}
+    if with_base:
+        recipe["base_model"] = str(llama_set.base_dir)
+    assert_matches(merge_recipe(recipe), run_mergekit(recipe, tmp_path / "mk"), atol=1e-5)
+
+
+def test_karcher_of_two_directions_is_their_midpoint_on_the_sphere(llama_set):
+    """Independent: two tensors of norms a, b at angle φ average to the unit bisector times (a + b) / 2."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    first, second = llama_set.models[0][name], llama_set.models[1][name]
+    ours = nbmerge.merge("karcher", llama_set.model_dirs[:2], progress=False, max_iter=50, tol=1e-7).state_dict[name]
+    bisector = first / first.norm() + second / second.norm()
+    expected = bisector / bisector.norm() * (first.norm() + second.norm()) / 2
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_della_without_drops_is_mergekits(llama_set, tmp_path):
+    """density 1 keeps every entry (mergekit's default): della is then TIES's sign election and mean, exactly."""
+    for method in ("della", "della_linear"):
+        recipe = per_model_recipe(method, llama_set, {"lambda": 0.9}, [{"weight": w} for w in WEIGHTS])
+        assert_matches(merge_recipe(recipe), run_mergekit(recipe, tmp_path / method), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_keeps_entries_with_mergekits_rank_probabilities(llama_set, tmp_path, method):
+    """With drops the masks are random (nbmerge's seeded draws, mergekit's torch.bernoulli): per magnitude-rank
+    decile of each row, the fraction of entries nbmerge keeps matches mergekit's within binomial noise, and both
+    match (d − ε) + 2ε (r − 1)/(C − 1)."""
+    density, epsilon = 0.5, 0.3
+    recipe = per_model_recipe(method, llama_set, {"rescale": False, "normalize": False},
+                              [{"weight": 1.0, "density": density, "epsilon": epsilon}], )
+    recipe["models"] = recipe["models"][:1]
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    ours = merge_recipe(recipe)
+    name = "model.layers.1.mlp.up_proj.weight"
+    task_vector = llama_set.models[0][name] - llama_set.base[name]
+    columns = task_vector.shape[1]
+    rank_fraction = task_vector.abs().argsort(1).argsort(1).float() / (columns - 1)
+    expected_keep = density - epsilon + 2 * epsilon * rank_fraction
+    for merged in (ours, theirs):
+        kept = (merged[name] - llama_set.base[name]).abs() > 0
+        for decile in range(10):
+            band = (rank_fraction >= decile / 10) & (rank_fraction < (decile + 1) / 10)
+            observed, predicted = kept[band].float().mean().item(), expected_keep[band].mean().item()
+            spread = (predicted * (1 - predicted) / int(band.sum())) ** 0.5
+            assert abs(observed - predicted) < 5 * spread + 1e-3, (decile, observed, predicted)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties", "dare_linear", "linear"])
+def test_gradients_and_filters_of_per_model_parameters_are_mergekits(llama_set, tmp_path, method):
+    """Weights and densities given per model as anchors over depth and as filter lists (mergekit's first matching
+    filter wins; an unfiltered entry matches every tensor), a top-level value as every model's default, and a
+    filtered scaling (lambda)."""
+    per_model = [
+        {"weight": [0.2, 0.9], "density": [{"filter": "mlp", "value": [1.0, 0.3]}, {"value": 0.6}]},
+        {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": [0.1, 0.5, 0.2]}], "density": 0.8},
+        {},
+    ]
+    parameters = {"weight": 0.4, "density": [0.5, 0.9]}
+    if method not in ("linear",):
+        parameters["lambda"] = [{"filter": "up_proj", "value": 1.3}, {"value": 0.9}]
+    if method in ("task_arithmetic", "linear"):
+        per_model = [{k: v for k, v in own.items() if k != "density"} for own in per_model]
+        parameters.pop("density")
+    if method == "dare_linear":  # no drops: the masks are random otherwise
+        per_model = [{k: v for k, v in own.items() if k != "density"} for own in per_model]
+        parameters["density"] = 1.0
+    recipe = per_model_recipe(method, llama_set, parameters, per_model)
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    ours = merge_recipe(recipe)
+    assert_matches(ours, theirs, atol=1e-5)
+    # the gradient did something: layer 0 and layer 1 used different weights
+    plain = dict(recipe, models=[{"model": m["model"], "parameters": {"weight": 0.4}} for m in recipe["models"]])
+    assert not torch.allclose(merge_recipe(plain)["model.layers.0.mlp.up_proj.weight"],
+                              ours["model.layers.0.mlp.up_proj.weight"])
