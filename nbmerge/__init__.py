@@ -27,6 +27,7 @@ from nbmerge.version import __version__
 # name -> the module that defines it (imported when the name is first used)
 _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "results", "MergeReport": "results",
+    "stack": "layer_stack", "LayerSlice": "layer_stack",
     "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
     "BuiltModule": "method", "UnlabeledTask": "method", "Param": "method",
     "save_trained": "module_merge", "load_trained": "module_merge", "export_module": "module_merge",

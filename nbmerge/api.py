@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,7 +33,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
-          pool: Any = None, split: str = "test", **params: Any) -> MergeResult:
+          pool: Any = None, split: str = "test", tokenizer_source: Any = None, **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -45,6 +46,9 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.
+      tokenizer_source: the model (a label, the object or path given) whose tokenizer files the output folder
+      gets instead of the base's (or first model's); every model's vocabulary must equal it ("union": the
+      vocabularies must already be one), since nbmerge does not permute embedding rows.
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
       stops the merge with a NonFiniteError naming it (and its file), before anything is written.
 
@@ -79,32 +83,77 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         recipe = recipe_header(merge_method, checked, [label for label, _ in labelled],
                                None if base is None else model_label(base, "base"),
                                out_dtype=None if dtype is None else str(dtype).removeprefix("torch."))
-        return _run(merge_method, checked, plan, model_sources, base_source, target_device, recipe, out_path,
-                    parse_size(shard_size), overwrite, progress, on_progress, cancel, allow_nonfinite)
+        part = MergePart(merge_method, checked, plan, model_sources, base_source)
+        output = Output(out_path, recipe, parse_size(shard_size), overwrite,
+                        base_source.folder if base_source is not None else model_sources[0].folder,
+                        tokenizer_folder(tokenizer_source, sources, labelled, base))
+        return run_parts([part], output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:
             source.close()
 
 
-def _run(method, params, plan, models, base, device, recipe, out_path, shard_size, overwrite, progress,
-         on_progress, cancel, allow_nonfinite) -> MergeResult:
-    stage_passes = sum(stage.pass_count(params, plan.wide) for stage in method.stages if stage.applies(params))
-    total = plan.bytes_for() + stage_passes * plan.bytes_for("merge")
-    tracker = Progress(total, progress, on_progress, f"nbmerge {method.name}", cancel)
-    config_folder = base.folder if base is not None else models[0].folder
-    sink = (MemorySink() if out_path is None
-            else FolderSink(out_path, plan.layout, recipe, shard_size, overwrite, config_folder))
+@dataclass
+class MergePart:
+    """One engine run writing some of the output's tensors: a method over models (and base), its plan, and how
+    its tensor names map to the output's (a layer stack renumbers each slice's layers)."""
+
+    method: Any
+    params: dict
+    plan: Any
+    models: list[ModelSource]
+    base: ModelSource | None
+    rename: Callable[[str], str] = staticmethod(lambda name: name)
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        return self.models + ([self.base] if self.base is not None else [])
+
+
+@dataclass
+class Output:
+    """Where a merge goes: ``path`` (None: in memory), its recipe, shard size, overwrite, the folder whose config
+    files are copied, the folder whose tokenizer files are copied (default: the config folder), and edits to
+    config.json (e.g. a layer stack's layer count)."""
+
+    path: Path | None
+    recipe: dict
+    shard_size: int
+    overwrite: bool
+    config_folder: Path | None
+    tokenizer_folder: Path | None = None
+    config_edits: dict | None = None
+
+
+def run_parts(parts: list[MergePart], output: Output, device, progress, on_progress, cancel,
+              allow_nonfinite) -> MergeResult:
+    """Run every part's stages and merge into one sink, then finish the output (atomically) or abort it."""
+    total = sum(part.plan.bytes_for() + sum(stage.pass_count(part.params, part.plan.wide) for stage in
+                                            part.method.stages if stage.applies(part.params)) *
+                part.plan.bytes_for("merge") for part in parts)
+    name = parts[0].method.name if len(parts) == 1 else "layer stack"
+    tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel)
+    layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
+    sink = (MemorySink() if output.path is None
+            else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
+                            output.config_folder, output.tokenizer_folder, output.config_edits))
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    engine = Engine(method, params, plan, models, base, device, tracker, allow_nonfinite)
+    stages: list[str] = []
     try:
-        with compute_threads(device), collector_paused():
-            engine.run_stages()
-            engine.merge_into(sink.put)
-        for source in models + ([base] if base is not None else []):
-            source.check_unchanged()
+        for part in parts:
+            engine = Engine(part.method, part.params, part.plan, part.models, part.base, device, tracker,
+                            allow_nonfinite)
+            with compute_threads(device), collector_paused():
+                engine.run_stages()
+                engine.merge_into(lambda tensor_name, tensor, rename=part.rename: sink.put(rename(tensor_name),
+                                                                                          tensor))
+            stages += [stage for stage in engine.stage_results if stage not in stages]
+        for part in parts:
+            for source in part.sources:
+                source.check_unchanged()
         sink.finish()
     except BaseException:
         sink.abort()
@@ -113,13 +162,74 @@ def _run(method, params, plan, models, base, device, recipe, out_path, shard_siz
         tracker.close()
     seconds = time.perf_counter() - started
     report = MergeReport(
-        method=method.name, params=recipe["params"], tensors=len(plan.tensors), bytes_read=tracker.done,
-        bytes_written=plan.out_bytes, seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
+        method=name, params=output.recipe.get("params", {}), tensors=len(layout), bytes_read=tracker.done,
+        bytes_written=sum(part.plan.out_bytes for part in parts), seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        device=str(device), stages=list(engine.stage_results))
-    if out_path is None:
-        return MergeResult(report, recipe, state_dict=sink.state_dict)
-    return MergeResult(report, recipe, path=out_path)
+        device=str(device), stages=stages)
+    if output.path is None:
+        return MergeResult(report, output.recipe, state_dict=sink.state_dict)
+    return MergeResult(report, output.recipe, path=output.path)
+
+
+def tokenizer_folder(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> Path | None:
+    """The folder of the model named by ``tokenizer_source`` (a label, or the model object or path given), whose
+    vocabulary every other model must share: nbmerge copies one tokenizer and does not permute embeddings."""
+    if tokenizer_source is None:
+        return None
+    candidates = list(zip([label for label, _ in labelled], sources[:len(labelled)], [m for _, m in labelled]))
+    if base is not None:
+        candidates.append((sources[-1].label, sources[-1], base))
+    chosen = next((source for label, source, model in candidates
+                   if tokenizer_source is model or tokenizer_source == label
+                   or (isinstance(tokenizer_source, (str, Path)) and isinstance(model, (str, Path))
+                       and Path(tokenizer_source).expanduser() == Path(model).expanduser())), None)
+    if tokenizer_source == "union":
+        chosen = sources[-1] if base is not None else sources[0]
+    if chosen is None:
+        raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is none of the merged models")
+    check_same_vocabulary(chosen, [source for _, source, _ in candidates], tokenizer_source == "union")
+    return chosen.folder
+
+
+def check_same_vocabulary(chosen: ModelSource, sources: list[ModelSource], union: bool) -> None:
+    """Every model's tokenizer vocabulary equals ``chosen``'s (read from tokenizer.json or vocab.json), else a
+    ParameterError naming the first model and token that differ."""
+    wanted = read_vocabulary(chosen)
+    for source in sources:
+        if source is chosen:
+            continue
+        have = read_vocabulary(source)
+        if have is None or wanted is None or have == wanted:
+            continue
+        token = min(t for t in set(have) | set(wanted) if have.get(t) != wanted.get(t))
+        what = "a union of the vocabularies" if union else f"the tokenizer of {chosen.label}"
+        raise ParameterError(f"tokenizer_source: {source.label}'s vocabulary differs from {chosen.label}'s (token "
+                             f"{token!r}); {what} would need its embedding rows permuted, which nbmerge does not "
+                             f"do: merge models that share one tokenizer")
+
+
+def read_vocabulary(source: ModelSource) -> dict | None:
+    """token -> id of a model's tokenizer (tokenizer.json's model.vocab and added tokens, or vocab.json)."""
+    import json
+
+    folder = source.folder
+    if folder is None:
+        return None
+    tokenizer, vocab = folder / "tokenizer.json", folder / "vocab.json"
+    try:
+        if tokenizer.is_file():
+            data = json.loads(tokenizer.read_text())
+            table = data.get("model", {}).get("vocab")
+            table = dict(table) if isinstance(table, dict) else {
+                entry[0]: i for i, entry in enumerate(table or []) if isinstance(entry, list) and entry}
+            table.update({added["content"]: added["id"] for added in data.get("added_tokens", [])
+                          if isinstance(added, dict) and "content" in added and "id" in added})
+            return table
+        if vocab.is_file():
+            return dict(json.loads(vocab.read_text()))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ParameterError(f"tokenizer_source: cannot read the vocabulary of {source.label} ({exc})") from None
+    return None
 
 
 def _check_output_apart(out_path: Path, sources: list[ModelSource]) -> None:

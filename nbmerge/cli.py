@@ -15,8 +15,11 @@ def _merge(argv: list[str]) -> int:
     from nbmerge.api import merge
     from nbmerge.plugins import get_method
 
+    if argv and argv[0].startswith("--recipe"):
+        return _merge_recipe(argv)
     if not argv or argv[0].startswith("-"):
-        print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
+        print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
+              "       nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]", file=sys.stderr)
         return 2
     method = get_method(argv[0])
     parser = method_parser(method, f"nbmerge merge {method.name}",
@@ -32,6 +35,40 @@ def _merge(argv: list[str]) -> int:
                    allow_nonfinite=args.allow_nonfinite, progress=not args.quiet, **params)
     if result.history is not None:
         print(result.history)
+    print(result.report)
+    if result.path is not None:
+        print(f"wrote {result.path}")
+    return 0
+
+
+def _merge_recipe(argv: list[str]) -> int:
+    """``nbmerge merge --recipe FILE.yml``: a mergekit or nbmerge recipe (model references are paths)."""
+    from pathlib import Path
+
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
+                                     "(mergekit's format or nbmerge's)")
+    parser.add_argument("--recipe", required=True, help="the recipe file (.yml, .yaml or .json)")
+    parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    path = Path(args.recipe).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"nbmerge: error: --recipe {path}: cannot read it ({exc})", file=sys.stderr)
+        return 1
+    call = parse_recipe(text)
+    if args.out is None and "out" not in call.options:
+        print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR (the recipe has no 'out')",
+              file=sys.stderr)
+        return 2
+    result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite or None,
+                        allow_nonfinite=args.allow_nonfinite or None, progress=not args.quiet)
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")
@@ -158,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print("usage: nbmerge {merge,methods,demo,bench} ...\n  nbmerge methods [--json]\n"
               "  nbmerge demo [--workdir DIR]\n  nbmerge bench [--profile tiny|full] [--methods M...] [--json PATH]\n"
-              "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...", file=sys.stderr)
+              "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
+              "  nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]", file=sys.stderr)
         return 2
     try:
         return commands[argv[0]](argv[1:])

@@ -19,12 +19,16 @@ def merge_summary(result, name: str | None = None) -> str:
     """One line: what was merged with which parameters, where it went, bytes and seconds."""
     report = result.report
     recipe = result.recipe
-    params = ", ".join(f"{key}={json.dumps(value)}" for key, value in recipe["params"].items())
-    base = f" onto {recipe['base']}" if recipe["base"] is not None else ""
     where = f"-> {result.path}" if result.path is not None else f"{report.tensors} tensors in memory"
     target = f"{name} = " if name else ""
-    return (f"{target}{report.method}({params}) of {len(recipe['models'])} model(s){base}: {where}; "
-            f"read {human_bytes(report.bytes_read)} in {report.seconds:.2f} s on {report.device}")
+    read = f"read {human_bytes(report.bytes_read)} in {report.seconds:.2f} s on {report.device}"
+    if "slices" in recipe:  # a layer stack
+        pieces = ", ".join(f"{piece['method']} {' + '.join(f'{label}{r}' for label, r in piece['layers'].items())}"
+                           for piece in recipe["slices"])
+        return f"{target}layer stack of {len(recipe['slices'])} slice(s) ({pieces}): {where}; {read}"
+    params = ", ".join(f"{key}={json.dumps(value)}" for key, value in recipe["params"].items())
+    base = f" onto {recipe['base']}" if recipe["base"] is not None else ""
+    return f"{target}{report.method}({params}) of {len(recipe['models'])} model(s){base}: {where}; {read}"
 
 
 class MethodTable:

@@ -8,23 +8,38 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     params: {density: 0.3, trim_scope: tensor}
     out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite
 
-mergekit's (``merge_method``, ``models`` with per-model ``parameters``, ``base_model``, ``parameters``, ``dtype``,
-one ``slices`` entry) maps onto nbmerge methods with mergekit's defaults and semantics:
+mergekit's (``merge_method``, ``models`` or ``slices`` with per-model ``parameters``, ``base_model``,
+``parameters``, ``dtype``, ``tokenizer_source``) maps onto nbmerge methods with mergekit's defaults and semantics.
+Any number may be a gradient (anchors over depth) or a filter list, per model or for all; mergekit's first
+matching filter wins. Several slices (or one slice over part of the layers) make a layer stack
+(``nbmerge.stack``), each slice merged with the recipe's method over its own sources.
 
-=============== ====================================================================================
-linear          weighted_average: weights = per-model weight, normalize (default true)
-task_arithmetic task_arithmetic: weights = weight (÷ Σ weight when normalize), scaling = lambda (default 1)
-ties            ties with trim_scope=tensor, sign=sum: density (per model, default 1),
-                weights, merge_func = mean when normalize (default true) else sum, scaling = lambda
-dare_linear     dare with combine=linear: drop_rate = 1 − density, rescale true → "l1" (mergekit's
-                ‖τ‖₁ rescaling), weights (÷ Σ weight when normalize), scaling = lambda
-dare_ties       dare with combine=ties (normalize must stay false, mergekit's default)
-slerp           slerp: base_model is the t = 0 endpoint, t a number, anchors or filter list
-model_stock     model_stock: base_model, two or more models, filter_wise (default false)
-nearswap        nearswap: base_model and one model, t (required)
-=============== ====================================================================================
+================ ===================================================================================
+linear           weighted_average: weights = per-model weight, normalize (default true); a base_model
+                 is averaged too, with the top-level (default) weight, as mergekit does
+task_arithmetic  task_arithmetic: weights = weight (÷ Σ weight when normalize), scaling = lambda
+ties             ties with trim_scope=tensor, sign=sum: density (per model, default 1), weights,
+                 merge_func = mean when normalize (default true) else sum, scaling = lambda
+dare_linear      dare with combine=linear: drop_rate = 1 − density (per model), rescale true → "l1"
+                 (mergekit's ‖τ‖₁ rescaling), weights (÷ Σ weight when normalize), scaling = lambda
+dare_ties        dare with combine=ties (normalize must stay false, mergekit's default)
+breadcrumbs      breadcrumbs (combine=linear; breadcrumbs_ties: combine=ties): density (default 1),
+                 gamma (default 0.01) per model, normalize and rescale (default false), lambda
+della            della (combine=ties, normalize and rescale default true; della_linear: combine=linear,
+                 normalize false): density (default 1), epsilon (default 0.15) per model, lambda
+sce              sce: select_topk (default 1)
+slerp            slerp: base_model is the t = 0 endpoint, t a number, anchors or filter list
+nuslerp          nuslerp: two models' weights, nuslerp_flatten (default true), nuslerp_row_wise, base optional
+multislerp       multislerp: weights, normalize_weights (default true), eps, base optional
+karcher          karcher: max_iter (10), tol (1e-5), over the models and the base when given
+model_stock      model_stock: base_model, two or more models, filter_wise (default false)
+nearswap         nearswap: base_model and one model, t (required)
+passthrough      passthrough: one model per slice, scale (per model, default none)
+================ ===================================================================================
 
-DARE's masks are nbmerge's own seeded draws, so a dare merge equals mergekit's in distribution, not bit for bit.
+DARE's and DELLA's masks are nbmerge's own seeded draws, so those merges equal mergekit's in distribution, not
+bit for bit. tokenizer_source (base, a model, or union) picks the tokenizer files the output gets; nbmerge does not
+permute embedding rows, so every model's vocabulary must already equal that tokenizer's (union: be one).
 Model references stay strings here; the caller resolves them (paths, or notebook variables in the magics).
 """
 
@@ -36,7 +51,8 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite")
+RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source")
+SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
                  "tokenizer_source")
@@ -56,7 +72,8 @@ class MergekitMethod:
 
     shared / per_model: mergekit's parameters with their defaults (None: required or absent);
     params(settings, per_model, n): the nbmerge parameters from the recipe's values (per_model: name -> a list,
-    one value per model); base: "used", "required" or "input" (mergekit's linear: one more averaged model);
+    one value per model); base: "used", "required", "input" (mergekit's linear: one more averaged model) or
+"ignored" (passthrough);
     skips_listed_base: a base listed among the models is dropped (its task vector is 0).
     """
 
@@ -77,8 +94,22 @@ class MergeCall:
     base: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # out, out_dtype, device, shard_size, overwrite
-    layer_range: tuple[int, int] | None = None  # mergekit slices: every model's layers [start, end)
+    layer_range: tuple[int, int] | None = None  # mergekit's one slice: every model's layers [start, end)
     source: str = "nbmerge"  # or "mergekit"
+    slices: list[SliceCall] | None = None  # a layer stack (method "stack"): the slices in order
+
+
+@dataclass
+class SliceCall:
+    """One slice of a layer stack: ``models`` label -> reference, ``layers`` label -> [start, end), a method with
+    its parameters, and a base (a reference) with its own layer range."""
+
+    method: str
+    models: dict[str, Any]
+    layers: dict[str, tuple[int, int]]
+    params: dict[str, Any] = field(default_factory=dict)
+    base: Any = None
+    base_layers: tuple[int, int] | None = None
 
 
 def parse_recipe(text: str) -> MergeCall:
@@ -97,23 +128,63 @@ def parse_recipe(text: str) -> MergeCall:
         return from_mergekit(config)
     if "method" in config:
         return from_nbmerge(config)
+    if "slices" in config:
+        return stack_from_nbmerge(config)
     raise RecipeError("recipe: say which method to use: 'merge_method: ties' (mergekit format) or 'method: ties'")
 
 
 def from_nbmerge(config: Mapping) -> MergeCall:
     _reject_unknown_keys(config, NBMERGE_KEYS, "recipe")
-    models = config.get("models")
+    options = {key: config[key] for key in RUN_OPTIONS if key in config}
+    return MergeCall(str(config["method"]), _labelled(config.get("models"), "recipe"), config.get("base"),
+                     _params(config, "recipe"), options)
+
+
+def stack_from_nbmerge(config: Mapping) -> MergeCall:
+    """nbmerge's layer stack (what ``nbmerge.stack`` records): ``slices`` of {method (default passthrough),
+    models, layers: [start, end] or {label: [start, end]}, base, base_layers, params}."""
+    _reject_unknown_keys(config, ("slices", *RUN_OPTIONS, "nbmerge_version"), "recipe")
+    calls = []
+    for i, item in enumerate(_as_list(config["slices"], "slices")):
+        where = f"recipe: slices[{i}]"
+        if not isinstance(item, Mapping):
+            raise RecipeError(f"{where} must be a mapping with 'models' and 'layers', got {item!r}")
+        _reject_unknown_keys(item, SLICE_KEYS, where)
+        models = _labelled(item.get("models"), where)
+        layers = item.get("layers")
+        if not isinstance(layers, Mapping):
+            layers = {label: layers for label in models}
+        calls.append(SliceCall(str(item.get("method", "passthrough")), models,
+                               {label: _layer_pair(pair, f"{where}: layers of {label}") for label, pair in
+                                layers.items()},
+                               _params(item, where), item.get("base"),
+                               None if item.get("base_layers") is None
+                               else _layer_pair(item["base_layers"], f"{where}: base_layers")))
+    models = {label: ref for piece in calls for label, ref in piece.models.items()}
+    options = {key: config[key] for key in RUN_OPTIONS if key in config}
+    return MergeCall("stack", models, None, {}, options, slices=calls)
+
+
+def _labelled(models: Any, where: str) -> dict[str, Any]:
     if isinstance(models, Mapping) and models:
-        labelled = {str(label): ref for label, ref in models.items()}
-    elif isinstance(models, list) and models:
-        labelled = {_reference(ref, f"models[{i}]"): ref for i, ref in enumerate(models)}
-    else:
-        raise RecipeError("recipe: 'models' must be a list of models or a {name: model} mapping")
+        return {str(label): ref for label, ref in models.items()}
+    if isinstance(models, list) and models:
+        return {_reference(ref, f"models[{i}]"): ref for i, ref in enumerate(models)}
+    raise RecipeError(f"{where}: 'models' must be a list of models or a {{name: model}} mapping")
+
+
+def _params(config: Mapping, where: str) -> dict:
     params = config.get("params") or {}
     if not isinstance(params, Mapping):
-        raise RecipeError(f"recipe: 'params' must be a mapping of parameter names to values, got {params!r}")
-    options = {key: config[key] for key in RUN_OPTIONS if key in config}
-    return MergeCall(str(config["method"]), labelled, config.get("base"), dict(params), options)
+        raise RecipeError(f"{where}: 'params' must be a mapping of parameter names to values, got {params!r}")
+    return dict(params)
+
+
+def _layer_pair(pair: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair) or not 0 <= pair[0] < pair[1]):
+        raise RecipeError(f"{where} must be [start, end] with 0 <= start < end, got {pair!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def from_mergekit(config: Mapping) -> MergeCall:
@@ -126,9 +197,28 @@ def from_mergekit(config: Mapping) -> MergeCall:
         raise RecipeError(f"recipe: mergekit merge_method {name!r} is not supported; nbmerge maps "
                           f"{', '.join(MERGEKIT)} (or write 'method:' with any nbmerge method)")
     spec = MERGEKIT[name]
-    entries, layer_range, slice_parameters = _mergekit_models(config)
     base = config.get("base_model")
-    given = {**dict(config.get("parameters") or {}), **slice_parameters}
+    top = dict(config.get("parameters") or {})
+    if "slices" in config and "models" in config:
+        raise RecipeError("recipe: give either 'models' or 'slices', not both")
+    if "slices" not in config:
+        entries = [_model_entry(entry) for entry in _as_list(config.get("models"), "models")]
+        return _mergekit_merge(name, spec, entries, base, top, config)[0]
+    slices = [_slice_entries(item, f"slices[{i}]") for i, item in enumerate(_as_list(config["slices"], "slices"))]
+    if len(slices) == 1 and len({tuple(entry["layer_range"]) for entry in slices[0][0]}) == 1:
+        entries, own = slices[0]
+        call = _mergekit_merge(name, spec, entries, base, {**top, **own}, config)[0]
+        call.layer_range = tuple(entries[0]["layer_range"])
+        return call
+    return _mergekit_stack(name, spec, slices, base, top, config)
+
+
+def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, given: dict,
+                    config: Mapping) -> tuple[MergeCall, dict[str, tuple[int, int]]]:
+    """One mergekit merge (or one slice of a stack) as an nbmerge merge call, and each model's layer range (by
+    label); labels are the model references, or reference[start:end] where one slice reads two ranges of one
+    model."""
+    given = dict(given)
     for key in MERGEKIT_NO_EFFECT:
         given.pop(key, None)
     # mergekit lets a top-level parameter give the default of a per-model one
@@ -137,30 +227,72 @@ def from_mergekit(config: Mapping) -> MergeCall:
     settings = {key: _setting(given.get(key, default), default, f"{name} parameter {key!r}")
                 for key, default in spec.shared.items()}
     models: dict[str, Any] = {}
+    layers: dict[str, tuple[int, int]] = {}
     per_model: dict[str, list] = {key: [] for key in spec.per_model}
     if spec.base == "input" and base is not None and all(entry["model"] != base for entry in entries):
         entries = [*entries, {"model": base}]  # mergekit's linear averages the base too, with the default weight
+    references = [entry["model"] for entry in entries]
     for entry in entries:
-        reference = entry["model"]
+        reference = _reference(entry["model"], "model")
         own = dict(entry.get("parameters") or {})
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
         _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {reference!r}")
         if reference == base and spec.skips_listed_base:
             continue  # mergekit skips the base when it is listed among the models: its task vector is 0
-        models[_reference(reference, "model")] = reference
+        label = reference
+        if references.count(reference) > 1 and entry.get("layer_range") is not None:
+            label = f"{reference}[{entry['layer_range'][0]}:{entry['layer_range'][1]}]"
+        if label in models:
+            raise RecipeError(f"recipe: model {reference!r} is listed twice with the same layers")
+        models[label] = reference
+        if entry.get("layer_range") is not None:
+            layers[label] = tuple(entry["layer_range"])
         for key, default in spec.per_model.items():
             value = own.get(key, model_level.get(key, default))
             per_model[key].append(_setting(value, default, f"{name} parameter {key!r} of model {reference!r}"))
     if spec.base == "required" and base is None:
         raise RecipeError(f"recipe: mergekit {name} needs base_model")
     if name == "slerp":
-        return _mergekit_slerp(models, base, settings, config, layer_range)
-    params = spec.params(settings, per_model, len(models))
-    if spec.base == "input":
-        base = None  # now one of the averaged models
-    options = _mergekit_options(config, base, models)
-    return MergeCall(spec.method, models, base, params, options, layer_range, "mergekit")
+        call = _mergekit_slerp(models, base, settings, config, None)
+    else:
+        params = spec.params(settings, per_model, len(models))
+        if spec.base in ("input", "ignored"):
+            base = None  # linear: now one of the averaged models; passthrough: one model as it is
+        call = MergeCall(spec.method, models, base, params, _mergekit_options(config, base, models), None, "mergekit")
+    return call, layers
+
+
+def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dict], dict]], base, top: dict,
+                    config: Mapping) -> MergeCall:
+    """Several slices (or one with different ranges per model): a layer stack, each slice merged with the
+    recipe's method over its own sources (a passthrough slice: its one source as it is)."""
+    calls = []
+    for i, (entries, own) in enumerate(slices):
+        in_slice = [entry for entry in entries if entry["model"] == base]
+        slice_base = base if in_slice or spec.base == "required" else None
+        call, layers = _mergekit_merge(name, spec, entries, slice_base, {**top, **own}, config)
+        base_layers = tuple(in_slice[0]["layer_range"]) if in_slice and call.base is not None else None
+        if call.base is not None and base_layers is None:
+            raise RecipeError(f"recipe: slices[{i}]: {name} needs base_model {base!r} among the slice's sources "
+                              f"(with its layer_range)")
+        layers = {label: pair for label, pair in layers.items() if label in call.models}
+        calls.append(SliceCall(call.method, call.models, layers, call.params, call.base, base_layers))
+    models = {label: ref for piece in calls for label, ref in piece.models.items()}
+    if base is not None:
+        models.setdefault(base, base)
+    return MergeCall("stack", models, None, {}, _mergekit_options(config, base, models), None, "mergekit", calls)
+
+
+def _slice_entries(item: Any, where: str) -> tuple[list[dict], dict]:
+    """A mergekit slice's sources (each with a layer_range) and its own parameters."""
+    if not isinstance(item, Mapping):
+        raise RecipeError(f"recipe: {where} must be a mapping with 'sources', got {item!r}")
+    _reject_unknown_keys(item, ("sources", "parameters"), f"recipe: {where}")
+    entries = [_model_entry(source) for source in _as_list(item.get("sources"), f"{where}.sources")]
+    for j, entry in enumerate(entries):
+        entry["layer_range"] = list(_layer_pair(entry.get("layer_range"), f"{where}.sources[{j}] layer_range"))
+    return entries, dict(item.get("parameters") or {})
 
 
 def _setting(value: Any, default: Any, where: str) -> Any:
@@ -327,6 +459,10 @@ MERGEKIT = {
     "karcher": MergekitMethod("karcher", {"max_iter": 10, "tol": 1e-5}, {},
                               lambda settings, per_model, n: {"max_iter": settings["max_iter"],
                                                               "tol": settings["tol"]}),
+    "passthrough": MergekitMethod("passthrough", {}, {"scale": None},
+                                  lambda settings, per_model, n: {"scale": 1.0 if per_model["scale"][0] is None
+                                                                  else per_model["scale"][0]},
+                                  base="ignored", skips_listed_base=False),
     "model_stock": MergekitMethod("model_stock", {"filter_wise": False}, {},
                                   lambda settings, per_model, n: {"filter_wise": _flag(settings["filter_wise"],
                                                                                        "filter_wise")},
@@ -347,29 +483,6 @@ def _mergekit_slerp(models: dict, base, settings: dict, config: Mapping, layer_r
         raise RecipeError("recipe: slerp needs parameters: {t: ...}")
     return MergeCall("slerp", others, base, {"t": settings["t"]}, _mergekit_options(config, base, others),
                      layer_range, "mergekit")
-
-
-def _mergekit_models(config: Mapping) -> tuple[list[dict], tuple[int, int] | None, dict]:
-    """The model entries, the one slice's layer range (None without slices) and the slice's own parameters."""
-    if "slices" in config and "models" in config:
-        raise RecipeError("recipe: give either 'models' or 'slices', not both")
-    if "slices" not in config:
-        return [_model_entry(entry) for entry in _as_list(config.get("models"), "models")], None, {}
-    slices = _as_list(config["slices"], "slices")
-    if len(slices) != 1:
-        raise RecipeError(f"recipe: {len(slices)} slices stitch layers of several merges (a frankenmerge), which "
-                          f"nbmerge does not do; use one slice covering every layer")
-    if not isinstance(slices[0], Mapping):
-        raise RecipeError(f"recipe: slices[0] must be a mapping with 'sources', got {slices[0]!r}")
-    _reject_unknown_keys(slices[0], ("sources", "parameters"), "recipe: slices[0]")
-    sources = _as_list(slices[0].get("sources"), "slices[0].sources")
-    entries = [_model_entry(source) for source in sources]
-    ranges = {tuple(source.get("layer_range") or ()) for source in entries}
-    if len(ranges) != 1 or len(next(iter(ranges))) != 2:
-        raise RecipeError("recipe: every source of the slice needs the same layer_range [start, end]; different "
-                          "ranges per model are not supported")
-    start, end = next(iter(ranges))
-    return entries, (int(start), int(end)), dict(slices[0].get("parameters") or {})
 
 
 def _model_entry(entry) -> dict:
@@ -430,13 +543,41 @@ def _reject_unknown_keys(config: Mapping, valid: tuple, where: str) -> None:
             raise RecipeError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(valid)})")
 
 
-def check_layer_range(call: MergeCall, layer_counts: Callable[[], dict[str, int]]) -> None:
-    """A mergekit slice maps onto one merge only when it covers every layer: [0, L) of each model."""
-    if call.layer_range is None:
-        return
-    start, end = call.layer_range
-    for label, layers in layer_counts().items():
-        if (start, end) != (0, layers):
-            raise RecipeError(f"recipe: layer_range [{start}, {end}] covers only part of {label}'s {layers} layers; "
-                              f"merging a layer range (passthrough / frankenmerge) is not supported: use "
-                              f"[0, {layers}] or drop slices")
+def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference: reference, **options: Any):
+    """Run a parsed recipe and return its MergeResult: one ``nbmerge.merge``, or an ``nbmerge.stack`` for several
+    slices or one slice over part of the models' layers. ``resolve`` turns a model reference into a model (the
+    magics: a notebook variable or a path); ``options`` (out, device, progress, on_progress, ...) override the
+    recipe's own, None leaving them as they are."""
+    from nbmerge.api import merge
+    from nbmerge.layer_stack import LayerSlice, stack
+
+    options = {**call.options, **{key: value for key, value in options.items() if value is not None}}
+    source = options.get("tokenizer_source")
+    if source is not None and source != "union":
+        options["tokenizer_source"] = resolve(source)
+    slices = call.slices
+    if slices is None:
+        models = {label: resolve(reference) for label, reference in call.models.items()}
+        base = None if call.base is None else resolve(call.base)
+        if call.layer_range is None or _covers_every_layer(call.layer_range, models, base):
+            return merge(call.method, models, base=base, **options, **call.params)
+        slices = [SliceCall(call.method, call.models, {label: call.layer_range for label in call.models},
+                            call.params, call.base, call.layer_range if call.base is not None else None)]
+    return stack([LayerSlice({label: resolve(reference) for label, reference in piece.models.items()},
+                             piece.layers, piece.method, None if piece.base is None else resolve(piece.base),
+                             piece.base_layers, piece.params) for piece in slices], **options)
+
+
+def _covers_every_layer(layer_range: tuple[int, int], models: dict, base) -> bool:
+    """Whether [start, end) is every layer of every model (the one slice is then a plain merge)."""
+    from nbmerge.io.sources import open_model
+    from nbmerge.method.tensor_names import count_layers
+
+    for label, model in [*models.items(), *([("base", base)] if base is not None else [])]:
+        source = open_model(model, label)
+        try:
+            if tuple(layer_range) != (0, count_layers(source.infos)):
+                return False
+        finally:
+            source.close()
+    return True

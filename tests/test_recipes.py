@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbmerge.recipes import RecipeError, check_layer_range, parse_recipe
+from nbmerge.recipes import RecipeError, parse_recipe
 
 
 def mergekit(method: str, models: str, extra: str = "") -> str:
@@ -49,9 +49,39 @@ def test_slerp_takes_the_base_as_first_endpoint_and_a_slice_range():
                         "    - {model: a, layer_range: [0, 8]}\n    - {model: b, layer_range: [0, 8]}\n")
     assert (call.method, call.models, call.base, call.params, call.layer_range) == \
         ("slerp", {"b": "b"}, "a", {"t": [0, 1]}, (0, 8))
-    check_layer_range(call, lambda: {"b": 8})
-    with pytest.raises(RecipeError, match=r"layer_range \[0, 8\] covers only part of b's 16 layers"):
-        check_layer_range(call, lambda: {"b": 16})
+    assert call.slices is None  # run_recipe merges it plainly where [0, 8] is every layer, else stacks one slice
+
+
+def test_several_slices_are_a_layer_stack_of_per_slice_merges():
+    call = parse_recipe("merge_method: slerp\nbase_model: a\nparameters: {t: 0.3}\nslices:\n"
+                        "  - sources: [{model: a, layer_range: [0, 4]}, {model: b, layer_range: [0, 4]}]\n"
+                        "  - sources: [{model: a, layer_range: [2, 6]}, {model: b, layer_range: [4, 8]}]\n"
+                        "    parameters: {t: 0.9}\n")
+    assert call.method == "stack" and len(call.slices) == 2
+    first, second = call.slices
+    assert (first.method, first.models, first.layers, first.base, first.base_layers, first.params) == \
+        ("slerp", {"b": "b"}, {"b": (0, 4)}, "a", (0, 4), {"t": 0.3})
+    assert (second.layers, second.base_layers, second.params) == ({"b": (4, 8)}, (2, 6), {"t": 0.9})
+
+
+def test_a_self_merge_labels_two_ranges_of_one_model_apart():
+    call = parse_recipe("merge_method: passthrough\nslices:\n  - sources: [{model: m, layer_range: [0, 3]}]\n"
+                        "  - sources: [{model: m, layer_range: [1, 4]}]\n"
+                        "  - sources: [{model: n, layer_range: [2, 4], parameters: {scale: 0.5}}]\n")
+    assert [(piece.method, piece.models, piece.layers, piece.params) for piece in call.slices] == [
+        ("passthrough", {"m": "m"}, {"m": (0, 3)}, {"scale": 1.0}),
+        ("passthrough", {"m": "m"}, {"m": (1, 4)}, {"scale": 1.0}),
+        ("passthrough", {"n": "n"}, {"n": (2, 4)}, {"scale": 0.5})]
+
+
+def test_nbmerge_spelling_of_a_stack_is_what_stack_records():
+    call = parse_recipe("slices:\n  - {models: [m], layers: [0, 2]}\n"
+                        "  - {method: linear, models: {a: m, b: n}, layers: {a: [2, 4], b: [0, 2]}, params: {t: 0.2}}\n"
+                        "out_dtype: bfloat16\n")
+    assert call.method == "stack" and call.options == {"out_dtype": "bfloat16"}
+    assert [(p.method, p.models, p.layers, p.params) for p in call.slices] == [
+        ("passthrough", {"m": "m"}, {"m": (0, 2)}, {}),
+        ("linear", {"a": "m", "b": "n"}, {"a": (2, 4), "b": (0, 2)}, {"t": 0.2})]
 
 
 def test_nbmerge_spelling_is_the_api_keywords():
@@ -65,9 +95,12 @@ def test_nbmerge_spelling_is_the_api_keywords():
     ("merge_method: arcee_fusion\nmodels: [x]", "merge_method 'arcee_fusion' is not supported; nbmerge maps linear, "),
     ("merge_method: ties\nmodels: [x]\ntokenizer: {source: union}", "'tokenizer' is not supported"),
     ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer_source: y", "tokenizer_source 'y' names none"),
-    ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "2 slices stitch layers"),
-    ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [0, 2]}, {model: y, layer_range: [2, 4]}]}]",
-     "the same layer_range"),
+    ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "slices[0].sources[0] layer_range must be [start, end]"),
+    ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [2, 2]}]}]", "must be [start, end] with 0 <= start < end, got [2, 2]"),
+    ("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: x, layer_range: [0, 2]}]}, "
+     "{sources: [{model: y, layer_range: [2, 4]}]}]", "slices[0]: ties needs base_model 'b' among the slice's"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: x, layer_range: [0, 2]}], weight: 1}]",
+     "slices[0]: unknown key 'weight'"),
     (mergekit("dare_ties", "  - model: x\n    parameters: {density: high}\n"), "dare_ties: density must be a number"),
     (mergekit("ties", "  - model: x\n    parameters: {weight: [{filter: mlp, value: 1}]}\n"),
      "ties parameter 'weight' of model 'x': every entry has a filter"),

@@ -27,10 +27,10 @@ import torch
 from nbmerge.errors import OutputExistsError, OutputWriteError, ParameterError
 from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
 
-CONFIG_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 RECIPE_FILE = "nbmerge_recipe.json"
 PENDING_WRITES = 2
@@ -70,14 +70,19 @@ class MemorySink:
 
 class FolderSink:
     """Writes ``out`` (a folder, or a single file when it ends in .safetensors) atomically; ``layout`` lists every
-    output tensor as (name, dtype, shape) in the order ``put`` receives them."""
+    output tensor as (name, dtype, shape) in the order ``put`` receives them. A folder gets the config files of
+    ``config_folder`` (config.json with ``config_edits`` applied, and the output dtype) and the tokenizer files of
+    ``tokenizer_folder`` (default: the config folder)."""
 
     def __init__(self, out: Path, layout: list[tuple[str, torch.dtype, tuple]], recipe: dict, shard_size: int,
-                 overwrite: bool, config_folder: Path | None):
+                 overwrite: bool, config_folder: Path | None, tokenizer_folder: Path | None = None,
+                 config_edits: dict | None = None):
         self.out = out
         self.single_file = out.suffix == ".safetensors"
         check_output_free(out, overwrite)
         self.recipe, self.config_folder = recipe, config_folder
+        self.tokenizer_folder = tokenizer_folder or config_folder
+        self.config_edits = dict(config_edits or {})
         self.bytes_written = 0
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,20 +135,21 @@ class FolderSink:
         os.close(self._lock)
 
     def _copy_config_files(self) -> None:
-        if self.config_folder is None:
-            return
-        for name in CONFIG_FILES:
-            source = self.config_folder / name
-            if source.is_file():
-                shutil.copy2(source, self.partial / name)
+        for folder, names in ((self.config_folder, CONFIG_FILES), (self.tokenizer_folder, TOKENIZER_FILES)):
+            for name in names if folder is not None else ():
+                source = folder / name
+                if source.is_file():
+                    shutil.copy2(source, self.partial / name)
+        edits = dict(self.config_edits)
         out_dtype = self.recipe.get("out_dtype")
         config_path = self.partial / "config.json"
-        if out_dtype and config_path.exists():
-            config = json.loads(config_path.read_text())
-            for key in ("torch_dtype", "dtype"):
-                if key in config:
-                    config[key] = out_dtype
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
+        if not config_path.exists() or not (edits or out_dtype):
+            return
+        config = json.loads(config_path.read_text())
+        if out_dtype:
+            edits.update({key: out_dtype for key in ("torch_dtype", "dtype") if key in config})
+        config.update(edits)
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:

@@ -19,6 +19,12 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def with_layer(name: str, index: int) -> str:
+    """``name`` with its layer index replaced by ``index`` (a name outside the layer stack is returned as is)."""
+    found = _LAYER.search(name)
+    return name if found is None else f"{name[:found.start(1)]}{index}{name[found.end(1):]}"
+
+
 def count_layers(names) -> int:
     """L = 1 + the largest layer index among the names (0 when no name is in a layer)."""
     indices = [i for i in map(layer_index, names) if i is not None]

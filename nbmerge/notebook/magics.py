@@ -11,7 +11,7 @@ import argparse
 import shlex
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
@@ -216,11 +216,15 @@ class MergeMagics(Magics):
         if method.build_module is not None:  # test-time adaptation on a task pool's unlabeled inputs
             with usage_errors():
                 options.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
-        return self._run(method.name, models, base, options, params_from_args(method, args), args.var, args.quiet)
+        params = params_from_args(method, args)
+        from nbmerge.api import merge
+
+        return self._run(method.name, args.var, args.quiet,
+                         lambda **progress: merge(method.name, models, base=base, **options, **params, **progress))
 
     # -- %%merge -----------------------------------------------------------------------------------------------
     def _merge_recipe(self, line: str, cell: str):
-        from nbmerge.recipes import check_layer_range, parse_recipe
+        from nbmerge.recipes import parse_recipe, run_recipe
 
         parser = _MagicParser(prog="%%merge", description="merge with the YAML recipe in the cell body")
         parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
@@ -235,37 +239,39 @@ class MergeMagics(Magics):
             return None
         with usage_errors():
             call = parse_recipe(cell)
-        self._method(call.method)
-        models = {}
-        for label, reference in call.models.items():
-            _add_model(models, label, self._model(reference))
-        base = None if call.base is None else self._model(call.base)
-        with usage_errors():
-            check_layer_range(call, lambda: _layer_counts(models))
-        options = dict(call.options)
-        for key in ("out", "device"):
-            if getattr(args, key) is not None:
-                options[key] = getattr(args, key)
-        for flag in ("overwrite", "allow_nonfinite"):
-            if getattr(args, flag):
-                options[flag] = True
-        return self._run(call.method, models, base, options, call.params, args.var, args.quiet)
+        if call.slices is None:
+            self._method(call.method)
+        for piece in call.slices or ():
+            self._method(piece.method)
+        resolved: dict[str, Any] = {}
+
+        def resolve(reference: str) -> Any:
+            if reference not in resolved:
+                resolved[reference] = self._model(reference)
+            return resolved[reference]
+
+        for reference in [*call.models.values(), *([call.base] if call.base is not None else [])]:
+            resolve(reference)  # every reference checked before anything runs
+        options = {key: getattr(args, key) for key in ("out", "device")}
+        options.update({flag: True for flag in ("overwrite", "allow_nonfinite") if getattr(args, flag)})
+        title = "layer stack" if call.method == "stack" else call.method
+        return self._run(title, args.var, args.quiet,
+                         lambda **progress: run_recipe(call, resolve, **options, **progress))
 
     # -- shared ------------------------------------------------------------------------------------------------
-    def _run(self, method: str, models: dict, base: Any, options: dict, params: dict, var: str | None,
-             quiet: bool):
-        from nbmerge.api import merge
+    def _run(self, title: str, var: str | None, quiet: bool, execute: Callable[..., Any]):
+        """``execute(progress=..., on_progress=...)`` under a progress bar; the result goes to ``var`` (with a
+        summary printed) or is returned."""
         from nbmerge.notebook.progress_bar import CellProgress
 
         if var is not None and not var.isidentifier():
             raise UsageError(f"-o {var}: not a valid variable name")
         # in a kernel: a widget bar that the summary replaces; in a terminal: tqdm's text bar
-        bar = CellProgress(f"nbmerge {method}") if not quiet and _in_kernel(self.shell) else None
+        bar = CellProgress(f"nbmerge {title}") if not quiet and _in_kernel(self.shell) else None
         summary = ""
         try:
             with usage_errors():
-                result = merge(method, models, base=base, progress=not quiet and bar is None,
-                               on_progress=None if bar is None else bar.update, **options, **params)
+                result = execute(progress=not quiet and bar is None, on_progress=None if bar is None else bar.update)
             summary = merge_summary(result, var)
         except KeyboardInterrupt:
             summary = "nbmerge: interrupted; nothing was written"
@@ -383,20 +389,6 @@ def _add_model(models: dict, label: str, value: Any) -> None:
         count += 1
         unique = f"{label}#{count}"
     models[unique] = value
-
-
-def _layer_counts(models: dict) -> dict[str, int]:
-    from nbmerge.io.sources import open_model
-    from nbmerge.method.tensor_names import count_layers
-
-    counts = {}
-    for label, model in models.items():
-        source = open_model(model, label)
-        try:
-            counts[label] = count_layers(source.infos)
-        finally:
-            source.close()
-    return counts
 
 
 def _in_kernel(shell) -> bool:

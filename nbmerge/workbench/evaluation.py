@@ -132,5 +132,5 @@ def _model_name(model: Any) -> str:
         return Path(model).name or str(model)
     recipe = getattr(model, "recipe", None)
     if recipe:
-        return recipe["method"]
+        return recipe.get("method", "layer stack")
     return type(model).__name__

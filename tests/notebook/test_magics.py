@@ -231,11 +231,11 @@ def test_nbmerge_recipe_with_variables(shell, ns, llama_set):
 
 
 def test_recipe_mistakes_are_one_line_usage_errors(shell, ns, capsys):
-    partial = "slices:\n  - sources:\n    - {model: base, layer_range: [0, 2]}\n    - {model: ft1, layer_range: [0, 2]}\n"
+    beyond = "slices:\n  - sources:\n    - {model: base, layer_range: [0, 2]}\n    - {model: ft1, layer_range: [1, 5]}\n"
     cases = {
-        "merge_method: passthrough\nmodels: [ft0]": "merge_method 'passthrough' is not supported",
-        "merge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n" + partial:
-            "layer_range [0, 2] covers only part of ft1's 3 layers",
+        "merge_method: arcee_fusion\nmodels: [ft0]": "merge_method 'arcee_fusion' is not supported",
+        "merge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n" + beyond:
+            "ft1: layer_range [1, 5] is not within its 3 layers",
         "method: ties\nmodels: [ft0, ft1]\nbase: base\nparams: {densty: 0.3}": "unknown parameter 'densty'",
         "method: ties\nmodels: [ft0, nope]\nbase: base": "model 'nope' is neither a notebook variable",
         "method: ties\nmodels: [ft0\n": "not valid YAML",

@@ -397,3 +397,53 @@ def test_gradients_and_filters_of_per_model_parameters_are_mergekits(llama_set, 
     plain = dict(recipe, models=[{"model": m["model"], "parameters": {"weight": 0.4}} for m in recipe["models"]])
     assert not torch.allclose(merge_recipe(plain)["model.layers.0.mlp.up_proj.weight"],
                               ours["model.layers.0.mlp.up_proj.weight"])
+
+
+def frankenmerge(model_set) -> dict:
+    """Three passthrough slices of two models, one model's layers read twice, o_proj zeroed in the repeat."""
+    first, second = (str(path) for path in model_set.model_dirs[:2])
+    return {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": first, "layer_range": [0, 2]}]},
+        {"sources": [{"model": second, "layer_range": [1, 3],
+                      "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]}}]},
+        {"sources": [{"model": first, "layer_range": [1, 3]}]}]}
+
+
+def test_passthrough_slices_stack_layers_as_mergekit_through_the_cli(llama_set, tmp_path):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from nbmerge.cli import main
+
+    recipe = frankenmerge(llama_set)
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", "--recipe", str(tmp_path / "recipe.yml"), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
+    ours = load_folder(tmp_path / "ours")
+    assert_matches(ours, theirs, atol=0.0)
+    # an independent look: output layer 3 is the second model's layer 2, its o_proj scaled to zero
+    assert torch.equal(ours["model.layers.3.mlp.up_proj.weight"], llama_set.models[1]["model.layers.2.mlp.up_proj.weight"])
+    assert not ours["model.layers.3.self_attn.o_proj.weight"].any()
+    assert torch.equal(ours["model.layers.5.self_attn.o_proj.weight"], llama_set.models[0]["model.layers.2.self_attn.o_proj.weight"])
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 == json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")  # a loadable transformers model
+    assert len(model.model.layers) == 6
+    logits = model(torch.tensor([[1, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, config["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_slerp_per_slice_with_different_ranges_is_mergekits(llama_set, tmp_path):
+    """Each slice merges its own sources (the base among them, at its own range); gradients run over each slice's
+    layers; the embeddings come from the first slice's merge and the head from the last's."""
+    base, model = str(llama_set.base_dir), str(llama_set.model_dirs[2])
+    recipe = {"merge_method": "slerp", "base_model": base, "dtype": "float32", "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": model, "layer_range": [1, 3]}],
+         "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]}},
+        {"sources": [{"model": base, "layer_range": [2, 3]}, {"model": model, "layer_range": [0, 1]}],
+         "parameters": {"t": 0.7}}]}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    ours = run_recipe(parse_recipe(json.dumps(recipe)), progress=False).state_dict
+    assert_matches(ours, theirs, atol=1e-5)

@@ -1,0 +1,173 @@
+"""Layer stacking: a model built from slices of layers of several models (mergekit's ``slices``, "frankenmerges").
+
+Slice i takes layers [start, end) of each of its models and merges them with its method (``passthrough``, the
+default, passes one model's layers through); its layers become output layers o_i .. o_i + (end − start) − 1,
+o_i = the layers of the slices before it. The embeddings come from the first slice and the tensors after the
+layer stack (final norm, head) from the last, merged there over that slice's models as mergekit does. Gradients
+over depth run over each slice's own layers. Every slice is checked and planned before any tensor is read; the
+slices then stream one after another into one output, written atomically with config.json's layer count set.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from nbmerge.api import MergePart, Output, _check_output_apart, _device, _dtype, run_parts, tokenizer_folder
+from nbmerge.engine.plan import make_plan
+from nbmerge.engine.progress import ProgressEvent
+from nbmerge.engine.sinks import parse_size
+from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.io.layer_window import LayerWindow
+from nbmerge.io.sources import ModelSource, open_model
+from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
+from nbmerge.plugins import get_method
+from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
+from nbmerge.version import __version__
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass
+class LayerSlice:
+    """Layers [start, end) of each model merged with ``method``: ``layers`` is one (start, end) for every model or
+    {label: (start, end)}; a base (for methods that use one) takes ``base_layers`` (default: the one range)."""
+
+    models: Sequence[Any] | Mapping[str, Any]
+    layers: tuple[int, int] | Mapping[str, tuple[int, int]]
+    method: str = "passthrough"
+    base: Any = None
+    base_layers: tuple[int, int] | None = None
+    params: dict = field(default_factory=dict)
+
+
+def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device: str = "auto",
+          out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
+          allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
+          cancel: threading.Event | None = None, tokenizer_source: Any = None) -> MergeResult:
+    """Stack the slices' layers into one model; ``out`` as in ``nbmerge.merge`` (None: in memory)."""
+    if not slices or not all(isinstance(s, LayerSlice) for s in slices):
+        raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
+    target_device, dtype = _device(device), _dtype(out_dtype)
+    out_path = None if out is None else Path(out).expanduser()
+    opened: dict[Any, ModelSource] = {}
+    try:
+        parts, recorded, offset = [], [], 0
+        for i, layer_slice in enumerate(slices):
+            part, record, length = _plan_slice(layer_slice, i, len(slices), offset, opened, dtype)
+            parts.append(part)
+            recorded.append(record)
+            offset += length
+        sources = list(opened.values())
+        if out_path is not None:
+            _check_output_apart(out_path, sources)
+        first = parts[0]
+        config_folder = (first.base or first.models[0]).folder
+        recipe = {"nbmerge_version": __version__, "slices": recorded,
+                  **({"out_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
+        labelled = [(source.label, source) for source in sources]
+        output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
+                        tokenizer_folder(tokenizer_source, sources, labelled, None),
+                        _config_edits(config_folder, parts, offset))
+        return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
+    finally:
+        for source in opened.values():
+            source.close()
+
+
+def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, opened: dict,
+                dtype) -> tuple[MergePart, dict, int]:
+    where = f"stack: slice {index}"
+    method = get_method(layer_slice.method)
+    if method.build_module is not None:
+        raise ParameterError(f"{where}: {method.name} builds a module from whole models; a slice needs a method "
+                             f"that merges tensor by tensor")
+    labelled = labelled_models(layer_slice.models)
+    ranges = _ranges(layer_slice, [label for label, _ in labelled], where)
+    checked = method.validate(layer_slice.params, len(labelled), layer_slice.base is not None)
+
+    def keeps_outside(name: str) -> bool:  # embeddings from the first slice, final norm and head from the last
+        return (index == 0 and is_embedding(name)) or (index == count - 1 and not is_embedding(name))
+
+    windows = [LayerWindow(_open(model, label, opened), *ranges[label], keeps_outside) for label, model in labelled]
+    base_window, base_range = None, None
+    if layer_slice.base is not None:
+        base_range = layer_slice.base_layers or (next(iter(set(ranges.values()))) if len(set(ranges.values())) == 1
+                                                 else None)
+        if base_range is None:
+            raise ParameterError(f"{where}: give base_layers (the models' layer ranges differ)")
+        base_window = LayerWindow(_open(layer_slice.base, model_label(layer_slice.base, "base"), opened),
+                                  *base_range, keeps_outside)
+    lengths = {end - start for start, end in [*ranges.values(), *([base_range] if base_range else [])]}
+    if len(lengths) != 1:
+        raise ModelInputError(f"{where}: its layer ranges span different numbers of layers "
+                              f"({', '.join(f'{label} {list(r)}' for label, r in ranges.items())})")
+    plan = make_plan(method, checked, windows, base_window, dtype)
+
+    def renumbered(name: str) -> str:
+        layer = layer_index(name)
+        return name if layer is None else with_layer(name, layer + offset)
+
+    record = recipe_header(method, checked, [label for label, _ in labelled],
+                           None if base_window is None else base_window.label,
+                           layers={label: list(r) for label, r in ranges.items()},
+                           **({"base_layers": list(base_range)} if base_range else {}))
+    return MergePart(method, checked, plan, windows, base_window, renumbered), record, lengths.pop()
+
+
+def _ranges(layer_slice: LayerSlice, labels: list[str], where: str) -> dict[str, tuple[int, int]]:
+    layers = layer_slice.layers
+    if isinstance(layers, Mapping):
+        missing = [label for label in labels if label not in layers]
+        if missing:
+            raise ParameterError(f"{where}: no layer range for {', '.join(missing)}")
+        given = {label: layers[label] for label in labels}
+    else:
+        given = {label: layers for label in labels}
+    checked = {}
+    for label, pair in given.items():
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            raise ParameterError(f"{where}: the layer range of {label} must be [start, end], got {pair!r}")
+        checked[label] = (int(pair[0]), int(pair[1]))
+    return checked
+
+
+def _open(model: Any, label: str, opened: dict) -> ModelSource:
+    """Each model is opened once, however many slices read it (a path by its resolved location)."""
+    key = ("path", str(Path(model).expanduser().resolve())) if isinstance(model, (str, Path)) else ("id", id(model))
+    if key not in opened:
+        opened[key] = open_model(model, label)
+    return opened[key]
+
+
+def _config_edits(config_folder: Path | None, parts: list[MergePart], total_layers: int) -> dict:
+    """config.json's layer count (whichever key it uses) set to the stack's; a per-layer list (``layer_types``)
+    rebuilt from the layers each slice took, where every source's config has one."""
+    config = _read_config(config_folder)
+    if config is None:
+        return {}
+    edits = {key: total_layers for key in LAYER_COUNT_KEYS if key in config}
+    if isinstance(config.get("layer_types"), list):
+        stacked = []
+        for part in parts:
+            window = part.models[0]
+            source_types = (_read_config(window.folder) or {}).get("layer_types")
+            if not isinstance(source_types, list) or len(source_types) < window.end:
+                return edits  # unknown for some slice: leave the list to the user
+            stacked += source_types[window.start:window.end]
+        edits["layer_types"] = stacked
+    return edits
+
+
+def _read_config(folder: Path | None) -> dict | None:
+    path = None if folder is None else folder / "config.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelInputError(f"{path}: cannot read it as JSON ({exc})") from None
