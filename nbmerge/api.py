@@ -172,47 +172,47 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
 
 
 def tokenizer_folder(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> Path | None:
-    """The folder of the model named by ``tokenizer_source`` (a label, or the model object or path given), whose
-    vocabulary every other model must share: nbmerge copies one tokenizer and does not permute embeddings."""
+    """The folder whose tokenizer files the output gets: that of the model ``tokenizer_source`` names (a label,
+    the model object or path given, or another model's folder), or "union" (the base's, else the first model's).
+    Every merged model's vocabulary must equal it: nbmerge copies one tokenizer and does not permute embeddings."""
     if tokenizer_source is None:
         return None
     candidates = list(zip([label for label, _ in labelled], sources[:len(labelled)], [m for _, m in labelled]))
     if base is not None:
         candidates.append((sources[-1].label, sources[-1], base))
-    chosen = next((source for label, source, model in candidates
-                   if tokenizer_source is model or tokenizer_source == label
-                   or (isinstance(tokenizer_source, (str, Path)) and isinstance(model, (str, Path))
-                       and Path(tokenizer_source).expanduser() == Path(model).expanduser())), None)
     if tokenizer_source == "union":
         chosen = sources[-1] if base is not None else sources[0]
-    if chosen is None:
-        raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is none of the merged models")
-    check_same_vocabulary(chosen, [source for _, source, _ in candidates], tokenizer_source == "union")
-    return chosen.folder
-
-
-def check_same_vocabulary(chosen: ModelSource, sources: list[ModelSource], union: bool) -> None:
-    """Every model's tokenizer vocabulary equals ``chosen``'s (read from tokenizer.json or vocab.json), else a
-    ParameterError naming the first model and token that differ."""
-    wanted = read_vocabulary(chosen)
-    for source in sources:
-        if source is chosen:
-            continue
-        have = read_vocabulary(source)
+        folder, label = chosen.folder, chosen.label
+    else:
+        chosen = next((source for label, source, model in candidates
+                       if tokenizer_source is model or tokenizer_source == label
+                       or (isinstance(tokenizer_source, (str, Path)) and isinstance(model, (str, Path))
+                           and Path(tokenizer_source).expanduser() == Path(model).expanduser())), None)
+        if chosen is not None:
+            folder, label = chosen.folder, chosen.label
+        elif isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).expanduser().is_dir():
+            folder, label = Path(tokenizer_source).expanduser(), str(tokenizer_source)
+        else:
+            raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor "
+                                 f"a model folder")
+    wanted = read_vocabulary(folder, label)
+    for _, source, _ in candidates:
+        have = read_vocabulary(source.folder, source.label)
         if have is None or wanted is None or have == wanted:
             continue
         token = min(t for t in set(have) | set(wanted) if have.get(t) != wanted.get(t))
-        what = "a union of the vocabularies" if union else f"the tokenizer of {chosen.label}"
-        raise ParameterError(f"tokenizer_source: {source.label}'s vocabulary differs from {chosen.label}'s (token "
-                             f"{token!r}); {what} would need its embedding rows permuted, which nbmerge does not "
-                             f"do: merge models that share one tokenizer")
+        what = "a union of the vocabularies" if tokenizer_source == "union" else f"the tokenizer of {label}"
+        raise ParameterError(f"tokenizer_source: {source.label}'s vocabulary differs from {label}'s (token "
+                             f"{token!r}); {what} would need embedding rows permuted, which nbmerge does not do: "
+                             f"merge models that share one tokenizer")
+    return folder
 
 
-def read_vocabulary(source: ModelSource) -> dict | None:
-    """token -> id of a model's tokenizer (tokenizer.json's model.vocab and added tokens, or vocab.json)."""
+def read_vocabulary(folder: Path | None, label: str) -> dict | None:
+    """token -> id of a model's tokenizer (tokenizer.json's model.vocab and added tokens, or vocab.json); None
+    where the folder has neither."""
     import json
 
-    folder = source.folder
     if folder is None:
         return None
     tokenizer, vocab = folder / "tokenizer.json", folder / "vocab.json"
@@ -228,7 +228,7 @@ def read_vocabulary(source: ModelSource) -> dict | None:
         if vocab.is_file():
             return dict(json.loads(vocab.read_text()))
     except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise ParameterError(f"tokenizer_source: cannot read the vocabulary of {source.label} ({exc})") from None
+        raise ParameterError(f"tokenizer_source: cannot read the vocabulary of {label} ({exc})") from None
     return None
 
 

@@ -21,8 +21,8 @@ task_arithmetic  task_arithmetic: weights = weight (÷ Σ weight when normalize)
 ties             ties with trim_scope=tensor, sign=sum: density (per model, default 1), weights,
                  merge_func = mean when normalize (default true) else sum, scaling = lambda
 dare_linear      dare with combine=linear: drop_rate = 1 − density (per model), rescale true → "l1"
-                 (mergekit's ‖τ‖₁ rescaling), weights (÷ Σ weight when normalize), scaling = lambda
-dare_ties        dare with combine=ties (normalize must stay false, mergekit's default)
+                 (mergekit's ‖τ‖₁ rescaling), weights, normalize (÷ Σ weight), scaling = lambda
+dare_ties        dare with combine=ties (normalize default false, divides by the agreeing weights)
 breadcrumbs      breadcrumbs (combine=linear; breadcrumbs_ties: combine=ties): density (default 1),
                  gamma (default 0.01) per model, normalize and rescale (default false), lambda
 della            della (combine=ties, normalize and rescale default true; della_linear: combine=linear,
@@ -55,10 +55,9 @@ RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_n
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source")
+                 "tokenizer_source", "tokenizer", "name")  # name: mergekit-multi's label for this merge's output
 # mergekit options that change what a merge produces and that nbmerge does not do
 MERGEKIT_UNSUPPORTED = {
-    "tokenizer": "nbmerge copies the tokenizer files of one model; give tokenizer_source: base or a model",
     "chat_template": "nbmerge copies the tokenizer files of one model, chat template included",
     "modules": "per-module recipes",
 }
@@ -117,7 +116,11 @@ def parse_recipe(text: str) -> MergeCall:
     import yaml
 
     try:
-        config = yaml.safe_load(text)
+        documents = list(yaml.load_all(text, Loader=_recipe_loader()))
+        if len(documents) > 1:
+            raise RecipeError(f"recipe: {len(documents)} YAML documents (mergekit-multi's chain of merges); nbmerge "
+                              f"runs one merge per recipe: give each document on its own")
+        config = documents[0] if documents else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -131,6 +134,26 @@ def parse_recipe(text: str) -> MergeCall:
     if "slices" in config:
         return stack_from_nbmerge(config)
     raise RecipeError("recipe: say which method to use: 'merge_method: ties' (mergekit format) or 'method: ties'")
+
+
+def _recipe_loader():
+    """PyYAML's safe loader (no Python tags; aliases shared, never expanded) that refuses a key given twice in one
+    mapping: PyYAML would keep the last silently, and the recipe would not merge what it says."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    mark = key_node.start_mark
+                    raise RecipeError(f"recipe: key {key!r} appears twice in one mapping (line {mark.line + 1}); "
+                                      f"keep one")
+                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            return super().construct_mapping(node, deep)
+
+    return RecipeLoader
 
 
 def from_nbmerge(config: Mapping) -> MergeCall:
@@ -193,24 +216,31 @@ def from_mergekit(config: Mapping) -> MergeCall:
             raise RecipeError(f"recipe: mergekit's {key!r} is not supported ({reason}); remove it")
     _reject_unknown_keys(config, MERGEKIT_KEYS, "recipe (mergekit format)")
     name = config["merge_method"]
-    if name not in MERGEKIT:
+    if not isinstance(name, str) or name not in MERGEKIT:
         raise RecipeError(f"recipe: mergekit merge_method {name!r} is not supported; nbmerge maps "
                           f"{', '.join(MERGEKIT)} (or write 'method:' with any nbmerge method)")
     spec = MERGEKIT[name]
     base = config.get("base_model")
+    if base is not None:
+        _no_lora(_reference(base, "base_model"))
     top = dict(config.get("parameters") or {})
     if "slices" in config and "models" in config:
         raise RecipeError("recipe: give either 'models' or 'slices', not both")
     if "slices" not in config:
         entries = [_model_entry(entry) for entry in _as_list(config.get("models"), "models")]
-        return _mergekit_merge(name, spec, entries, base, top, config)[0]
-    slices = [_slice_entries(item, f"slices[{i}]") for i, item in enumerate(_as_list(config["slices"], "slices"))]
-    if len(slices) == 1 and len({tuple(entry["layer_range"]) for entry in slices[0][0]}) == 1:
-        entries, own = slices[0]
-        call = _mergekit_merge(name, spec, entries, base, {**top, **own}, config)[0]
-        call.layer_range = tuple(entries[0]["layer_range"])
-        return call
-    return _mergekit_stack(name, spec, slices, base, top, config)
+        call = _mergekit_merge(name, spec, entries, base, top, config)[0]
+        slices = [(entries, {})]
+    else:
+        slices = [_slice_entries(item, f"slices[{i}]") for i, item in enumerate(_as_list(config["slices"], "slices"))]
+        if len(slices) == 1 and len({tuple(entry["layer_range"]) for entry in slices[0][0]}) == 1:
+            entries, own = slices[0]
+            call = _mergekit_merge(name, spec, entries, base, {**top, **own}, config)[0]
+            call.layer_range = tuple(entries[0]["layer_range"])
+        else:
+            call = _mergekit_stack(name, spec, slices, base, top, config)
+    references = {entry["model"] for entries, _ in slices for entry in entries} | ({base} if base else set())
+    call.options = _mergekit_options(config, base, references)
+    return call
 
 
 def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, given: dict,
@@ -259,7 +289,7 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
         params = spec.params(settings, per_model, len(models))
         if spec.base in ("input", "ignored"):
             base = None  # linear: now one of the averaged models; passthrough: one model as it is
-        call = MergeCall(spec.method, models, base, params, _mergekit_options(config, base, models), None, "mergekit")
+        call = MergeCall(spec.method, models, base, params, {}, None, "mergekit")
     return call, layers
 
 
@@ -281,7 +311,7 @@ def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dic
     models = {label: ref for piece in calls for label, ref in piece.models.items()}
     if base is not None:
         models.setdefault(base, base)
-    return MergeCall("stack", models, None, {}, _mergekit_options(config, base, models), None, "mergekit", calls)
+    return MergeCall("stack", models, None, {}, {}, None, "mergekit", calls)
 
 
 def _slice_entries(item: Any, where: str) -> tuple[list[dict], dict]:
@@ -370,6 +400,9 @@ def _task_arithmetic(settings: dict, per_model: dict, n: int) -> dict:
 
 def _ties(settings: dict, per_model: dict, n: int) -> dict:
     normalize = _flag(settings["normalize"], "ties normalize")
+    if _flag(settings["rescale"], "ties rescale"):
+        raise RecipeError("recipe: ties with rescale: true (the trimmed task vectors scaled back to their L1 norm) "
+                          "is not supported; remove rescale")
     return {"scaling": settings["lambda"], "weights": _weights(per_model, "ties"),
             "density": _one_per_model_value(per_model["density"]), "trim_scope": "tensor", "sign": "sum",
             "merge_func": "mean" if normalize else "sum"}
@@ -379,13 +412,9 @@ def _dare(combine: str) -> Callable[[dict, dict, int], dict]:
     method = f"dare_{combine}"
 
     def params(settings: dict, per_model: dict, n: int) -> dict:
-        if combine == "ties" and _flag(settings["normalize"], "dare_ties normalize"):
-            raise RecipeError("recipe: dare_ties with normalize: true is not supported (nbmerge's DARE-TIES sums the "
-                              "agreeing task vectors, as mergekit's default does); remove normalize")
         drop_rate = _one_per_model_value([_complement(d, method) for d in per_model["density"]])
-        linear_normalize = combine == "linear" and settings["normalize"]
-        return {**_task_vector_sum(method, {**settings, "normalize": linear_normalize}, per_model, n),
-                "drop_rate": drop_rate, "combine": combine,
+        return {"scaling": settings["lambda"], "weights": _weights(per_model, method), "drop_rate": drop_rate,
+                "combine": combine, "normalize": _flag(settings["normalize"], f"{method} normalize"),
                 "rescale": "l1" if _flag(settings["rescale"], f"{method} rescale") else False}
 
     return params
@@ -429,7 +458,7 @@ MERGEKIT = {
                              skips_listed_base=False),
     "task_arithmetic": MergekitMethod("task_arithmetic", {"normalize": False, "lambda": 1.0}, {"weight": None},
                                       _task_arithmetic, base="required"),
-    "ties": MergekitMethod("ties", {"normalize": True, "lambda": 1.0}, {"weight": None, "density": 1.0}, _ties,
+    "ties": MergekitMethod("ties", {"normalize": True, "lambda": 1.0, "rescale": False}, {"weight": None, "density": 1.0}, _ties,
                            base="required"),
     "dare_linear": MergekitMethod("dare", {"normalize": False, "rescale": True, "lambda": 1.0},
                                   {"weight": None, "density": 1.0}, _dare("linear"), base="required"),
@@ -481,8 +510,7 @@ def _mergekit_slerp(models: dict, base, settings: dict, config: Mapping, layer_r
                           f"(got {', '.join(map(str, models)) or 'none'})")
     if settings["t"] is None:
         raise RecipeError("recipe: slerp needs parameters: {t: ...}")
-    return MergeCall("slerp", others, base, {"t": settings["t"]}, _mergekit_options(config, base, others),
-                     layer_range, "mergekit")
+    return MergeCall("slerp", others, base, {"t": settings["t"]}, {}, layer_range, "mergekit")
 
 
 def _model_entry(entry) -> dict:
@@ -493,21 +521,39 @@ def _model_entry(entry) -> dict:
     _reject_unknown_keys(entry, ("model", "parameters", "layer_range"), "recipe: model entry")
     if not isinstance(entry["model"], str):
         raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {entry['model']!r}")
+    _no_lora(entry["model"])
     return dict(entry)
 
 
-def _mergekit_options(config: Mapping, base, models: dict) -> dict:
+def _no_lora(reference: str) -> None:
+    if "+" in reference:
+        raise RecipeError(f"recipe: model {reference!r} applies a LoRA adapter (mergekit's model+adapter), which "
+                          f"nbmerge does not do; merge the adapter into the model first")
+
+
+def _mergekit_options(config: Mapping, base, references: set) -> dict:
     options = {}
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype:
         options["out_dtype"] = dtype
     source = config.get("tokenizer_source")
+    tokenizer = config.get("tokenizer")
+    if tokenizer is not None:  # mergekit's newer spelling: tokenizer: {source: ...}
+        if source is not None:
+            raise RecipeError("recipe: give tokenizer_source or tokenizer: {source: ...}, not both")
+        if not isinstance(tokenizer, Mapping):
+            raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {tokenizer!r}")
+        for key in tokenizer:
+            if key != "source":
+                raise RecipeError(f"recipe: tokenizer.{key} is not supported (nbmerge copies one model's tokenizer "
+                                  f"files and does not add tokens or pad the vocabulary); remove it")
+        source = tokenizer.get("source")
     if source is not None:
-        options["tokenizer_source"] = _tokenizer_source(source, base, models)
+        options["tokenizer_source"] = _tokenizer_source(source, base, references)
     return options
 
 
-def _tokenizer_source(source, base, models: dict):
+def _tokenizer_source(source, base, references: set):
     """mergekit's tokenizer_source: "base", "union", or a model (also spelt "model:<ref>")."""
     if not isinstance(source, str):
         raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {source!r}")
@@ -518,8 +564,7 @@ def _tokenizer_source(source, base, models: dict):
     if source == "union":
         return "union"
     reference = source.removeprefix("model:")
-    if reference != base and reference not in models.values():
-        raise RecipeError(f"recipe: tokenizer_source {source!r} names none of the recipe's models")
+    _no_lora(reference)
     return reference
 
 
@@ -540,7 +585,8 @@ def _reject_unknown_keys(config: Mapping, valid: tuple, where: str) -> None:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(valid)})")
+            listing = f"valid: {', '.join(valid)}" if valid else "it takes none"
+            raise RecipeError(f"{where}: unknown key {key!r}{hint} ({listing})")
 
 
 def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference: reference, **options: Any):

@@ -3,7 +3,8 @@
 τ̃_i = m_i ⊙ τ_i with m_i ~ Bernoulli(1 − p) elementwise, p = ``drop_rate`` in [0, 1). ``rescale``: true divides
 the survivors by (1 − p) (the paper); "l1" multiplies by ‖τ_i‖₁ / ‖τ̃_i‖₁ (mergekit); false leaves them.
 ``combine="linear"``: θ = θ_0 + λ Σ_i w_i τ̃_i (dare_linear). ``combine="ties"``: θ = θ_0 + λ Σ_i w_i τ̃_i [sign
-agrees with γ], γ = sign(Σ_i w_i τ̃_i), exact ties electing + (dare_ties, not normalised, as in mergekit).
+agrees with γ], γ = sign(Σ_i w_i τ̃_i), exact ties electing + (dare_ties). ``normalize`` divides the combination
+by Σ_i w_i (linear; 1 when |Σ w| < 10⁻⁸) or by the agreeing entries' Σ_i w_i (ties), as mergekit's normalize.
 The mask of tensor ``name`` for model i comes from counter-based draws keyed by (``seed``, name, i): the draw at
 flat position j is u = SplitMix64(key + (j + 1) · φ) >> 40, · 2⁻²⁴, and the entry is kept when u >= p, so a merge
 is reproducible from its seed whatever the order, device or split of positions tensors are processed in.
@@ -18,9 +19,8 @@ from nbmerge_plugins._selection import per_model
 from nbmerge_plugins._task_vectors import (
     RESCALE,
     SEED,
-    disjoint_merge,
+    combine_sparse,
     drop_and_rescale,
-    elect_sign,
     keep_from,
     keep_mask,
 )
@@ -36,12 +36,15 @@ SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the combined
 
 WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
+NORMALIZE = Param("normalize", "bool", False, "divide by the summed weights (of the agreeing entries for ties)")
+
 BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, reused temporaries)
 
 
 def _dare(job: TensorJob) -> torch.Tensor:
     drop_rates = per_model(job.params["drop_rate"], len(job.models))
-    if native.accepts(job) and len(set(drop_rates)) == 1:  # the fused kernel takes one drop rate for all models
+    # the fused kernel takes one drop rate for all models and does not normalise
+    if native.accepts(job) and len(set(drop_rates)) == 1 and not job.params["normalize"]:
         return native.dare_merge(job, [job.random_key(job.params["seed"], i) for i in range(len(job.models))],
                                  keep_from(drop_rates[0]))
     job = job.upcast()
@@ -56,10 +59,7 @@ def _dare(job: TensorJob) -> torch.Tensor:
     sparse_flat, merged_flat, base_flat = sparse.view(len(job.models), -1), merged.view(-1), job.base.reshape(-1)
     for start in range(0, base_flat.numel(), BLOCK):
         block = sparse_flat[:, start:start + BLOCK]
-        if params["combine"] == "ties":
-            combined = disjoint_merge(block, elect_sign(block, "sum", 1.0), "sum", weights)
-        else:
-            combined = block.sum(0)
+        combined = combine_sparse(block, weights, params["combine"], params["normalize"])
         torch.add(base_flat[start:start + BLOCK], combined.mul_(params["scaling"]),
                   out=merged_flat[start:start + BLOCK])
     return merged
@@ -69,7 +69,7 @@ DARE = MergeMethod(
     name="dare",
     summary="DARE: randomly drop task-vector entries, rescale the rest, combine linearly or by TIES",
     formula="θ = θ_0 + λ · combine_i(w_i · m_i ⊙ τ_i / (1 − p)), m_i ~ Bernoulli(1 − p)",
-    params=(DROP_RATE, RESCALE, SEED, COMBINE, SCALING, WEIGHTS),
+    params=(DROP_RATE, RESCALE, SEED, COMBINE, SCALING, WEIGHTS, NORMALIZE),
     merge_tensor=_dare,
     stored_inputs=True,
     min_models=1,

@@ -26,9 +26,10 @@ TWO = "  - model: x\n    parameters: {weight: 1}\n  - model: y\n    parameters: 
     ("ties", "parameters: {normalize: false, density: 0.5}", "ties", {"weights": [1.0, 3.0], "scaling": 1.0, "density": 0.5,
                                                         "trim_scope": "tensor", "sign": "sum", "merge_func": "sum"}),
     ("dare_linear", "parameters: {density: 0.5}", "dare", {"weights": [1.0, 3.0], "scaling": 1.0, "drop_rate": 0.5, "rescale": "l1",
-                                 "combine": "linear"}),
+                                 "combine": "linear", "normalize": False}),
     ("dare_ties", "parameters: {rescale: false, density: 0.5}", "dare", {"weights": [1.0, 3.0], "scaling": 1.0, "drop_rate": 0.5,
-                                                           "rescale": False, "combine": "ties"}),
+                                                           "rescale": False, "combine": "ties",
+                                                           "normalize": False}),
 ])
 def test_mergekit_methods_map_with_mergekits_defaults(method, extra, expected_method, expected):
     call = parse_recipe(mergekit(method, TWO, extra))
@@ -93,8 +94,10 @@ def test_nbmerge_spelling_is_the_api_keywords():
 
 @pytest.mark.parametrize("text, message", [
     ("merge_method: arcee_fusion\nmodels: [x]", "merge_method 'arcee_fusion' is not supported; nbmerge maps linear, "),
-    ("merge_method: ties\nmodels: [x]\ntokenizer: {source: union}", "'tokenizer' is not supported"),
-    ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer_source: y", "tokenizer_source 'y' names none"),
+    ("merge_method: ties\nmodels: [x]\nchat_template: chatml", "'chat_template' is not supported"),
+    ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: union, tokens: {}}",
+     "tokenizer.tokens is not supported"),
+    ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: b}\ntokenizer_source: b", "not both"),
     ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "slices[0].sources[0] layer_range must be [start, end]"),
     ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [2, 2]}]}]", "must be [start, end] with 0 <= start < end, got [2, 2]"),
     ("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: x, layer_range: [0, 2]}]}, "
@@ -108,7 +111,9 @@ def test_nbmerge_spelling_is_the_api_keywords():
      "each entry must be {filter: ..., value: ...}"),
     (mergekit("ties", "  - model: x\n    parameters: {epsilon: 0.1}\n"), "unknown key 'epsilon'"),
     (mergekit("ties", TWO, "parameters: {lamda: 2}"), "unknown key 'lamda'; did you mean 'lambda'?"),
-    (mergekit("dare_ties", TWO, "parameters: {normalize: true}"), "dare_ties with normalize: true"),
+    (mergekit("ties", TWO, "parameters: {rescale: true}"), "ties with rescale: true"),
+    (mergekit("model_stock", "  - model: x\n    parameters: {weight: 1}\n"),
+     "model_stock parameters of model 'x': unknown key 'weight' (it takes none)"),
     (mergekit("ties", "  - model: x\n  - model: y\n    parameters: {weight: 2}\n"), "every model a weight or none"),
     (mergekit("linear", TWO), "every model a weight or none (mergekit linear"),
     ("merge_method: slerp\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}", "needs base_model"),
