@@ -1,13 +1,15 @@
 """nbmerge: model merging in the notebook.
 
 The public surface, for users: ``nbmerge.merge(method, models, base=None, out=None, device="auto", **params)``
-merges; ``nbmerge.methods()`` lists the registered methods; ``nbmerge.evaluate``, ``nbmerge.sweep`` and
-``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``); ``MergePanel`` and ``SweepPanel`` are the
-widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method`` (``MergeMethod``, ``TensorJob``,
+merges; ``nbmerge.stack(slices)`` stacks layers of several models (``LayerSlice``); ``nbmerge.methods()`` lists
+the registered methods; ``nbmerge.evaluate``, ``nbmerge.sweep``, ``nbmerge.search`` (CMA-ES over a method's
+parameters), ``nbmerge.greedy_soup`` and ``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``);
+``MergePanel``, ``SweepPanel`` and ``SearchPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method`` (``MergeMethod``, ``TensorJob``,
 ``Param``, ...). Every other module path is internal.
 
 Everything loads on first use, so ``import nbmerge`` stays cheap (no torch). In IPython/Jupyter, ``%load_ext
-nbmerge`` registers the magics (``%merge``, ``%%merge``, ``%merge_eval``, ``%merge_sweep``, ``%merge_methods``);
+nbmerge`` registers the magics (``%merge``, ``%%merge``, ``%merge_eval``, ``%merge_sweep``, ``%merge_search``,
+``%merge_methods``);
 ``import nbmerge`` inside a running shell registers them lazily (loaded on first use), as does the IPython config
 ``c.MagicsManager.lazy_magics = {"merge": "nbmerge", ...}``.
 """
@@ -28,6 +30,8 @@ from nbmerge.version import __version__
 _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "results", "MergeReport": "results",
     "stack": "layer_stack", "LayerSlice": "layer_stack",
+    "search": "merge_search.runner", "greedy_soup": "merge_search.runner",
+    "SearchResult": "merge_search.runner",
     "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
     "BuiltModule": "method", "UnlabeledTask": "method", "Param": "method",
     "save_trained": "module_merge", "load_trained": "module_merge", "export_module": "module_merge",
@@ -41,7 +45,7 @@ _LAZY = {
     "NBMergeError": "errors", "ParameterError": "errors", "ModelInputError": "errors", "PluginError": "errors",
     "OutputExistsError": "errors", "OutputWriteError": "errors", "MergeCancelled": "errors",
     "RecipeError": "errors",
-    "MergePanel": "notebook.panels", "SweepPanel": "notebook.panels",
+    "MergePanel": "notebook.panels", "SweepPanel": "notebook.panels", "SearchPanel": "notebook.panels",
 }
 
 # module paths of nbmerge 0.1's flat layout that notebooks and plugins import, kept for one release

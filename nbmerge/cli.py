@@ -1,4 +1,5 @@
-"""The command line: ``nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--<param> V]...`` and
+"""The command line: ``nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--<param> V]...``, ``nbmerge merge
+--recipe FILE``, ``nbmerge search`` and
 ``nbmerge methods [--json]``. Each method's flags are generated from its parameter declaration."""
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ def _merge_recipe(argv: list[str]) -> int:
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")
+    return 0
+
+
+def _search(argv: list[str]) -> int:
+    """``nbmerge search POOL METHOD --range NAME=LOW:HIGH ...`` (CMA-ES) or ``nbmerge search POOL --soup``."""
+    from nbmerge.merge_search.arguments import generation_line, run_from_args, search_parser
+
+    parser = search_parser("nbmerge search")
+    parser.add_argument("--recipe-out", help="write the best candidate's recipe (YAML) here")
+    args = parser.parse_args(argv)
+    result = run_from_args(args, lambda so_far: print(generation_line(so_far), flush=True), parser.error)
+    print(result)
+    if not args.soup:
+        print(result.recipe(), end="")
+        if args.recipe_out:
+            from pathlib import Path
+
+            Path(args.recipe_out).write_text(result.recipe())
+            print(f"wrote {args.recipe_out}")
     return 0
 
 
@@ -191,12 +211,14 @@ def _overrides(settings: list[str]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"merge": _merge, "methods": _methods, "demo": _demo, "bench": _bench}
+    commands = {"merge": _merge, "methods": _methods, "demo": _demo, "bench": _bench, "search": _search}
     if not argv or argv[0] not in commands:
-        print("usage: nbmerge {merge,methods,demo,bench} ...\n  nbmerge methods [--json]\n"
+        print("usage: nbmerge {merge,methods,demo,bench,search} ...\n  nbmerge methods [--json]\n"
               "  nbmerge demo [--workdir DIR]\n  nbmerge bench [--profile tiny|full] [--methods M...] [--json PATH]\n"
               "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
-              "  nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]", file=sys.stderr)
+              "  nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]\n"
+              "  nbmerge search POOL METHOD --range NAME=LOW:HIGH... [--generations N] [--workers W] | POOL --soup",
+              file=sys.stderr)
         return 2
     try:
         return commands[argv[0]](argv[1:])

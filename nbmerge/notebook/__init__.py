@@ -4,7 +4,7 @@ Nothing outside this package imports it (the package face registers the magics l
 the core runs where no notebook stack is installed. This file itself imports nothing heavy.
 """
 
-MAGIC_NAMES = ("merge", "merge_eval", "merge_sweep", "merge_methods")
+MAGIC_NAMES = ("merge", "merge_eval", "merge_sweep", "merge_search", "merge_methods")
 
 
 def load_ipython_extension(ipython) -> None:

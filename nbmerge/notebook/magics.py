@@ -180,6 +180,38 @@ class MergeMagics(Magics):
             self.shell.user_ns[var] = result
         return None
 
+    @line_magic
+    def merge_search(self, line: str):
+        """Evolve a method's parameters on a task pool with CMA-ES, plotting fitness per generation as it runs:
+        %merge_search POOL METHOD --range NAME=LOW:HIGH... [--blocks B] [--generations N] [--workers W]
+        [--address A] [--checkpoint FILE] [-o VAR]; or %merge_search POOL --soup (greedy and uniform soups).
+        The best recipe so far is a YAML recipe that %%merge runs (``VAR.recipe()``)."""
+        from IPython.display import display
+
+        from nbmerge.merge_search.arguments import generation_line, run_from_args, search_parser
+
+        parser = search_parser("%merge_search", parser_class=_MagicParser)
+        parser.add_argument("-o", "--var", help="store the result in this notebook variable")
+        try:
+            args = parser.parse_args(_split(line))
+        except _Done:
+            return None
+        var = None if args.var is None else _variable(args.var)
+        plot = display(_Blank(), display_id=True) if _in_kernel(self.shell) else None
+
+        def on_generation(so_far) -> None:
+            if plot is not None:
+                plot.update(so_far.figure())
+            else:
+                print(generation_line(so_far))
+
+        with usage_errors():
+            result = run_from_args(args, on_generation, parser.error)
+        display(result)
+        if var is not None:
+            self.shell.user_ns[var] = result
+        return None
+
     # -- %merge ------------------------------------------------------------------------------------------------
     def _method_line(self, magic: str, line: str, add_arguments, usage: str):
         """(method, parsed arguments) of a magic's line ``METHOD MODEL... [--flags]``: the method's own parser

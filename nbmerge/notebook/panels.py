@@ -391,3 +391,91 @@ def _is_sweepable(param) -> bool:
 
 def _sweepable(method) -> bool:
     return any(_is_sweepable(p) for p in method.params)
+
+
+class SearchPanel(_BackgroundPanel):
+    """``SearchPanel(pool, method="ties", ranges=None, *, blocks=1, generations=10, population=None, seed=0,
+    workers=0, address=None, checkpoint=None, fixed=None)``.
+
+    **Search** runs ``nbmerge.search`` (CMA-ES over the ranges, one per line as ``name=low:high``) and redraws the
+    fitness per generation as it goes; the best recipe so far is shown as YAML that ``%%merge`` runs. **Stop** ends
+    the search after the generation in progress (with a checkpoint it resumes on the next Search). ``.result`` is
+    the SearchResult (after a stop: the generations done), ``.error`` the last error message.
+    """
+
+    def __init__(self, pool: str, method: str = "ties", ranges: dict | None = None, *, blocks: int = 1,
+                 generations: int = 10, population: int | None = None, seed: int = 0, workers: int = 0,
+                 address: str | None = None, checkpoint=None, fixed: dict | None = None):
+        self.pool, self.population, self.seed, self.address = pool, population, seed, address
+        self.checkpoint, self.fixed = checkpoint, dict(fixed if fixed is not None else
+                                                       {"trim_scope": "tensor"} if method == "ties" else {})
+        self.result = None
+        self.error: str | None = None
+        get_method(method)
+        ranges = ranges or {"density": (0.1, 1.0), "scaling": (0.3, 1.5)}
+        self.method = widgets.Text(value=method, description="method")
+        self.ranges = widgets.Textarea(value="\n".join(f"{k}={v[0]}:{v[1]}" for k, v in ranges.items()),
+                                       description="ranges", layout={"width": "420px", "height": "70px"})
+        self.blocks = widgets.IntSlider(value=blocks, min=1, max=8, description="blocks")
+        self.generations = widgets.IntSlider(value=generations, min=1, max=100, description="generations")
+        self.workers = widgets.IntText(value=workers, description="Ray workers")
+        self.search_button = self.run_button = widgets.Button(description="Search", button_style="primary",
+                                                              icon="play")
+        self._make_stop_button()
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout={"width": "420px"})
+        self.status = widgets.HTML()
+        self.output = widgets.Output()
+        self.recipe = widgets.Textarea(description="best recipe", disabled=True,
+                                       layout={"width": "640px", "height": "200px"})
+        self.search_button.on_click(lambda _button: self.search(wait=False))
+        super().__init__([widgets.HTML(f"<b>nbmerge search</b> on {html.escape(pool)}"), self.method, self.ranges,
+                          self.blocks, self.generations, self.workers,
+                          widgets.HBox([self.search_button, self.stop_button, self.progress]), self.status,
+                          self.output, self.recipe])
+
+    def parsed_ranges(self) -> dict[str, str]:
+        """The ranges box as {name: "low:high"}."""
+        ranges = {}
+        for line in self.ranges.value.splitlines():
+            if line.strip():
+                name, sep, bounds = line.partition("=")
+                if not sep:
+                    raise ParameterError(f"search: range line {line.strip()!r} must read name=low:high")
+                ranges[name.strip()] = bounds.strip()
+        return ranges
+
+    def search(self, wait: bool = True):
+        """Run the search; wait=True: in this thread, returns the SearchResult; wait=False (the Search button): in
+        a background thread (``stop()`` ends it after the generation in progress, ``wait()`` joins)."""
+        self._check_idle()
+        self.progress.bar_style, self.progress.value, self.progress.max = "", 0, self.generations.value
+        self._set_status("searching…")
+        self.output.outputs = ()
+        return self._launch(self._search, wait)
+
+    def _search(self, cancel: threading.Event) -> None:
+        from nbmerge.merge_search.runner import search
+
+        def on_generation(so_far) -> None:
+            self.result = so_far
+            self.progress.value = len(so_far.generations)
+            self.output.outputs = (_output(so_far.figure()),)
+            self.recipe.value = so_far.recipe()
+            self._set_status(f"generation {len(so_far.generations)}/{self.generations.value}: best validation "
+                             f"{so_far.best_fitness:.2f}")
+
+        result = self._outcome(lambda: search(self.pool, self.method.value, self.parsed_ranges(),
+                                              blocks=self.blocks.value, fixed=self.fixed,
+                                              generations=self.generations.value, population=self.population,
+                                              seed=self.seed, workers=self.workers.value, address=self.address,
+                                              checkpoint=self.checkpoint, on_generation=on_generation,
+                                              cancel=cancel),
+                               interrupted="interrupted", stopped=lambda exc: "stopped before the first generation")
+        if result is None:
+            return
+        self.result, self.error = result, None
+        self.recipe.value = result.recipe()
+        self.progress.bar_style = "success"
+        stopped = " (stopped)" if len(result.generations) < self.generations.value else ""
+        self._set_status(f"best validation {result.best_fitness:.2f}, its test {result.test_average:.2f} after "
+                         f"{len(result.generations)} generation(s){stopped}")

@@ -67,6 +67,25 @@ def sweep_curve(param: str, values: Sequence[float], reports: Sequence[EvalRepor
     return figure
 
 
+def search_curve(generations: Sequence[Any]):
+    """A search's validation fitness per generation: every candidate (dots), the generation's best and mean, and
+    the best so far."""
+    figure = _figure(6.0, 3.8)
+    axes = figure.add_subplot()
+    steps = range(1, len(generations) + 1)
+    for step, generation in zip(steps, generations):
+        axes.scatter([step] * len(generation.fitness), generation.fitness, s=8, color="grey", alpha=0.5)
+    axes.plot(steps, [g.mean for g in generations], marker="o", linewidth=1, label="generation mean")
+    axes.plot(steps, [g.best for g in generations], marker="o", linewidth=1, label="generation best")
+    best_so_far = [max(g.best for g in generations[:i]) for i in steps]
+    axes.plot(steps, best_so_far, linewidth=3, color="black", label="best so far")
+    axes.set_xlabel("generation")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title("search fitness")
+    axes.legend(fontsize="small")
+    return figure
+
+
 def cosine_heatmap(models: Sequence[Any] | Mapping[str, Any], base: Any):
     """Heatmap of the task vectors' pairwise cosine similarity, each cell annotated with its value."""
     labels, matrix = cosine_matrix(models, base)

@@ -293,7 +293,7 @@ def test_counter_draws_are_uniform_and_independent_across_keys():
 @pytest.mark.parametrize("rescale", [True, False, "l1"])
 def test_fused_dare_matches_the_torch_path(monkeypatch, combine, rescale):
     job = random_job(positions=30_000, seed=10, weights=[1.0, 0.5, 2.0])
-    job.params.update(seed=4, drop_rate=0.4, rescale=rescale, combine=combine, scaling=0.6)
+    job.params.update(seed=4, drop_rate=0.4, rescale=rescale, combine=combine, scaling=0.6, normalize=False)
     job.models = [model.bfloat16() for model in job.models]
     fused = dare._dare(job)
     monkeypatch.setattr(native, "accepts", lambda job: False)
@@ -304,7 +304,7 @@ def test_fused_dare_matches_the_torch_path(monkeypatch, combine, rescale):
 
 def test_fused_dare_split_across_threads_gives_the_same_result(monkeypatch):
     job = random_job(positions=50_000, seed=11)
-    job.params.update(seed=2, drop_rate=0.5, rescale="l1", combine="ties", scaling=1.0)
+    job.params.update(seed=2, drop_rate=0.5, rescale="l1", combine="ties", scaling=1.0, normalize=False)
     keys = [job.random_key(2, i) for i in range(3)]
     whole = native.dare_merge(job, keys, 0.5)
     monkeypatch.setattr(native, "SPLIT_AT", 1000)
