@@ -109,26 +109,35 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_separately_started_ray_head_is_reached_by_its_address(uninterrupted, monkeypatch):
+REMOTE_DRIVER = textwrap.dedent("""
+    import json, sys, nbmerge
+    found = nbmerge.search("minilm-tiny", "ties", {ranges!r}, generations=1, workers=2, address=sys.argv[1],
+                           **{search!r})
+    print(json.dumps({{"genomes": found.generations[0].genomes, "fitness": found.generations[0].fitness}}))
+""")
+
+
+def test_a_separately_started_ray_head_is_reached_by_its_address(uninterrupted):
+    """A driver process of its own (Ray keeps one cluster token per process) reaches a head started with
+    ``ray start --head`` through its address; the head and the driver share the cluster's token."""
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    # the cluster's shared secret (Ray >= 2.59 authenticates clients by token): the head and this driver share it
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    for name, value in auth.items():
-        monkeypatch.setenv(name, value)
-    env = {**os.environ, **auth}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                     "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        remote = nbmerge.search("minilm-tiny", "ties", RANGES, generations=1, workers=2,
-                                address=f"127.0.0.1:{port}", **SEARCH)
+        driver = subprocess.run([sys.executable, "-c", REMOTE_DRIVER.format(ranges=RANGES, search=SEARCH),
+                                 f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=900)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert remote.generations[0].genomes == uninterrupted.generations[0].genomes
-    assert remote.generations[0].fitness == pytest.approx(uninterrupted.generations[0].fitness)
+    assert driver.returncode == 0, driver.stderr[-2000:]
+    remote = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert remote["genomes"] == uninterrupted.generations[0].genomes
+    assert remote["fitness"] == pytest.approx(uninterrupted.generations[0].fitness)
 
 
 def test_greedy_soup_keeps_a_model_only_where_validation_does_not_drop(tiny_zoo):
@@ -150,3 +159,15 @@ def test_greedy_soup_keeps_a_model_only_where_validation_does_not_drop(tiny_zoo)
     assert soup.ingredients == kept
     uniform = nbmerge.merge("simple_average", models, progress=False)
     assert evaluate(uniform, pool, "test", progress=False).average == pytest.approx(soup.uniform_test)
+
+
+def test_the_cli_names_what_a_search_lacks(capsys):
+    from nbmerge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "minilm-tiny"])
+    assert exit_info.value.code == 2
+    assert "give a METHOD and at least one --range NAME=LOW:HIGH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "minilm-tiny", "ties", "--range", "density"])
+    assert "--range 'density': expected NAME=VALUE" in capsys.readouterr().err
