@@ -29,5 +29,5 @@ def test_unknown_flag_names_the_closest_parameter():
     method = get_method("dare")
     assert unknown_flag_message(method, ["--drop-rat", "0.3"]) == (
         "dare: unknown parameter --drop-rat; did you mean --drop-rate? (valid parameters: drop_rate, rescale, seed, "
-        "combine, scaling, weights)")
+        "combine, scaling, weights, normalize)")
     assert unknown_flag_message(method, ["stray"]) == "dare: unexpected arguments stray"

@@ -15,7 +15,7 @@ from nbmerge import plugins
 from nbmerge.errors import PluginError
 
 BUILTIN = {"adamerging", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock", "multislerp",
-           "nearswap", "nuslerp", "sce", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
+           "nearswap", "nuslerp", "passthrough", "sce", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
            "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
