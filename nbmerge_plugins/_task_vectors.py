@@ -5,8 +5,15 @@
 - ``elect_sign``: γ = sign(Σ_i τ̂_i) (by mass) or sign(Σ_i sign(τ̂_i)) (by count), exact ties get a given sign;
 - ``disjoint_merge``: combine the entries whose sign agrees with γ: mean Σ w_i τ̂_i / Σ w_i, sum, or γ · max |τ̂_i|;
 - ``keep_mask`` / ``drop_and_rescale``: DARE's Bernoulli(1 − p) masks m_i from counter-based draws keyed by
-  (seed, tensor name, model index), and m ⊙ τ rescaled by 1/(1 − p) or to keep ‖τ‖₁.
+  (seed, tensor name, model index), and m ⊙ τ rescaled by 1/(1 − p) or to keep ‖τ‖₁;
+- ``sparsified_merge``: θ = θ_0 + λ · combine(w_i · S_i(τ_i)) for a per-model sparsifier S_i (DARE, DELLA,
+  Breadcrumbs), with ``combine_sparse`` as the combination.
+
+The parameters the task-vector methods declare alike live here too (a method that differs in a default takes
+``dataclasses.replace`` of one).
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -18,6 +25,12 @@ BLOCK = 1 << 18  # positions handled at a time: a kernel's temporaries stay a fe
 RESCALE = Param("rescale", "choice", True, "true: divide survivors by 1 − p; \"l1\": keep each τ's L1 norm; "
                 "false: no rescaling", choices=(True, False, "l1"))
 SEED = Param("seed", "int", 0, "seed of the drop masks", low=0)
+WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
+                choices=("linear", "ties"))
+NORMALIZE = Param("normalize", "bool", False, "divide by the summed weights (of the agreeing entries for ties)")
+L1_RESCALE = Param("rescale", "bool", False, "scale the kept entries to the task vector's L1 norm")
+SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the combined task vector", grid=(0.5, 1.0))
 
 
 # -- the per-tensor steps, shared with DARE's TIES combination ---------------------------------------------------
@@ -154,3 +167,27 @@ def l1_rescaled(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7)
     """m ⊙ τ scaled by ‖τ‖₁ / ‖m ⊙ τ‖₁ (left alone when either norm is below eps); in place on ``masked``."""
     before, after = float(original.abs().sum()), float(masked.abs().sum())
     return masked if before < eps or after < eps else masked.mul_(before / after)
+
+
+def sparsified_merge(job: TensorJob, sparsify: Callable[[int, torch.Tensor], object]) -> torch.Tensor:
+    """θ = θ_0 + λ · combine_sparse(w_i · S_i(τ_i)) with λ = ``scaling``, w = ``weights``, ``combine``/``normalize``.
+
+    ``sparsify(i, row)`` overwrites ``row`` (τ_i, in the upcast dtype) with model i's sparse task vector S_i(τ_i).
+    The combination runs BLOCK positions at a time: its sign and agreement temporaries stay a few MiB.
+    """
+    job = job.upcast()
+    params, n = job.params, len(job.models)
+    weights = params["weights"] or [1.0] * n
+    sparse = job.empty((n, *job.base.shape), job.base.dtype)
+    for i, (row, model, weight) in enumerate(zip(sparse, job.models, weights)):
+        torch.sub(model, job.base, out=row)
+        sparsify(i, row)
+        if weight != 1.0:
+            row.mul_(weight)
+    merged = job.empty(job.base.shape, job.base.dtype)
+    sparse_flat, merged_flat, base_flat = sparse.view(n, -1), merged.view(-1), job.base.reshape(-1)
+    for start in range(0, base_flat.numel(), BLOCK):
+        combined = combine_sparse(sparse_flat[:, start:start + BLOCK], weights, params["combine"], params["normalize"])
+        torch.add(base_flat[start:start + BLOCK], combined, alpha=params["scaling"],
+                  out=merged_flat[start:start + BLOCK])
+    return merged

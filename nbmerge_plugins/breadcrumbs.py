@@ -15,18 +15,20 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins._selection import kth_largest, per_model
-from nbmerge_plugins._task_vectors import combine_sparse, l1_rescaled
+from nbmerge_plugins._task_vectors import (
+    COMBINE,
+    L1_RESCALE,
+    NORMALIZE,
+    SCALING,
+    WEIGHTS,
+    l1_rescaled,
+    sparsified_merge,
+)
 
 DENSITY = Param("density", "float", 0.9, "d, the fraction of each task vector's entries kept (one, or one per "
                 "model)", low=0.0, high=1.0, grid=(0.7, 0.8, 0.9), per_model=True)
 GAMMA = Param("gamma", "float", 0.01, "γ, the fraction of largest-magnitude entries dropped as outliers (one, or "
               "one per model)", low=0.0, high=1.0, per_model=True)
-COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
-                choices=("linear", "ties"))
-NORMALIZE = Param("normalize", "bool", False, "divide by the summed weights (of the agreeing entries for ties)")
-RESCALE = Param("rescale", "bool", False, "scale the kept entries to the task vector's L1 norm")
-SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the combined task vector", grid=(0.5, 1.0))
-WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
 
 def outlier_band(task_vector: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -45,26 +47,23 @@ def outlier_band(task_vector: torch.Tensor, density: float, gamma: float) -> tor
 
 
 def _breadcrumbs(job: TensorJob) -> torch.Tensor:
-    job = job.upcast()
-    params, n = job.params, len(job.models)
-    weights = params["weights"] or [1.0] * n
-    sparse = job.empty((n, *job.base.shape), job.base.dtype)
-    for row, model, weight, density, gamma in zip(sparse, job.models, weights, per_model(params["density"], n),
-                                                  per_model(params["gamma"], n)):
-        task_vector = model - job.base
-        kept = outlier_band(task_vector, density, gamma)
-        if params["rescale"]:
+    n = len(job.models)
+    densities, gammas = per_model(job.params["density"], n), per_model(job.params["gamma"], n)
+
+    def sparsify(i: int, task_vector: torch.Tensor) -> None:
+        kept = outlier_band(task_vector, densities[i], gammas[i])
+        if job.params["rescale"]:
             l1_rescaled(kept, task_vector)
-        torch.mul(kept, weight, out=row)
-    merged = combine_sparse(sparse, weights, params["combine"], params["normalize"])
-    return torch.add(job.base, merged, alpha=params["scaling"])
+        task_vector.copy_(kept)
+
+    return sparsified_merge(job, sparsify)
 
 
 BREADCRUMBS = MergeMethod(
     name="breadcrumbs",
     summary="Model Breadcrumbs: drop each task vector's smallest entries and largest outliers, then combine",
     formula="θ = θ_0 + λ · combine(w_i · band_{d,γ}(τ_i)), band = ascending ranks [N − dN − γN, N − γN)",
-    params=(DENSITY, GAMMA, COMBINE, NORMALIZE, RESCALE, SCALING, WEIGHTS),
+    params=(DENSITY, GAMMA, COMBINE, NORMALIZE, L1_RESCALE, SCALING, WEIGHTS),
     merge_tensor=_breadcrumbs,
     min_models=1,
     base=BASE_REQUIRED,

@@ -10,6 +10,8 @@ flat position j is u = SplitMix64(key + (j + 1) · φ) >> 40, · 2⁻²⁴, and 
 is reproducible from its seed whatever the order, device or split of positions tensors are processed in.
 """
 
+from dataclasses import replace
+
 import torch
 
 from nbmerge import hookimpl
@@ -17,28 +19,21 @@ from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins import native
 from nbmerge_plugins._selection import per_model
 from nbmerge_plugins._task_vectors import (
+    COMBINE,
+    NORMALIZE,
     RESCALE,
     SEED,
-    combine_sparse,
+    WEIGHTS,
     drop_and_rescale,
     keep_from,
     keep_mask,
+    sparsified_merge,
 )
+from nbmerge_plugins._task_vectors import SCALING as UNIT_SCALING
 
+SCALING = replace(UNIT_SCALING, default=0.3, grid=(0.2, 0.3, 0.5))
 DROP_RATE = Param("drop_rate", "float", 0.5, "p, the probability of dropping each task-vector entry (one, or one "
                   "per model)", low=0.0, high=1.0, high_inclusive=False, grid=(0.3, 0.5, 0.7), per_model=True)
-
-COMBINE = Param("combine", "choice", "linear", "combine the sparse task vectors as task arithmetic or TIES",
-                choices=("linear", "ties"))
-
-SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the combined task vector",
-                grid=(0.2, 0.3, 0.5))
-
-WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
-
-NORMALIZE = Param("normalize", "bool", False, "divide by the summed weights (of the agreeing entries for ties)")
-
-BLOCK = 1 << 18  # positions combined at a time by the TIES combination (small, reused temporaries)
 
 
 def _dare(job: TensorJob) -> torch.Tensor:
@@ -47,22 +42,8 @@ def _dare(job: TensorJob) -> torch.Tensor:
     if native.accepts(job) and len(set(drop_rates)) == 1 and not job.params["normalize"]:
         return native.dare_merge(job, [job.random_key(job.params["seed"], i) for i in range(len(job.models))],
                                  keep_from(drop_rates[0]))
-    job = job.upcast()
-    params = job.params
-    weights = params["weights"] or [1.0] * len(job.models)
-    sparse = job.empty((len(job.models), *job.base.shape), job.base.dtype)
-    for i, (row, model, weight, drop_rate) in enumerate(zip(sparse, job.models, weights, drop_rates)):
-        torch.sub(model, job.base, out=row)
-        drop_and_rescale(row, keep_mask(job, i, drop_rate), drop_rate, params["rescale"])
-        row.mul_(weight)
-    merged = job.empty(job.base.shape, job.base.dtype)
-    sparse_flat, merged_flat, base_flat = sparse.view(len(job.models), -1), merged.view(-1), job.base.reshape(-1)
-    for start in range(0, base_flat.numel(), BLOCK):
-        block = sparse_flat[:, start:start + BLOCK]
-        combined = combine_sparse(block, weights, params["combine"], params["normalize"])
-        torch.add(base_flat[start:start + BLOCK], combined.mul_(params["scaling"]),
-                  out=merged_flat[start:start + BLOCK])
-    return merged
+    return sparsified_merge(job, lambda i, task_vector: drop_and_rescale(
+        task_vector, keep_mask(job, i, drop_rates[i]), drop_rates[i], job.params["rescale"]))
 
 
 DARE = MergeMethod(

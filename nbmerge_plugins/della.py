@@ -12,24 +12,25 @@ The draws are nbmerge's counter-based ones keyed by (``seed``, tensor name, mode
 u < p_j. A merge is reproducible from its seed and equals mergekit's in distribution, not bit for bit.
 """
 
+from dataclasses import replace
+
 import torch
 
 from nbmerge import hookimpl
 from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins._selection import per_model
-from nbmerge_plugins._task_vectors import SEED, combine_sparse, l1_rescaled, uniform_draws
+from nbmerge_plugins._task_vectors import COMBINE as TASK_VECTOR_COMBINE
+from nbmerge_plugins._task_vectors import L1_RESCALE, SCALING, SEED, WEIGHTS, l1_rescaled, sparsified_merge, uniform_draws
+from nbmerge_plugins._task_vectors import NORMALIZE as TASK_VECTOR_NORMALIZE
 
 DENSITY = Param("density", "float", 0.7, "d, the mean fraction of each task vector's entries kept (one, or one per "
                 "model)", low=0.0, high=1.0, grid=(0.5, 0.7, 0.9), per_model=True)
 EPSILON = Param("epsilon", "float", 0.15, "ε, the spread of keep probabilities around d: from d − ε (smallest "
                 "entry) to d + ε (largest); one, or one per model", low=0.0, high=0.5, per_model=True)
-COMBINE = Param("combine", "choice", "ties", "combine the sparse task vectors as TIES or as task arithmetic",
-                choices=("ties", "linear"))
-NORMALIZE = Param("normalize", "bool", True, "divide by the summed weights (of the agreeing entries for ties)")
-RESCALE = Param("rescale", "bool", True, "scale the kept entries to the task vector's L1 norm")
-SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the combined task vector", grid=(0.5, 1.0))
-WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
+COMBINE = replace(TASK_VECTOR_COMBINE, default="ties")
+NORMALIZE = replace(TASK_VECTOR_NORMALIZE, default=True)
+RESCALE = replace(L1_RESCALE, default=True)
 
 
 def keep_probabilities(task_vector: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -46,26 +47,24 @@ def keep_probabilities(task_vector: torch.Tensor, density: float, epsilon: float
 
 
 def _della(job: TensorJob) -> torch.Tensor:
-    job = job.upcast()
-    params, n = job.params, len(job.models)
-    weights = params["weights"] or [1.0] * n
-    sparse = job.empty((n, *job.base.shape), job.base.dtype)
-    for i, (row, model, weight, density, epsilon) in enumerate(zip(
-            sparse, job.models, weights, per_model(params["density"], n), per_model(params["epsilon"], n))):
-        task_vector = model - job.base
+    n = len(job.models)
+    densities, epsilons = per_model(job.params["density"], n), per_model(job.params["epsilon"], n)
+
+    def sparsify(i: int, task_vector: torch.Tensor) -> None:
+        density = densities[i]
         if density >= 1:
-            kept = task_vector
-        elif density <= 0:
-            kept = torch.zeros_like(task_vector)
-        else:
-            draws = uniform_draws(job.random_key(params["seed"], i), 0, task_vector.numel(), task_vector.device)
-            keep = draws.view(task_vector.shape) < keep_probabilities(task_vector, density, epsilon)
-            kept = task_vector * keep
-            if params["rescale"]:
-                l1_rescaled(kept, task_vector)
-        torch.mul(kept, weight, out=row)
-    merged = combine_sparse(sparse, weights, params["combine"], params["normalize"])
-    return torch.add(job.base, merged, alpha=params["scaling"])
+            return
+        if density <= 0:
+            task_vector.zero_()
+            return
+        draws = uniform_draws(job.random_key(job.params["seed"], i), 0, task_vector.numel(), task_vector.device)
+        keep = draws.view(task_vector.shape) < keep_probabilities(task_vector, density, epsilons[i])
+        kept = task_vector * keep
+        if job.params["rescale"]:
+            l1_rescaled(kept, task_vector)
+        task_vector.copy_(kept)
+
+    return sparsified_merge(job, sparsify)
 
 
 def _check_band(params: dict, n_models: int, has_base: bool) -> None:

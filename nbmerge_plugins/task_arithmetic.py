@@ -6,10 +6,10 @@
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins._task_vectors import WEIGHTS
 
 SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
                 grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
-WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
 
 def _task_arithmetic(job: TensorJob):

@@ -36,7 +36,7 @@ from nbmerge_plugins._selection import (
     tensor_brackets,
     tensor_thresholds,
 )
-from nbmerge_plugins._task_vectors import blocks_of_task_vectors, disjoint_merge, elect_sign, trim
+from nbmerge_plugins._task_vectors import WEIGHTS, blocks_of_task_vectors, disjoint_merge, elect_sign, trim
 
 GLOBAL_THRESHOLD = "global trim threshold"
 
@@ -57,7 +57,6 @@ SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged t
 TRIM_SCOPE = Param("trim_scope", "choice", "model", "rank magnitudes per tensor or over the whole model",
                    choices=("tensor", "model"))
 
-WEIGHTS = Param("weights", "floats", None, "one weight per task vector (default: 1 each)", per_model=True)
 
 ONE_PASS_MAX_DEFERRED = 0.25  # above this sampled fraction of undecided positions, two passes cost less
 
