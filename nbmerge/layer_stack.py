@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from nbmerge.api import MergePart, Output, _check_output_apart, _device, _dtype, run_parts, tokenizer_folder
 from nbmerge.engine.plan import make_plan
 from nbmerge.engine.progress import ProgressEvent
+from nbmerge.engine.run import MergePart, Output, check_output_apart, resolve_device, resolve_dtype, run_parts
 from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ModelInputError, ParameterError
 from nbmerge.io.layer_window import LayerWindow
+from nbmerge.io.tokenizers import choose_tokenizer_folder
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
@@ -51,7 +52,7 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
     """Stack the slices' layers into one model; ``out`` as in ``nbmerge.merge`` (None: in memory)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
-    target_device, dtype = _device(device), _dtype(out_dtype)
+    target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
     opened: dict[Any, ModelSource] = {}
     try:
@@ -63,14 +64,14 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
             offset += length
         sources = list(opened.values())
         if out_path is not None:
-            _check_output_apart(out_path, sources)
+            check_output_apart(out_path, sources)
         first = parts[0]
         config_folder = (first.base or first.models[0]).folder
         recipe = {"nbmerge_version": __version__, "slices": recorded,
                   **({"out_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
         labelled = [(source.label, source) for source in sources]
         output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
-                        tokenizer_folder(tokenizer_source, sources, labelled, None),
+                        choose_tokenizer_folder(tokenizer_source, sources, labelled, None),
                         _config_edits(config_folder, parts, offset))
         return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:

@@ -1,0 +1,142 @@
+"""Running a merge: the engine passes of one or several parts (a layer stack has one per slice) into one sink,
+finished atomically or aborted; and the checks of the options every entry point shares (device, output dtype,
+an output apart from every input)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nbmerge.engine.memory import peak_rss_bytes, reset_peak_rss
+from nbmerge.engine.progress import Progress
+from nbmerge.engine.sinks import FolderSink, MemorySink
+from nbmerge.engine.stream import Engine, collector_paused, compute_threads
+from nbmerge.errors import ParameterError
+from nbmerge.io.safetensors import DTYPES
+from nbmerge.io.sources import ModelSource
+from nbmerge.results import MergeReport, MergeResult
+
+_DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                  "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                  "float64": torch.float64, "fp64": torch.float64}
+
+
+@dataclass
+class MergePart:
+    """One engine run writing some of the output's tensors: a method over models (and base), its plan, and how
+    its tensor names map to the output's (a layer stack renumbers each slice's layers)."""
+
+    method: Any
+    params: dict
+    plan: Any
+    models: list[ModelSource]
+    base: ModelSource | None
+    rename: Callable[[str], str] = staticmethod(lambda name: name)
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        return self.models + ([self.base] if self.base is not None else [])
+
+
+@dataclass
+class Output:
+    """Where a merge goes: ``path`` (None: in memory), its recipe, shard size, overwrite, the folder whose config
+    files are copied, the folder whose tokenizer files are copied (default: the config folder), and edits to
+    config.json (e.g. a layer stack's layer count)."""
+
+    path: Path | None
+    recipe: dict
+    shard_size: int
+    overwrite: bool
+    config_folder: Path | None
+    tokenizer_folder: Path | None = None
+    config_edits: dict | None = None
+
+
+def run_parts(parts: list[MergePart], output: Output, device, progress, on_progress, cancel,
+              allow_nonfinite) -> MergeResult:
+    """Run every part's stages and merge into one sink, then finish the output (atomically) or abort it."""
+    total = sum(part.plan.bytes_for() + sum(stage.pass_count(part.params, part.plan.wide) for stage in
+                                            part.method.stages if stage.applies(part.params)) *
+                part.plan.bytes_for("merge") for part in parts)
+    name = parts[0].method.name if len(parts) == 1 else "layer stack"
+    tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel)
+    layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
+    sink = (MemorySink() if output.path is None
+            else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
+                            output.config_folder, output.tokenizer_folder, output.config_edits))
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    stages: list[str] = []
+    try:
+        for part in parts:
+            engine = Engine(part.method, part.params, part.plan, part.models, part.base, device, tracker,
+                            allow_nonfinite)
+            with compute_threads(device), collector_paused():
+                engine.run_stages()
+                engine.merge_into(lambda tensor_name, tensor, rename=part.rename: sink.put(rename(tensor_name),
+                                                                                          tensor))
+            stages += [stage for stage in engine.stage_results if stage not in stages]
+        for part in parts:
+            for source in part.sources:
+                source.check_unchanged()
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        tracker.close()
+    seconds = time.perf_counter() - started
+    report = MergeReport(
+        method=name, params=output.recipe.get("params", {}), tensors=len(layout), bytes_read=tracker.done,
+        bytes_written=sum(part.plan.out_bytes for part in parts), seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        device=str(device), stages=stages)
+    if output.path is None:
+        return MergeResult(report, output.recipe, state_dict=sink.state_dict)
+    return MergeResult(report, output.recipe, path=output.path)
+
+
+def check_output_apart(out_path: Path, sources: list[ModelSource]) -> None:
+    """The output is neither an input file, nor inside an input's folder, nor a folder holding an input (writing or
+    overwriting it would destroy or mix with what is being read)."""
+    out = out_path.resolve()
+    for source in sources:
+        for path in source.paths():
+            path = path.resolve()
+            if out == path or out.is_relative_to(path) or path.is_relative_to(out):
+                raise ParameterError(f"out: {out_path} overlaps the input {source.label} ({path}); write the merge "
+                                     f"to a path apart from every input")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' (CUDA when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N', checked."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device: nbmerge runs on 'cpu' or 'cuda', got {device!r}")
+    return chosen
+
+
+def resolve_dtype(out_dtype) -> torch.dtype | None:
+    """The output dtype from a torch dtype or a name (float32/fp32, float16/fp16/half, bfloat16/bf16, ...)."""
+    if out_dtype is None or isinstance(out_dtype, torch.dtype):
+        return out_dtype
+    name = str(out_dtype).lower().removeprefix("torch.")
+    if name in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[name]
+    if name.upper() in DTYPES and DTYPES[name.upper()].is_floating_point:
+        return DTYPES[name.upper()]
+    raise ParameterError(f"out_dtype: expected one of {', '.join(_DTYPE_ALIASES)}, got {out_dtype!r}")
