@@ -3,9 +3,10 @@
 The public surface, for users: ``nbmerge.merge(method, models, base=None, out=None, device="auto", **params)``
 merges; ``nbmerge.stack(slices)`` stacks layers of several models (``LayerSlice``); ``nbmerge.methods()`` lists
 the registered methods; ``nbmerge.evaluate``, ``nbmerge.sweep``, ``nbmerge.search`` (CMA-ES over a method's
-parameters), ``nbmerge.greedy_soup`` and ``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``);
-``MergePanel``, ``SweepPanel`` and ``SearchPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method`` (``MergeMethod``, ``TensorJob``,
-``Param``, ...). Every other module path is internal.
+parameters), ``nbmerge.search_data_flow`` (over which layers of which models), ``nbmerge.greedy_soup`` and
+``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``); ``MergePanel``, ``SweepPanel`` and
+``SearchPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method``
+(``MergeMethod``, ``TensorJob``, ``Param``, ...). Every other module path is internal.
 
 Everything loads on first use, so ``import nbmerge`` stays cheap (no torch). In IPython/Jupyter, ``%load_ext
 nbmerge`` registers the magics (``%merge``, ``%%merge``, ``%merge_eval``, ``%merge_sweep``, ``%merge_search``,
@@ -30,7 +31,7 @@ from nbmerge.version import __version__
 _LAZY = {
     "merge": "api", "methods": "api", "MergeResult": "results", "MergeReport": "results",
     "stack": "layer_stack", "LayerSlice": "layer_stack",
-    "search": "merge_search.runner", "greedy_soup": "merge_search.runner",
+    "search": "merge_search.runner", "search_data_flow": "merge_search.runner", "greedy_soup": "merge_search.runner",
     "SearchResult": "merge_search.runner",
     "MergeMethod": "method", "TensorJob": "method", "Stage": "method", "ModuleJob": "method",
     "BuiltModule": "method", "UnlabeledTask": "method", "Param": "method",

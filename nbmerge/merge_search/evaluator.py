@@ -1,9 +1,11 @@
 """Scoring candidate merges: merge in memory from models loaded once, then the pool's validation accuracy.
 
-A ``CandidateEvaluator`` opens a task pool, reads the pool's base and individual models into memory once, and for
-each candidate (merge parameters) merges them in memory — no disk writes, no re-reading inputs — and returns
-(fitness = mean validation accuracy over the pool's tasks in %, merge seconds, evaluation seconds). The same class
-runs in the driver (``workers=0``) or as a Ray actor, one per worker, each holding its own copy.
+A ``CandidateEvaluator`` opens a task pool, reads the pool's base and individual models (and any ``extra_models``,
+e.g. an earlier search's merge) into memory once, and for each candidate merges them in memory — no disk writes,
+no re-reading inputs — and returns (fitness = mean validation accuracy over the pool's tasks in %, merge seconds,
+evaluation seconds). A candidate is a method's parameters (parameter space) or ``{"data_flow": [[model, layer,
+scale], ...]}``, a layer stack built with ``nbmerge.stack`` (data-flow space). The same class runs in the driver
+(``workers=0``) or as a Ray actor, one per worker, each holding its own copy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class EvaluatorSpec:
     pool_options: dict = field(default_factory=dict)
     split: str = "validation"
     threads: int = 1
+    extra_models: dict = field(default_factory=dict)  # name -> path, beside the pool's individual models
 
 
 def read_state(model: Any) -> dict[str, torch.Tensor]:
@@ -53,6 +56,7 @@ class CandidateEvaluator:
         self.models = {task: {k: v for k, v in m.items() if k not in self.unchanged} for task, m in models.items()}
         self.base = {k: v for k, v in base.items() if k not in self.unchanged}
         self._full = {task: {**self.unchanged, **m} for task, m in self.models.items()}
+        self._flow_sources = {**self._full, **{name: read_state(path) for name, path in spec.extra_models.items()}}
         self._full_base = {**self.unchanged, **self.base}
         self._checked: dict[str, bool] = {}
 
@@ -71,6 +75,29 @@ class CandidateEvaluator:
         chosen = {name: self._full[name] for name in names}
         base = None if get_method(merge_method).base == BASE_UNUSED else self._full_base
         return merge(merge_method, chosen, base=base, progress=False, **params).state_dict
+
+    def flow_state(self, flow: list) -> dict:
+        """The layer stack of a data flow ([[model, layer, scale], ...]) over the models in memory."""
+        from nbmerge.errors import ParameterError
+        from nbmerge.layer_stack import LayerSlice, stack
+        from nbmerge.merge_search.data_flow import branch_scale, flow_slices
+
+        if not flow:
+            raise ParameterError("search_data_flow: the candidate includes no layer")
+        unknown = sorted({model for model, _, _ in flow} - set(self._flow_sources))
+        if unknown:
+            raise ParameterError(f"search_data_flow: no model {', '.join(unknown)} (the models: "
+                                 f"{', '.join(self._flow_sources)})")
+        slices = [LayerSlice({piece["model"]: self._flow_sources[piece["model"]]}, tuple(piece["layers"]),
+                             params=branch_scale(piece["scale"], self.branch_outputs()))
+                  for piece in flow_slices(flow)]
+        return stack(slices, progress=False).state_dict
+
+    def state_of(self, candidate: dict, method: str | None = None, models: list[str] | None = None) -> dict:
+        """A candidate's merged state: a data flow's layer stack, or the merge of the method's parameters."""
+        if "data_flow" in candidate:
+            return self.flow_state(candidate["data_flow"])
+        return self.merged(candidate, method, models)
 
     def _keeps_unchanged(self, method: str, params: dict) -> bool:
         """Whether ``method`` merges tensors no model changed to the base's value: checked once per method on the
@@ -101,7 +128,7 @@ class CandidateEvaluator:
 
         started = time.perf_counter()
         try:
-            state = self.merged(params, method, models)
+            state = self.state_of(params, method, models)
         except NBMergeError as exc:
             return 0.0, time.perf_counter() - started, 0.0, str(exc)
         merged_at = time.perf_counter()
@@ -111,12 +138,27 @@ class CandidateEvaluator:
     def model_names(self) -> list[str]:
         return list(self.models)
 
+    def flow_model_names(self) -> list[str]:
+        """The models a data flow may take layers from (the pool's, then the extra ones)."""
+        return list(self._flow_sources)
+
+    def branch_outputs(self) -> list[str]:
+        """Which of the known output-projection names (data_flow.BRANCH_OUTPUTS) this pool's tensors have."""
+        from nbmerge.merge_search.data_flow import BRANCH_OUTPUTS
+
+        return [part for part in BRANCH_OUTPUTS if any(part in name for name in self._full_base)]
+
+    def layer_count(self) -> int:
+        from nbmerge.method.tensor_names import count_layers
+
+        return count_layers(self._full_base)
+
     def task_accuracies(self, params: dict, split: str, method: str | None = None,
                         models: list[str] | None = None) -> dict[str, float]:
         """Accuracy (%) per task of one candidate's merge on ``split``."""
         from nbmerge.workbench.evaluation import task_accuracy
 
-        encoder = self.pool.load_encoder(self.merged(params, method, models))
+        encoder = self.pool.load_encoder(self.state_of(params, method, models))
         return {task.name: task_accuracy(encoder, task, split)[0] for task in self.pool.tasks}
 
     def soup_accuracy(self, models: list[str], split: str | None = None) -> float:
@@ -125,5 +167,7 @@ class CandidateEvaluator:
         return self.accuracy(state, split)
 
     def paths(self) -> tuple[dict[str, str], str]:
-        """The pool's individual models and base as paths (for a recipe that reruns the merge)."""
-        return {name: str(path) for name, path in self.pool.individual_models().items()}, str(self.pool.base)
+        """The pool's individual models (and the extra ones) and base as paths (for a recipe that reruns the
+        merge)."""
+        return ({**{name: str(path) for name, path in self.pool.individual_models().items()},
+                 **{name: str(path) for name, path in self.spec.extra_models.items()}}, str(self.pool.base))

@@ -1,8 +1,8 @@
 """CMA-ES over a search space (Hansen's evolution strategy, the ``cmaes`` package), one generation at a time.
 
 Each generation the optimizer proposes λ genomes in [0, 1]^d (``population``, default 4 + ⌊3 ln d⌋); the workers
-score their merges; the optimizer is told −fitness (it minimises). Start: the centre of the space (0.5 each) with
-step size ``sigma``. After every generation the checkpoint is rewritten and ``on_generation(generations)`` is called;
+score their merges; the optimizer is told −fitness (it minimises). Start: the space's initial mean (its centre,
+0.5 each, or a data flow's start model) with step size ``sigma``. After every generation the checkpoint is rewritten and ``on_generation(generations)`` is called;
 a set ``cancel`` event stops the search between generations (what finished is kept).
 """
 
@@ -17,22 +17,23 @@ import numpy as np
 
 from nbmerge.merge_search import checkpoint
 from nbmerge.merge_search.checkpoint import Generation
+from nbmerge.merge_search.data_flow import DataFlowSpace
 from nbmerge.merge_search.space import SearchSpace
 from nbmerge.merge_search.workers import Workers
 
 
-def optimizer(dimension: int, population: int | None, sigma: float, seed: int):
+def optimizer(mean: np.ndarray, population: int | None, sigma: float, seed: int):
     from cmaes import CMA
 
-    bounds = np.array([[0.0, 1.0]] * dimension)
-    return CMA(mean=np.full(dimension, 0.5), sigma=sigma, bounds=bounds, seed=seed, population_size=population)
+    bounds = np.array([[0.0, 1.0]] * len(mean))
+    return CMA(mean=mean, sigma=sigma, bounds=bounds, seed=seed, population_size=population)
 
 
-def evolve(space: SearchSpace, workers: Workers, generations: int, population: int | None, sigma: float, seed: int,
+def evolve(space: SearchSpace | DataFlowSpace, workers: Workers, generations: int, population: int | None, sigma: float, seed: int,
            config: dict, checkpoint_path: Path | None = None,
            on_generation: Callable[[list[Generation]], None] | None = None,
            cancel: threading.Event | None = None) -> list[Generation]:
-    cma = optimizer(space.dimension, population, sigma, seed)
+    cma = optimizer(space.initial_mean(), population, sigma, seed)
     done = checkpoint.load(checkpoint_path, config)
     for recorded in done:  # replay: the same asks, the same tells, the same state
         asked = [cma.ask() for _ in range(cma.population_size)]
@@ -43,7 +44,7 @@ def evolve(space: SearchSpace, workers: Workers, generations: int, population: i
     while len(done) < generations and not (cancel is not None and cancel.is_set()):
         genomes = [cma.ask() for _ in range(cma.population_size)]
         started = time.perf_counter()
-        scores = workers.score_all([space.params(g) for g in genomes])
+        scores = workers.score_all([space.candidate(g) for g in genomes])
         generation = Generation([list(map(float, g)) for g in genomes], [s[0] for s in scores],
                                 [s[1] for s in scores], [s[2] for s in scores], [s[3] for s in scores],
                                 time.perf_counter() - started)

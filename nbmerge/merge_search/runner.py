@@ -1,7 +1,10 @@
-"""``search`` (CMA-ES over a method's parameters, per model and per block) and ``greedy_soup`` on a task pool.
+"""``search`` (CMA-ES over a method's parameters, per model and per block), ``search_data_flow`` (CMA-ES over which
+layers of which models, in what order, with what scale) and ``greedy_soup`` on a task pool.
 
-search: fitness = the mean validation accuracy over the pool's tasks of the in-memory merge a genome gives; the
-best candidate of all generations is then scored once on test. greedy_soup (Wortsman et al. 2022): rank the
+search / search_data_flow: fitness = the mean validation accuracy over the pool's tasks of the in-memory merge a
+genome gives; the best candidate of all generations is then scored once on test. Parameter space then data-flow
+space (Akiba et al.'s PS+DFS): save the first search's merge (``SearchResult.save_merge``) and give it to
+``search_data_flow`` as an extra model to start from. greedy_soup (Wortsman et al. 2022): rank the
 pool's models by validation accuracy, start from the best, add each next one to the uniform average only where the
 soup's validation accuracy does not drop; also the uniform soup of all. Both run their candidates on ``workers``
 Ray actors (0: in this process), on a local cluster or the one at ``address``.
@@ -17,8 +20,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from nbmerge.errors import MergeCancelled
+from nbmerge.errors import MergeCancelled, ParameterError
 from nbmerge.merge_search.checkpoint import Generation
+from nbmerge.merge_search.data_flow import DataFlowSpace, branch_scale, flow_slices
 from nbmerge.merge_search.evaluator import EvaluatorSpec
 from nbmerge.merge_search.evolve import evolve
 from nbmerge.merge_search.space import SearchSpace, space_from
@@ -30,9 +34,9 @@ class SearchResult:
     """A finished (or stopped) search: every generation, the best candidate's parameters and scores."""
 
     pool: str
-    space: SearchSpace
+    space: SearchSpace | DataFlowSpace
     generations: list[Generation]
-    best_params: dict
+    best_params: dict  # a method's parameters, or {"data_flow": [[model, layer, scale], ...]}
     best_fitness: float  # validation average, %
     test: dict[str, float]  # the best candidate's test accuracy per task, %
     models: dict[str, str]
@@ -63,11 +67,25 @@ class SearchResult:
         return _mean([s for g in self.generations for s in g.eval_seconds])
 
     def recipe(self) -> str:
-        """The best candidate as an nbmerge recipe (YAML) that ``%%merge`` and ``nbmerge merge --recipe`` run."""
+        """The best candidate as an nbmerge recipe (YAML) that ``%%merge`` and ``nbmerge merge --recipe`` run: the
+        method's merge, or (data-flow space) the layer stack's slices."""
         import yaml
 
+        if isinstance(self.space, DataFlowSpace):
+            slices = [{"models": {piece["model"]: self.models[piece["model"]]}, "layers": piece["layers"],
+                       **({"params": branch_scale(piece["scale"], self.space.branch_outputs)}
+                          if piece["scale"] != 1.0 else {})}
+                      for piece in flow_slices(self.best_params["data_flow"])]
+            return yaml.safe_dump({"slices": slices}, sort_keys=False)
         return yaml.safe_dump({"method": self.space.method, "models": self.models, "base": self.base,
                                "params": json.loads(json.dumps(self.best_params))}, sort_keys=False)
+
+    def save_merge(self, out: str | Path, overwrite: bool = False):
+        """Write the best candidate's merge to ``out`` (a model folder), e.g. to search its data flow next."""
+        from nbmerge.recipes import parse_recipe, run_recipe
+
+        return run_recipe(parse_recipe(self.recipe()), lambda ref: ref, out=out, overwrite=overwrite,
+                          progress=False)
 
     def figure(self):
         from nbmerge.workbench.plots import search_curve
@@ -75,7 +93,8 @@ class SearchResult:
         return search_curve(self.generations)
 
     def __repr__(self) -> str:
-        return (f"SearchResult({self.space.method} on {self.pool}: {len(self.generations)} generations, "
+        what = "data flow" if isinstance(self.space, DataFlowSpace) else self.space.method
+        return (f"SearchResult({what} on {self.pool}: {len(self.generations)} generations, "
                 f"{self.candidates} candidates; best validation {self.best_fitness:.2f}, test "
                 f"{self.test_average:.2f})")
 
@@ -116,21 +135,60 @@ def search(pool: str, method: str, ranges: Mapping[str, Any], *, blocks: int = 1
     on_generation(so_far): after each generation, the SearchResult so far (its ``test`` still empty). A set
     ``cancel`` event stops the search after the generation in progress; the result holds what finished.
     """
-    started = time.perf_counter()
     spec = EvaluatorSpec(pool, method, dict(pool_options or {}))
+    return _run(spec, lambda workers: space_from(method, ranges, len(workers.call("model_names")), blocks, fixed),
+                generations, population, sigma, seed, workers, address, checkpoint, on_generation, cancel)
+
+
+def search_data_flow(pool: str, *, models: list[str] | None = None, extra_models: Mapping[str, Any] | None = None,
+                     start: str | None = None, repeats: int = 2, scales: tuple[float, float] | None = (0.0, 1.5),
+                     max_layers: int | None = None, generations: int = 10, population: int | None = None,
+                     sigma: float = 0.15, seed: int = 0, workers: int = 0, address: str | None = None,
+                     checkpoint: str | Path | None = None, pool_options: Mapping[str, Any] | None = None,
+                     on_generation: Callable[[SearchResult], None] | None = None,
+                     cancel: threading.Event | None = None) -> SearchResult:
+    """Evolve a layer stack on ``pool`` with CMA-ES: which layers of ``models`` (default: the pool's individual
+    models, then ``extra_models``) an input passes through, in slot order repeated ``repeats`` times, each with a
+    residual-branch scale in ``scales`` (None: no scales), at most ``max_layers`` (default twice the base's).
+
+    extra_models: {name: model folder} besides the pool's (e.g. ``SearchResult.save_merge``'s output); start: the
+    model whose layers, in order, the search starts from (default: none, the centre). The other options as in
+    ``search``. The result's ``recipe()`` is the stack's slices.
+    """
+    extras = {name: str(Path(path).expanduser()) for name, path in (extra_models or {}).items()}
+    spec = EvaluatorSpec(pool, "passthrough", dict(pool_options or {}), extra_models=extras)
+
+    def space(pool_workers: Workers) -> DataFlowSpace:
+        available = pool_workers.call("flow_model_names")
+        chosen = list(models) if models is not None else available
+        missing = [name for name in chosen if name not in available]
+        if missing:
+            raise ParameterError(f"search_data_flow: no model {', '.join(missing)} in {pool} (its models and the "
+                                 f"extra ones: {', '.join(available)})")
+        return DataFlowSpace(tuple(chosen), pool_workers.call("layer_count"), repeats,
+                             None if scales is None else (float(scales[0]), float(scales[1])), max_layers, start,
+                             branch_outputs=tuple(pool_workers.call("branch_outputs")))
+
+    return _run(spec, space, generations, population, sigma, seed, workers, address, checkpoint, on_generation,
+                cancel)
+
+
+def _run(spec: EvaluatorSpec, make_space, generations, population, sigma, seed, workers, address, checkpoint,
+         on_generation, cancel) -> SearchResult:
+    """Start the workers, evolve, score the best candidate on test."""
+    started = time.perf_counter()
     pool_workers = Workers(spec, workers, address)
     try:
-        names = pool_workers.call("model_names")
-        space = space_from(method, ranges, len(names), blocks, fixed)
-        config = {"pool": pool, "pool_options": spec.pool_options, "space": space.describe(),
-                  "population": population, "sigma": sigma, "seed": seed}
+        space = make_space(pool_workers)
+        config = {"pool": spec.pool, "pool_options": spec.pool_options, "space": space.describe(),
+                  "extra_models": spec.extra_models, "population": population, "sigma": sigma, "seed": seed}
         path = None if checkpoint is None else Path(checkpoint).expanduser()
         models, base = pool_workers.call("paths")
 
         def so_far(done: list[Generation], test: dict | None = None) -> SearchResult:
             generation, index = max(((g, i) for g in done for i in range(len(g.fitness))),
                                     key=lambda pair: pair[0].fitness[pair[1]])
-            return SearchResult(pool, space, list(done), space.params(generation.genomes[index]),
+            return SearchResult(spec.pool, space, list(done), space.candidate(generation.genomes[index]),
                                 generation.fitness[index], test or {}, models, base, time.perf_counter() - started)
 
         done = evolve(space, pool_workers, generations, population, sigma, seed, config, path,

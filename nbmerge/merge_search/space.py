@@ -56,7 +56,11 @@ class SearchSpace:
     def dimension(self) -> int:
         return sum(values * anchors for values, anchors in map(self._shape, self.ranges))
 
-    def params(self, genome: np.ndarray) -> dict[str, Any]:
+    def initial_mean(self) -> np.ndarray:
+        """The centre of the space: 0.5 for every gene."""
+        return np.full(self.dimension, 0.5)
+
+    def candidate(self, genome: np.ndarray) -> dict[str, Any]:
         """The merge parameters of a genome (each gene clipped to [0, 1])."""
         genome = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
         if genome.shape != (self.dimension,):
@@ -73,7 +77,7 @@ class SearchSpace:
         return params
 
     def describe(self) -> dict:
-        return {"method": self.method, "ranges": {k: list(v) for k, v in self.ranges.items()},
+        return {"space": "parameters", "method": self.method, "ranges": {k: list(v) for k, v in self.ranges.items()},
                 "n_models": self.n_models, "blocks": self.blocks, "fixed": dict(self.fixed)}
 
 

@@ -32,10 +32,10 @@ def test_a_genome_maps_onto_per_model_anchors_and_shared_values():
     space = space_from("ties", {"density": "0.2:1.0", "scaling": (0.5, 1.5)}, n_models=3, blocks=2, fixed=FIXED)
     assert space.dimension == 3 * 2 + 2  # density: per model × block; scaling: one value × block
     genome = np.array([0.0, 1.0, 0.5, 0.25, 1.0, 1.0, 0.5, 2.0])  # the last gene is clipped to 1
-    assert space.params(genome) == {"trim_scope": "tensor", "density": [[0.2, 1.0], [0.6, 0.4], [1.0, 1.0]],
+    assert space.candidate(genome) == {"trim_scope": "tensor", "density": [[0.2, 1.0], [0.6, 0.4], [1.0, 1.0]],
                                     "scaling": [1.0, 1.5]}
     one_block = space_from("ties", {"density": (0.2, 1.0)}, n_models=2)
-    assert one_block.params(np.array([0.5, 1.0])) == {"density": [0.6, 1.0]}
+    assert one_block.candidate(np.array([0.5, 1.0])) == {"density": [0.6, 1.0]}
     with pytest.raises(ParameterError, match="no parameter 'densty'"):
         space_from("ties", {"densty": (0, 1)}, 2)
     with pytest.raises(ParameterError, match="low < high"):

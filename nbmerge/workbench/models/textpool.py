@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from nbmerge.method import check_fits
+from nbmerge.method.tensor_names import count_layers
 from nbmerge.results import MergeResult
 from nbmerge.taskpool import Task, TaskPool
 from nbmerge.workbench.models.statedicts import state_dict_of
@@ -95,24 +96,39 @@ class TextTaskPool(TaskPool):
         return dict(self._individual)
 
     @cached_property
-    def _template(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModel
+    def _config(self):
+        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(self.base)
-        return AutoModel.from_config(config, add_pooling_layer=False).eval()
+        return AutoConfig.from_pretrained(self.base)
+
+    @cached_property
+    def _templates(self) -> dict[int, torch.nn.Module]:
+        return {}
+
+    def _template(self, layers: int | None = None) -> torch.nn.Module:
+        """The encoder architecture with the base's config, or with ``layers`` layers (a layer stack's count)."""
+        from transformers import AutoModel
+
+        layers = layers or self._config.num_hidden_layers
+        if layers not in self._templates:
+            config = copy.deepcopy(self._config)
+            config.num_hidden_layers = layers
+            self._templates[layers] = AutoModel.from_config(config, add_pooling_layer=False).eval()
+        return self._templates[layers]
 
     def load_encoder(self, model: Any) -> torch.nn.Module:
         """An encoder module (eval mode) from a folder/.safetensors path, a state dict, a MergeResult or a module.
 
         State dicts may carry extra entries (a pooler, buffers); every weight the encoder needs must be present.
-        A MergeResult of a module-building method is its module.
+        A state dict with another number of layers (a layer stack) gets an encoder of that depth. A MergeResult of
+        a module-building method is its module.
         """
         if isinstance(model, MergeResult) and model.module is not None:
             model = model.module
         if isinstance(model, torch.nn.Module):
             return model
         state_dict = state_dict_of(model)
-        encoder = copy.deepcopy(self._template)
+        encoder = copy.deepcopy(self._template(count_layers(state_dict)))
         wanted = encoder.state_dict()
         check_fits(state_dict, {key: value.shape for key, value in wanted.items()},
                    f"model for task pool {self.name!r}", noun="encoder weight",
