@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Merge-search benchmark: evolved TIES recipes against the best hand-tuned static merge and model soups.
+"""Merge-search benchmark: evolved recipes (parameter space, data-flow space, both) against the best hand-tuned static
+merge, a hand-made layer stack and model soups.
 
 Done-when target (issue 23): on the full profile, the PS-evolved recipe beats the best hand-tuned static merge on
 test by more than the seed spread, and per candidate the in-memory merge costs at most 20% of its evaluation.
@@ -8,11 +9,15 @@ Per seed (the zoo of ``--pool`` built with that seed; seeds 0 1 2 by default):
   best_static   the best of a hand-tuned grid chosen on validation, scored once on test: task_arithmetic over
                 scaling ∈ {0.1 .. 1.0}; ties (tensor scope) over density ∈ {0.1, 0.2, 0.4} × scaling ∈ {0.5, 0.7, 1.0};
   uniform_soup  the average of every model; greedy_soup  Wortsman et al.'s greedy soup (validation-chosen);
+  layer_stacked the best of hand-made depth up-scalings of the best static merge (its layers [0, k) then
+                [j, L): SOLAR-style frankenmerges built with ``nbmerge.stack``), chosen on validation;
   evolved_ps    ``nbmerge.search``: CMA-ES over TIES's density and weight per model and per block (``--blocks``)
-                and one scaling, ``--generations`` × ``--population`` candidates, the best by validation on test.
+                and one scaling, ``--generations`` × ``--population`` candidates, the best by validation on test;
+  evolved_dfs   ``nbmerge.search_data_flow``: CMA-ES over which layers of the individual models (2 repetitions,
+                at most 2L layers) with a residual-branch scale each, starting from the best individual model;
+  evolved_ps_dfs  the same over evolved_ps's merge and the individual models, starting from evolved_ps's merge.
 Rows: test average mean and std over seeds, candidates evaluated per minute, merge and evaluation seconds per
-candidate. Rows the project does not produce yet (evolved_dfs, evolved_ps_dfs, layer_stacked) are listed as
-missing, not invented. Writes ``--json`` (default benchmarks/results/search.json) and prints the table.
+candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints the table.
 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-tiny --seeds 0 --generations 4    # minutes
@@ -25,10 +30,11 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
-MISSING = ("evolved_dfs", "evolved_ps_dfs", "layer_stacked")
+STACKS = ((4, 2), (5, 1), (6, 3), (6, 5))  # (k, j): layers [0, k) then [j, L) of the best static merge
 
 
 def static_grid() -> list[tuple[str, dict]]:
@@ -53,6 +59,32 @@ def best_static(evaluator) -> dict:
             "candidates": len(scored)}
 
 
+def layer_stacked(evaluator, choice: dict) -> dict:
+    """Depth up-scalings of the static merge: its layers [0, k) then [j, L), chosen on validation."""
+    from nbmerge.layer_stack import LayerSlice, stack
+
+    params = {key: value for key, value in choice.items() if key != "method"}
+    merged = evaluator.merged(params, choice["method"])
+    depth = evaluator.layer_count()
+    scored = []
+    for k, j in STACKS:
+        if k > depth or j >= depth:
+            continue
+        state = stack([LayerSlice({"static": merged}, (0, k)), LayerSlice({"static": merged}, (j, depth))],
+                      progress=False).state_dict
+        scored.append((evaluator.accuracy(state), k, j, state))
+    validation, k, j, state = max(scored, key=lambda row: row[0])
+    test = evaluator.accuracy(state, "test")
+    return {"choice": {"static": choice, "layers": [[0, k], [j, depth]]}, "validation": validation, "test": test,
+            "candidates": len(scored)}
+
+
+def searched(found) -> dict:
+    return {"validation": found.best_fitness, "test": found.test_average,
+            "candidates_per_minute": found.candidates_per_minute, "merge_seconds": found.merge_seconds,
+            "eval_seconds": found.eval_seconds, "candidates": found.candidates, "recipe": found.best_params}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--pool", default="minilm-full")
@@ -68,25 +100,33 @@ def main() -> int:
     from nbmerge.merge_search.evaluator import CandidateEvaluator, EvaluatorSpec
 
     per_seed: dict[str, list[dict]] = {name: [] for name in ("best_static", "uniform_soup", "greedy_soup",
-                                                              "evolved_ps")}
+                                                              "layer_stacked", "evolved_ps", "evolved_dfs",
+                                                              "evolved_ps_dfs")}
+    budget = dict(generations=args.generations, population=args.population, workers=args.workers)
     for seed in args.seeds:
         options = {"seed": seed}
         evaluator = CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options))
-        per_seed["best_static"].append(best_static(evaluator))
+        static = best_static(evaluator)
+        per_seed["best_static"].append(static)
+        per_seed["layer_stacked"].append(layer_stacked(evaluator, static["choice"]))
         soup = nbmerge.greedy_soup(args.pool, workers=args.workers, pool_options=options)
         per_seed["uniform_soup"].append({"validation": soup.uniform_validation, "test": soup.uniform_test})
         per_seed["greedy_soup"].append({"validation": soup.greedy_validation, "test": soup.greedy_test,
                                         "ingredients": soup.ingredients})
         found = nbmerge.search(args.pool, "ties", {"density": (0.05, 1.0), "weights": (0.0, 1.5),
                                                    "scaling": (0.2, 1.5)},
-                               blocks=args.blocks, fixed={"trim_scope": "tensor"}, generations=args.generations,
-                               population=args.population, seed=seed, workers=args.workers, pool_options=options)
-        per_seed["evolved_ps"].append({"validation": found.best_fitness, "test": found.test_average,
-                                       "candidates_per_minute": found.candidates_per_minute,
-                                       "merge_seconds": found.merge_seconds, "eval_seconds": found.eval_seconds,
-                                       "candidates": found.candidates, "recipe": found.best_params})
-        print(f"seed {seed}: static {per_seed['best_static'][-1]['test']:.2f}, greedy soup "
-              f"{soup.greedy_test:.2f}, evolved {found.test_average:.2f}", flush=True)
+                               blocks=args.blocks, fixed={"trim_scope": "tensor"}, seed=seed, pool_options=options,
+                               **budget)
+        per_seed["evolved_ps"].append(searched(found))
+        flow = nbmerge.search_data_flow(args.pool, start=soup.order[0], seed=seed, pool_options=options, **budget)
+        per_seed["evolved_dfs"].append(searched(flow))
+        with tempfile.TemporaryDirectory(prefix="nbmerge-ps-") as scratch:
+            ps_merge = found.save_merge(Path(scratch) / "ps").path
+            both = nbmerge.search_data_flow(args.pool, extra_models={"ps": ps_merge}, start="ps", seed=seed,
+                                            pool_options=options, **budget)
+        per_seed["evolved_ps_dfs"].append(searched(both))
+        print(f"seed {seed}: " + ", ".join(f"{name} {runs[-1]['test']:.2f}" for name, runs in per_seed.items()),
+              flush=True)
     rows = {}
     for name, runs in per_seed.items():
         tests = [run["test"] for run in runs]
@@ -102,13 +142,12 @@ def main() -> int:
               "merge_at_most_20pct_of_eval": evolved["merge_seconds"] <= 0.2 * evolved["eval_seconds"]}
     result = {"pool": args.pool, "seeds": args.seeds, "generations": args.generations,
               "population": args.population, "blocks": args.blocks, "workers": args.workers,
-              "machine": platform.platform(), "rows": rows, "missing_rows": list(MISSING), "checks": checks}
+              "machine": platform.platform(), "rows": rows, "checks": checks}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'row':14s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
+    print(f"{'row':15s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
     for name, row in rows.items():
-        print(f"{name:14s} {row['test_mean']:9.2f} {row['test_std']:6.2f} {row.get('merge_seconds', float('nan')):8.2f} "
+        print(f"{name:15s} {row['test_mean']:9.2f} {row['test_std']:6.2f} {row.get('merge_seconds', float('nan')):8.2f} "
               f"{row.get('eval_seconds', float('nan')):7.2f} {row.get('candidates_per_minute', float('nan')):8.1f}")
-    print("missing rows (not built yet):", ", ".join(MISSING))
     print("checks:", json.dumps(checks))
     return 0
 

@@ -77,7 +77,8 @@ def _merge_recipe(argv: list[str]) -> int:
 
 
 def _search(argv: list[str]) -> int:
-    """``nbmerge search POOL METHOD --range NAME=LOW:HIGH ...`` (CMA-ES) or ``nbmerge search POOL --soup``."""
+    """``nbmerge search POOL METHOD --range NAME=LOW:HIGH ...`` (CMA-ES), ``nbmerge search POOL --data-flow`` or
+    ``nbmerge search POOL --soup``."""
     from nbmerge.merge_search.arguments import generation_line, run_from_args, search_parser
 
     parser = search_parser("nbmerge search")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
               "  nbmerge demo [--workdir DIR]\n  nbmerge bench [--profile tiny|full] [--methods M...] [--json PATH]\n"
               "  nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
               "  nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]\n"
-              "  nbmerge search POOL METHOD --range NAME=LOW:HIGH... [--generations N] [--workers W] | POOL --soup",
+              "  nbmerge search POOL METHOD --range NAME=LOW:HIGH... [--generations N] [--workers W] | POOL --data-flow | POOL --soup",
               file=sys.stderr)
         return 2
     try:

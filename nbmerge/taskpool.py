@@ -41,6 +41,7 @@ class TaskPool:
     name: str
     tasks: list[Task]
     base: Any = None  # the pretrained model the individual models were fine-tuned from
+    any_depth: bool = False  # load_encoder takes a layer stack of another depth (a data-flow search needs it)
 
     def load_encoder(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError

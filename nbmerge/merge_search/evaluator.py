@@ -140,6 +140,12 @@ class CandidateEvaluator:
 
     def flow_model_names(self) -> list[str]:
         """The models a data flow may take layers from (the pool's, then the extra ones)."""
+        from nbmerge.errors import ParameterError
+
+        if not self.pool.any_depth:
+            raise ParameterError(f"search_data_flow: task pool {self.spec.pool!r} loads encoders of one fixed "
+                                 f"layer structure only (its load_encoder takes no layer stack); use a text pool "
+                                 f"such as minilm-tiny")
         return list(self._flow_sources)
 
     def branch_outputs(self) -> list[str]:

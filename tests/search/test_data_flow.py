@@ -90,3 +90,26 @@ def test_parameter_space_then_data_flow_starts_from_the_first_searchs_merge(tiny
     merged = read_state(folder)
     assert all(torch.equal(start[key], merged[key]) for key in merged)
     assert evaluator.score(space.candidate(space.initial_mean()))[0] == pytest.approx(ps.best_fitness)
+
+
+def test_the_cli_runs_a_data_flow_search_and_names_its_mistakes(tiny_zoo, tmp_path, capsys):
+    import yaml
+
+    from nbmerge.cli import main
+
+    for argv, message in ((["ties", "--data-flow"], "drop METHOD and --range"),
+                          (["--data-flow", "--scales", "1"], "--scales '1': expected LOW:HIGH or none")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["search", "minilm-tiny", *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    recipe = tmp_path / "stack.yml"
+    assert main(["search", "minilm-tiny", "--data-flow", "--repeats", "1", "--scales", "none", "--max-layers", "3",
+                 "--generations", "1", "--population", "4", "--recipe-out", str(recipe)]) == 0
+    slices = yaml.safe_load(recipe.read_text())["slices"]
+    assert 1 <= sum(end - start for piece in slices for start, end in [piece["layers"]]) <= 3
+    assert all("params" not in piece for piece in slices)  # no scales searched
+
+
+def test_a_pool_of_fixed_depth_refuses_a_data_flow_search(tiny_vision_zoo):
+    with pytest.raises(ParameterError, match="vision-tiny.* fixed layer structure"):
+        nbmerge.search_data_flow("vision-tiny", generations=1)

@@ -86,6 +86,8 @@ class TextTask(Task):
 class TextTaskPool(TaskPool):
     """Tasks sharing one encoder architecture (``base`` folder: config, tokenizer, pretrained weights)."""
 
+    any_depth = True
+
     def __init__(self, name: str, base: Path, tasks: list[TextTask], individual: Mapping[str, Path]):
         self.name = name
         self.base = Path(base)
