@@ -60,25 +60,6 @@ def test_a_candidate_is_the_layer_stack_of_its_source_layers(evaluator, tiny_zoo
         evaluator.flow_state([])
 
 
-def test_the_searched_stack_reruns_from_its_recipe_and_loads_at_its_depth(tiny_zoo, tmp_path):
-    from transformers import AutoModel
-
-    from nbmerge.recipes import parse_recipe, run_recipe
-    from nbmerge.workbench.evaluation import evaluate
-
-    found = nbmerge.search_data_flow("minilm-tiny", repeats=1, generations=1, population=4, seed=1,
-                                     start=next(iter(tiny_zoo.models)))
-    assert found.candidates == 4 and found.best_fitness == max(found.generations[0].fitness)
-    flow = found.best_params["data_flow"]
-    out = run_recipe(parse_recipe(found.recipe()), out=tmp_path / "stacked", progress=False).path
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == len(flow)
-    module = AutoModel.from_pretrained(out)
-    assert len(module.encoder.layer) == len(flow)
-    pool = nbmerge.task_pool("minilm-tiny", progress=False)
-    assert evaluate(out, pool, "validation", progress=False).average == pytest.approx(found.best_fitness)
-    assert evaluate(out, pool, "test", progress=False).accuracy == pytest.approx(found.test)
-
-
 def test_parameter_space_then_data_flow_starts_from_the_first_searchs_merge(tiny_zoo, tmp_path):
     ps = nbmerge.search("minilm-tiny", "ties", {"density": (0.2, 1.0)}, fixed={"trim_scope": "tensor"},
                         generations=1, population=4, seed=0)
@@ -92,22 +73,35 @@ def test_parameter_space_then_data_flow_starts_from_the_first_searchs_merge(tiny
     assert evaluator.score(space.candidate(space.initial_mean()))[0] == pytest.approx(ps.best_fitness)
 
 
-def test_the_cli_runs_a_data_flow_search_and_names_its_mistakes(tiny_zoo, tmp_path, capsys):
+def test_a_searched_stack_reruns_from_its_recipe_at_its_depth_with_the_searched_fitness(tiny_zoo, tmp_path,
+                                                                                     capsys):
+    """Through the CLI: the recipe it writes rebuilds a model folder of the stack's depth that transformers loads
+    and that scores the search's best validation accuracy (read from the checkpoint)."""
     import yaml
+    from transformers import AutoModel
 
     from nbmerge.cli import main
+    from nbmerge.recipes import parse_recipe, run_recipe
+    from nbmerge.workbench.evaluation import evaluate
 
     for argv, message in ((["ties", "--data-flow"], "drop METHOD and --range"),
                           (["--data-flow", "--scales", "1"], "--scales '1': expected LOW:HIGH or none")):
         with pytest.raises(SystemExit) as exit_info:
             main(["search", "minilm-tiny", *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    recipe = tmp_path / "stack.yml"
-    assert main(["search", "minilm-tiny", "--data-flow", "--repeats", "1", "--scales", "none", "--max-layers", "3",
-                 "--generations", "1", "--population", "4", "--recipe-out", str(recipe)]) == 0
+    recipe, checkpoint = tmp_path / "stack.yml", tmp_path / "search.json"
+    assert main(["search", "minilm-tiny", "--data-flow", "--start", next(iter(tiny_zoo.models)), "--repeats", "1",
+                 "--max-layers", "5", "--generations", "1", "--population", "4", "--seed", "1",
+                 "--checkpoint", str(checkpoint), "--recipe-out", str(recipe)]) == 0
     slices = yaml.safe_load(recipe.read_text())["slices"]
-    assert 1 <= sum(end - start for piece in slices for start, end in [piece["layers"]]) <= 3
-    assert all("params" not in piece for piece in slices)  # no scales searched
+    depth = sum(end - start for piece in slices for start, end in [piece["layers"]])
+    assert 1 <= depth <= 5
+    out = run_recipe(parse_recipe(recipe.read_text()), out=tmp_path / "stacked", progress=False).path
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth
+    assert len(AutoModel.from_pretrained(out).encoder.layer) == depth
+    best = max(f for generation in json.loads(checkpoint.read_text())["generations"] for f in generation["fitness"])
+    pool = nbmerge.task_pool("minilm-tiny", progress=False)
+    assert evaluate(out, pool, "validation", progress=False).average == pytest.approx(best)
 
 
 def test_a_pool_of_fixed_depth_refuses_a_data_flow_search(tiny_vision_zoo):
