@@ -54,7 +54,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         from nbmerge.module_merge import build_merge
 
         return build_merge(merge_method, models, base, pool, params, split=split, out=out, overwrite=overwrite,
-                           progress=progress, on_progress=on_progress, cancel=cancel)
+                           progress=progress, on_progress=on_progress, cancel=cancel,
+                           allow_nonfinite=allow_nonfinite)
     if pool is not None:
         raise ParameterError(f"{merge_method.name}: merges tensor by tensor and uses no task pool; drop pool=...")
     labelled = labelled_models(models)

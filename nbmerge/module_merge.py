@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from nbmerge.engine.memory import peak_rss_bytes, reset_peak_rss
 from nbmerge.engine.progress import ProgressEvent, check_cancel
-from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.errors import ModelInputError, NonFiniteError, ParameterError
 from nbmerge.io.trained_state import checked_out_path, fingerprint, read_trained, write_trained
 from nbmerge.method.declaration import MergeMethod, ModuleJob, UnlabeledTask
 from nbmerge.plugins import get_method
@@ -27,13 +27,15 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
                 params: dict[str, Any], *, split: str = "test", out: str | Path | None = None,
                 overwrite: bool = False, progress: bool = True, trained_state: dict | None = None,
                 expected_fingerprints: dict | None = None, source: str = "", on_progress=None,
-                cancel: threading.Event | None = None):
+                cancel: threading.Event | None = None, allow_nonfinite: bool = False):
     """Run ``method.build_module`` on modules from ``pool`` and return a MergeResult with ``.module``.
 
     models: {task name: model} (or a list of paths whose folder names are task names); every model's task in
     ``pool`` gives the unlabeled inputs of ``split``. out: a ``.safetensors`` file for the trained state.
     on_progress gets a ProgressEvent("adapt", steps done, steps planned) after each training step; a set
-    ``cancel`` event stops the build before its next step (MergeCancelled; nothing is written).
+    ``cancel`` event stops the build before its next step (MergeCancelled; nothing is written). A model holding
+    NaN or Inf, or a build whose trained tensors end up so, raises NonFiniteError naming the model (or method) and
+    tensor before anything is written, unless ``allow_nonfinite``.
     """
     def step_done(done: int, total: int) -> None:
         if on_progress is not None:
@@ -53,6 +55,9 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
     started = time.perf_counter()
     base_module = pool.load_encoder(base)
     modules = {name: pool.load_encoder(model) for name, model in named.items()}
+    if not allow_nonfinite:
+        for label, module in [("base", base_module), *modules.items()]:
+            _check_finite(module.state_dict(), f"{method.name}: model {label!r}", "fix the input")
     fingerprints = {"base": fingerprint(base_module), "models": {n: fingerprint(m) for n, m in modules.items()}}
     if expected_fingerprints is not None:
         _check_same_models(source, expected_fingerprints, fingerprints)
@@ -60,6 +65,8 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
     check_cancel(cancel, "before training")
     built = method.build_module(ModuleJob(base_module, modules, checked, tasks, trained_state, progress, step_done,
                                           _validation_score(pool, list(named))))
+    if not allow_nonfinite:
+        _check_finite(built.trained or {}, f"{method.name}: the trained", "lower the learning rate or the steps")
     seconds = time.perf_counter() - started
     recipe = recipe_header(method, checked, list(named), model_label(base, type(base).__name__),
                            pool=getattr(pool, "name", ""), split=split, fingerprints=fingerprints,
@@ -133,6 +140,16 @@ def load_trained(path: str | Path, models: Sequence[Any] | Mapping[str, Any], ba
     return build_merge(method, named, base, pool, recipe["params"], split=recipe.get("split", "test"),
                        progress=progress, trained_state=tensors, expected_fingerprints=recipe["fingerprints"],
                        source=str(path))
+
+
+def _check_finite(state: Mapping, where: str, fix: str) -> None:
+    """NonFiniteError naming the first floating-point tensor of ``state`` that holds NaN or Inf."""
+    from nbmerge.engine.stream import finite
+
+    for name, tensor in state.items():
+        if not finite(tensor):
+            raise NonFiniteError(f"{where} tensor {name!r} holds NaN or Inf; nothing was written. {fix[0].upper()}"
+                                 f"{fix[1:]}, or pass allow_nonfinite=True (--allow-nonfinite) to go on anyway")
 
 
 def _check_same_models(source: str, expected: dict, found: dict) -> None:

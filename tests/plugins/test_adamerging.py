@@ -115,3 +115,22 @@ def test_a_model_of_another_architecture_is_refused_by_name(bert_pool):
     other["task1"] = wrong
     with pytest.raises(ModelInputError, match="adamerging: fine-tuned model 'task1'"):
         AdaMergedModule(base, other, "task", 0.3)
+
+
+def test_a_model_holding_nan_is_refused_by_name_unless_allowed(bert_pool):
+    import copy
+
+    from nbmerge.errors import NonFiniteError
+
+    base, fine_tuned, pool = bert_pool
+    task = next(iter(fine_tuned))
+    spoiled = copy.deepcopy(fine_tuned[task])
+    name, parameter = next((n, p) for n, p in spoiled.named_parameters() if n.endswith("query.weight"))
+    with torch.no_grad():
+        parameter.view(-1)[3] = float("nan")
+    models = {**fine_tuned, task: spoiled}
+    with pytest.raises(NonFiniteError, match=rf"adamerging: model '{task}' tensor '{name}' holds NaN or Inf"):
+        nbmerge.merge("adamerging", models, base=base, pool=pool, progress=False, steps=1)
+    allowed = nbmerge.merge("adamerging", models, base=base, pool=pool, progress=False, steps=0,
+                            allow_nonfinite=True)
+    assert allowed.module is not None
