@@ -32,8 +32,8 @@ def search_parser(prog: str, parser_class: type = argparse.ArgumentParser) -> ar
                       "of a method's parameters")
     flow.add_argument("--start", help="the model whose layers, in order, the search starts from")
     flow.add_argument("--repeats", type=int, default=2, help="how often every model's layers repeat (default 2)")
-    flow.add_argument("--scales", default="0:1.5", metavar="LOW:HIGH",
-                      help="range of each layer's residual-branch scale, or 'none' (default 0:1.5)")
+    flow.add_argument("--scales", default="0.5:1.5", metavar="LOW:HIGH",
+                      help="range of each layer's residual-branch scale, or 'none' (default 0.5:1.5)")
     flow.add_argument("--max-layers", type=int, help="most layers a candidate has (default: twice the base's)")
     flow.add_argument("--extra", action="append", default=[], metavar="NAME=FOLDER",
                       help="a model besides the pool's whose layers the search may use (e.g. an earlier merge)")

@@ -26,6 +26,7 @@ class Generation:
     eval_seconds: list[float]
     errors: list[str | None] = field(default_factory=list)
     wall_seconds: float = 0.0  # the generation's wall time (its candidates ran in parallel on the workers)
+    start: bool = False  # the search's starting point, scored before the first generation (not told to CMA-ES)
 
     @property
     def best(self) -> float:

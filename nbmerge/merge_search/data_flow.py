@@ -13,7 +13,8 @@ A candidate is a layer stack (``nbmerge.stack``): one passthrough slice per run 
 with one scale; the embeddings come from the first slice's model and the tensors after the layer stack from the
 last slice's. ``SearchResult.recipe()`` writes those slices, so ``%%merge`` rebuilds the candidate exactly.
 The search starts at ``start``'s layers in order (slots of its first repetition at 0.5 + ``margin``, every other
-slot at 0.5 − ``margin``; scales at 1 where 1 lies in the range), or at 0.5 everywhere.
+slot at 0.5 − ``margin``; scales at 1 where 1 lies in the range), which is scored first, so the best candidate is
+never worse on validation than the start model; or at 0.5 everywhere.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class DataFlowSpace:
     models: tuple[str, ...]  # the layer sources, in slot order
     layers: int  # L, layers per model
     repeats: int = 2
-    scales: tuple[float, float] | None = (0.0, 1.5)
+    scales: tuple[float, float] | None = (0.5, 1.5)
     max_layers: int | None = None
     start: str | None = None
-    margin: float = 0.2
+    margin: float = 0.3
     branch_outputs: tuple[str, ...] = BRANCH_OUTPUTS
 
     def __post_init__(self):
@@ -84,6 +85,10 @@ class DataFlowSpace:
             low, high = self.scales
             mean[self.slots:] = (1.0 - low) / (high - low) if low <= 1.0 <= high else 0.5
         return mean
+
+    def start_genome(self) -> np.ndarray | None:
+        """The start model's layers in order (scored before the first generation), or None without a start."""
+        return None if self.start is None else self.initial_mean()
 
     def candidate(self, genome: np.ndarray) -> dict:
         """{"data_flow": [[model, layer, scale], ...]}: the included layers in order (genes clipped to [0, 1])."""

@@ -1,6 +1,7 @@
 """CMA-ES over a search space (Hansen's evolution strategy, the ``cmaes`` package), one generation at a time.
 
-Each generation the optimizer proposes λ genomes in [0, 1]^d (``population``, default 4 + ⌊3 ln d⌋); the workers
+A space with a starting point worth scoring (a data flow's start model) scores it first, recorded as a
+generation of its own that the optimizer is not told. Each generation the optimizer proposes λ genomes in [0, 1]^d (``population``, default 4 + ⌊3 ln d⌋); the workers
 score their merges; the optimizer is told −fitness (it minimises). Start: the space's initial mean (its centre,
 0.5 each, or a data flow's start model) with step size ``sigma``. After every generation the checkpoint is rewritten and ``on_generation(generations)`` is called;
 a set ``cancel`` event stops the search between generations (what finished is kept).
@@ -35,13 +36,20 @@ def evolve(space: SearchSpace | DataFlowSpace, workers: Workers, generations: in
            cancel: threading.Event | None = None) -> list[Generation]:
     cma = optimizer(space.initial_mean(), population, sigma, seed)
     done = checkpoint.load(checkpoint_path, config)
-    for recorded in done:  # replay: the same asks, the same tells, the same state
+    start = space.start_genome()
+    if start is not None and not done:
+        started = time.perf_counter()
+        fitness, merge_s, eval_s, error = workers.score_all([space.candidate(start)])[0]
+        done.append(Generation([list(map(float, start))], [fitness], [merge_s], [eval_s], [error],
+                               time.perf_counter() - started, start=True))
+        checkpoint.save(checkpoint_path, config, done)
+    for recorded in (g for g in done if not g.start):  # replay: the same asks, the same tells, the same state
         asked = [cma.ask() for _ in range(cma.population_size)]
         if not np.allclose(asked, recorded.genomes, atol=1e-9):
             raise RuntimeError(f"search: replaying checkpoint {checkpoint_path} proposed other candidates than it "
                                f"records (a different cmaes version?); start afresh")
         cma.tell([(np.array(g), -f) for g, f in zip(recorded.genomes, recorded.fitness)])
-    while len(done) < generations and not (cancel is not None and cancel.is_set()):
+    while sum(not g.start for g in done) < generations and not (cancel is not None and cancel.is_set()):
         genomes = [cma.ask() for _ in range(cma.population_size)]
         started = time.perf_counter()
         scores = workers.score_all([space.candidate(g) for g in genomes])

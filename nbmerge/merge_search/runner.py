@@ -141,7 +141,7 @@ def search(pool: str, method: str, ranges: Mapping[str, Any], *, blocks: int = 1
 
 
 def search_data_flow(pool: str, *, models: list[str] | None = None, extra_models: Mapping[str, Any] | None = None,
-                     start: str | None = None, repeats: int = 2, scales: tuple[float, float] | None = (0.0, 1.5),
+                     start: str | None = None, repeats: int = 2, scales: tuple[float, float] | None = (0.5, 1.5),
                      max_layers: int | None = None, generations: int = 10, population: int | None = None,
                      sigma: float = 0.15, seed: int = 0, workers: int = 0, address: str | None = None,
                      checkpoint: str | Path | None = None, pool_options: Mapping[str, Any] | None = None,

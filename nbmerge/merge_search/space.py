@@ -60,6 +60,10 @@ class SearchSpace:
         """The centre of the space: 0.5 for every gene."""
         return np.full(self.dimension, 0.5)
 
+    def start_genome(self) -> None:
+        """No starting point worth scoring on its own (the centre is a mix of every range)."""
+        return None
+
     def candidate(self, genome: np.ndarray) -> dict[str, Any]:
         """The merge parameters of a genome (each gene clipped to [0, 1])."""
         genome = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)

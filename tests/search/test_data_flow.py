@@ -71,6 +71,9 @@ def test_parameter_space_then_data_flow_starts_from_the_first_searchs_merge(tiny
     merged = read_state(folder)
     assert all(torch.equal(start[key], merged[key]) for key in merged)
     assert evaluator.score(space.candidate(space.initial_mean()))[0] == pytest.approx(ps.best_fitness)
+    # the search scores its start before the first generation: never worse on validation than the PS merge
+    both = nbmerge.search_data_flow("minilm-tiny", extra_models={"ps": folder}, start="ps", generations=0)
+    assert [g.start for g in both.generations] == [True] and both.best_fitness == pytest.approx(ps.best_fitness)
 
 
 def test_a_searched_stack_reruns_from_its_recipe_at_its_depth_with_the_searched_fitness(tiny_zoo, tmp_path,
