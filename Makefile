@@ -49,8 +49,10 @@ install: $(STAMP) $(KERNELS) $(IMAGE_DATA)
 demo: $(STAMP) $(KERNELS)
 	$(BIN)/nbmerge demo
 
+# two pytest workers, one test file each at a time: half the suite is single-threaded Python (imports, kernels,
+# notebooks, subprocesses), which then overlaps the other half's torch work on the second core
 test: $(STAMP) $(KERNELS) $(CHROMIUM) $(IMAGE_DATA)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 notebooks: $(STAMP) $(KERNELS) $(IMAGE_DATA)
 	$(BIN)/python scripts/notebooks.py --store

