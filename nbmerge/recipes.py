@@ -223,7 +223,7 @@ def from_mergekit(config: Mapping) -> MergeCall:
     base = config.get("base_model")
     if base is not None:
         _no_lora(_reference(base, "base_model"))
-    top = dict(config.get("parameters") or {})
+    top = _parameters(config.get("parameters"), "parameters")
     if "slices" in config and "models" in config:
         raise RecipeError("recipe: give either 'models' or 'slices', not both")
     if "slices" not in config:
@@ -264,7 +264,7 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     references = [entry["model"] for entry in entries]
     for entry in entries:
         reference = _reference(entry["model"], "model")
-        own = dict(entry.get("parameters") or {})
+        own = _parameters(entry.get("parameters"), f"parameters of model {reference!r}")
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
         _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {reference!r}")
@@ -322,7 +322,16 @@ def _slice_entries(item: Any, where: str) -> tuple[list[dict], dict]:
     entries = [_model_entry(source) for source in _as_list(item.get("sources"), f"{where}.sources")]
     for j, entry in enumerate(entries):
         entry["layer_range"] = list(_layer_pair(entry.get("layer_range"), f"{where}.sources[{j}] layer_range"))
-    return entries, dict(item.get("parameters") or {})
+    return entries, _parameters(item.get("parameters"), f"{where}.parameters")
+
+
+def _parameters(value: Any, where: str) -> dict:
+    """A mergekit ``parameters`` block: a mapping (absent or empty: none)."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {value!r}")
+    return dict(value)
 
 
 def _setting(value: Any, default: Any, where: str) -> Any:

@@ -93,6 +93,12 @@ def test_nbmerge_spelling_is_the_api_keywords():
 
 
 @pytest.mark.parametrize("text, message", [
+    ("merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: true",
+     "recipe: parameters must be a mapping of parameter names to values, got True"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: x, parameters: [[]]}]",
+     "recipe: parameters of model 'x' must be a mapping"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: x, layer_range: [0, 2]}], parameters: [1]}]",
+     "recipe: slices[0].parameters must be a mapping"),
     ("merge_method: arcee_fusion\nmodels: [x]", "merge_method 'arcee_fusion' is not supported; nbmerge maps linear, "),
     ("merge_method: ties\nmodels: [x]\nchat_template: chatml", "'chat_template' is not supported"),
     ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: union, tokens: {}}",

@@ -110,3 +110,35 @@ KEYS = st.sampled_from(["merge_method", "method", "models", "base_model", "base"
                                                                 "dare_ties"])), min_size=1, max_size=6))
 def test_structured_recipes(config):
     check_recipe(yaml.safe_dump(config))
+
+
+LAYER_RANGES = st.one_of(st.lists(st.integers(-2, 40), min_size=0, max_size=3), VALUES)
+MERGEKIT_SOURCE = st.fixed_dictionaries({"model": st.sampled_from(["a", "b", "c"]), "layer_range": LAYER_RANGES},
+                                        optional={"parameters": VALUES})
+NBMERGE_SLICE = st.fixed_dictionaries({"models": st.one_of(st.lists(st.sampled_from(["a", "b"]), max_size=2),
+                                                           VALUES),
+                                       "layers": LAYER_RANGES},
+                                      optional={"method": st.sampled_from(["passthrough", "linear", "slerp", "x"]),
+                                                "params": VALUES, "base": st.sampled_from(["a", "c"]),
+                                                "base_layers": LAYER_RANGES})
+
+
+@FUZZ
+@given(st.one_of(
+    st.fixed_dictionaries({"slices": st.lists(st.fixed_dictionaries({"sources": st.lists(MERGEKIT_SOURCE,
+                                                                                             max_size=3)}),
+                                              max_size=3),
+                           "merge_method": st.sampled_from(["passthrough", "slerp", "linear", "ties", "della"])},
+                          optional={"base_model": st.sampled_from(["a", "b"]), "parameters": VALUES,
+                                    "dtype": st.sampled_from(["float16", "bfloat16", "int8"])}),
+    st.fixed_dictionaries({"slices": st.lists(NBMERGE_SLICE, max_size=3)}, optional={"out_dtype": VALUES})))
+def test_structured_slice_recipes(config):
+    """mergekit ``slices: [{sources: [{model, layer_range}]}]`` and nbmerge ``slices: [{models, layers}]``: a call
+    whose every slice names its models and a [start, end] pair of ints, or one RecipeError."""
+    try:
+        call = parse_recipe(yaml.safe_dump(config))
+    except RecipeError:
+        return
+    assert isinstance(call, MergeCall) and call.models
+    for piece in call.slices or []:
+        assert piece.models and all(isinstance(v, int) for pair in piece.layers.values() for v in pair)
