@@ -10,9 +10,18 @@ import torch
 
 from nbmerge.engine.plan import make_plan
 from nbmerge.engine.progress import ProgressEvent
-from nbmerge.engine.run import MergePart, Output, check_output_apart, resolve_device, resolve_dtype, run_parts
+from nbmerge.engine.run import (
+    MergePart,
+    Output,
+    check_chat_template_output,
+    check_output_apart,
+    resolve_device,
+    resolve_dtype,
+    run_parts,
+)
 from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ParameterError
+from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import choose_tokenizer_folder
 from nbmerge.plugins import all_methods, get_method
@@ -26,7 +35,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
-          pool: Any = None, split: str = "test", tokenizer_source: Any = None, **params: Any) -> MergeResult:
+          pool: Any = None, split: str = "test", tokenizer_source: Any = None, chat_template: str | None = None,
+          **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -42,6 +52,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       tokenizer_source: the model (a label, the object or path given) whose tokenizer files the output folder
       gets instead of the base's (or first model's); every model's vocabulary must equal it ("union": the
       vocabularies must already be one), since nbmerge does not permute embedding rows.
+      chat_template: the output folder's chat template: a built-in name (chatml, llama3, alpaca, mistral),
+      "auto" (the most common among the models'), or Jinja text (``nbmerge.io.chat_templates``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
       stops the merge with a NonFiniteError naming it (and its file), before anything is written.
 
@@ -63,6 +75,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
     target_device = resolve_device(device)
     dtype = resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
+    check_chat_template_output(chat_template, out_path)
     sources: list[ModelSource] = []
     try:
         for label, model in labelled:
@@ -80,7 +93,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         part = MergePart(merge_method, checked, plan, model_sources, base_source)
         output = Output(out_path, recipe, parse_size(shard_size), overwrite,
                         base_source.folder if base_source is not None else model_sources[0].folder,
-                        choose_tokenizer_folder(tokenizer_source, sources, labelled, base))
+                        choose_tokenizer_folder(tokenizer_source, sources, labelled, base),
+                        chat_template=choose_chat_template(chat_template, [source.folder for source in sources]))
         return run_parts([part], output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:

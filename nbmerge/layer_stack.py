@@ -18,9 +18,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nbmerge.engine.plan import make_plan
 from nbmerge.engine.progress import ProgressEvent
-from nbmerge.engine.run import MergePart, Output, check_output_apart, resolve_device, resolve_dtype, run_parts
+from nbmerge.engine.run import (
+    MergePart,
+    Output,
+    check_chat_template_output,
+    check_output_apart,
+    resolve_device,
+    resolve_dtype,
+    run_parts,
+)
 from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.tokenizers import choose_tokenizer_folder
 from nbmerge.io.sources import ModelSource, open_model
@@ -48,12 +57,15 @@ class LayerSlice:
 def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device: str = "auto",
           out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
-          cancel: threading.Event | None = None, tokenizer_source: Any = None) -> MergeResult:
-    """Stack the slices' layers into one model; ``out`` as in ``nbmerge.merge`` (None: in memory)."""
+          cancel: threading.Event | None = None, tokenizer_source: Any = None,
+          chat_template: str | None = None) -> MergeResult:
+    """Stack the slices' layers into one model; ``out``, ``tokenizer_source`` and ``chat_template`` as in
+    ``nbmerge.merge`` (None: in memory)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
+    check_chat_template_output(chat_template, out_path)
     opened: dict[Any, ModelSource] = {}
     try:
         parts, recorded, offset = [], [], 0
@@ -72,7 +84,8 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
         labelled = [(source.label, source) for source in sources]
         output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
                         choose_tokenizer_folder(tokenizer_source, sources, labelled, None),
-                        _config_edits(config_folder, parts, offset))
+                        _config_edits(config_folder, parts, offset),
+                        choose_chat_template(chat_template, [source.folder for source in sources]))
         return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in opened.values():

@@ -51,14 +51,15 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source")
+RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
+               "chat_template")
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "tokenizer", "name")  # name: mergekit-multi's label for this merge's output
+                 "tokenizer_source", "tokenizer", "chat_template",
+                 "name")  # name: mergekit-multi's label for this merge's output
 # mergekit options that change what a merge produces and that nbmerge does not do
 MERGEKIT_UNSUPPORTED = {
-    "chat_template": "nbmerge copies the tokenizer files of one model, chat template included",
     "modules": "per-module recipes",
 }
 # mergekit parameters that only change memory use, not the result
@@ -559,7 +560,22 @@ def _mergekit_options(config: Mapping, base, references: set) -> dict:
         source = tokenizer.get("source")
     if source is not None:
         options["tokenizer_source"] = _tokenizer_source(source, base, references)
+    if config.get("chat_template") is not None:
+        options["chat_template"] = _chat_template(config["chat_template"])
     return options
+
+
+def _chat_template(value: Any) -> str:
+    """A chat_template the output can get: 'auto', a built-in name, or Jinja text (mergekit's rule: a ``{`` and at
+    least 20 characters)."""
+    from nbmerge.io.chat_templates import BUILT_IN
+
+    if not isinstance(value, str):
+        raise RecipeError(f"recipe: chat_template must be a template name, 'auto' or Jinja text, got {value!r}")
+    if value != "auto" and value not in BUILT_IN and (len(value) < 20 or "{" not in value):
+        raise RecipeError(f"recipe: chat_template {value!r} is not one of nbmerge's built-in templates "
+                          f"({', '.join(BUILT_IN)}); give 'auto' or the template's Jinja text")
+    return value
 
 
 def _tokenizer_source(source, base, references: set):

@@ -55,6 +55,7 @@ class Output:
     config_folder: Path | None
     tokenizer_folder: Path | None = None
     config_edits: dict | None = None
+    chat_template: str | None = None  # the template text the tokenizer gets
 
 
 def run_parts(parts: list[MergePart], output: Output, device, progress, on_progress, cancel,
@@ -68,7 +69,8 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
     sink = (MemorySink() if output.path is None
             else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
-                            output.config_folder, output.tokenizer_folder, output.config_edits))
+                            output.config_folder, output.tokenizer_folder, output.config_edits,
+                            output.chat_template))
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,6 +103,12 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     if output.path is None:
         return MergeResult(report, output.recipe, state_dict=sink.state_dict)
     return MergeResult(report, output.recipe, path=output.path)
+
+
+def check_chat_template_output(chat_template, out_path: Path | None) -> None:
+    if chat_template is not None and (out_path is None or out_path.suffix == ".safetensors"):
+        raise ParameterError("chat_template: goes into the output folder's tokenizer files; give out=FOLDER (an "
+                             "in-memory merge or a single .safetensors file has none)")
 
 
 def check_output_apart(out_path: Path, sources: list[ModelSource]) -> None:

@@ -72,17 +72,19 @@ class FolderSink:
     """Writes ``out`` (a folder, or a single file when it ends in .safetensors) atomically; ``layout`` lists every
     output tensor as (name, dtype, shape) in the order ``put`` receives them. A folder gets the config files of
     ``config_folder`` (config.json with ``config_edits`` applied, and the output dtype) and the tokenizer files of
-    ``tokenizer_folder`` (default: the config folder)."""
+    ``tokenizer_folder`` (default: the config folder), with ``chat_template`` (text) as its chat template when
+    given (chat_template.jinja; any other copy of a template removed, so that one is read)."""
 
     def __init__(self, out: Path, layout: list[tuple[str, torch.dtype, tuple]], recipe: dict, shard_size: int,
                  overwrite: bool, config_folder: Path | None, tokenizer_folder: Path | None = None,
-                 config_edits: dict | None = None):
+                 config_edits: dict | None = None, chat_template: str | None = None):
         self.out = out
         self.single_file = out.suffix == ".safetensors"
         check_output_free(out, overwrite)
         self.recipe, self.config_folder = recipe, config_folder
         self.tokenizer_folder = tokenizer_folder or config_folder
         self.config_edits = dict(config_edits or {})
+        self.chat_template = chat_template
         self.bytes_written = 0
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,8 @@ class FolderSink:
                 source = folder / name
                 if source.is_file():
                     shutil.copy2(source, self.partial / name)
+        if self.chat_template is not None:
+            self._write_chat_template()
         edits = dict(self.config_edits)
         out_dtype = self.recipe.get("out_dtype")
         config_path = self.partial / "config.json"
@@ -150,6 +154,16 @@ class FolderSink:
             edits.update({key: out_dtype for key in ("torch_dtype", "dtype") if key in config})
         config.update(edits)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+    def _write_chat_template(self) -> None:
+        (self.partial / "chat_template.json").unlink(missing_ok=True)
+        tokenizer_config = self.partial / "tokenizer_config.json"
+        if tokenizer_config.exists():
+            settings = json.loads(tokenizer_config.read_text())
+            if settings.pop("chat_template", None) is not None:
+                tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
+        (self.partial / "chat_template.jinja").write_text(self.chat_template)
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:

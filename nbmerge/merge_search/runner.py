@@ -84,8 +84,7 @@ class SearchResult:
         """Write the best candidate's merge to ``out`` (a model folder), e.g. to search its data flow next."""
         from nbmerge.recipes import parse_recipe, run_recipe
 
-        return run_recipe(parse_recipe(self.recipe()), lambda ref: ref, out=out, overwrite=overwrite,
-                          progress=False)
+        return run_recipe(parse_recipe(self.recipe()), out=out, overwrite=overwrite, progress=False)
 
     def figure(self):
         from nbmerge.workbench.plots import search_curve

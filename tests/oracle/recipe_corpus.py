@@ -55,16 +55,22 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
         local = {**local, "dtype": "float32"}
         local.pop("out_dtype", None)
     theirs_dir = workdir / f"mk-{path.stem}"
+    templated = local.get("chat_template") is not None  # then both write a tokenizer whose templates are compared
     try:
-        theirs = run_mergekit(local, theirs_dir)
+        theirs = run_mergekit(local, theirs_dir, copy_tokenizer=templated)
     except Exception as exc:  # noqa: BLE001 - mergekit's own refusal, recorded as such
         return CaseResult(path.name, method, "mergekit refuses", f"{type(exc).__name__}: {exc}".splitlines()[0])
     from nbmerge.recipes import run_recipe
 
+    ours_dir = workdir / f"nb-{path.stem}" if templated else None
     try:
-        ours = run_recipe(parse_recipe(json.dumps(local)), progress=False).state_dict
+        merged = run_recipe(parse_recipe(json.dumps(local)), out=ours_dir, overwrite=True if templated else None,
+                            progress=False)
     except NBMergeError as exc:
         return CaseResult(path.name, method, "refused", str(exc))
+    ours = merged.state_dict if ours_dir is None else _load_folder(ours_dir)
+    if templated and chat_rendering(ours_dir) != chat_rendering(theirs_dir):
+        return CaseResult(path.name, method, "different", "the output tokenizers' chat templates render differently")
     if set(ours) != set(theirs):
         return CaseResult(path.name, method, "different", f"tensors differ: {sorted(set(ours) ^ set(theirs))[:3]}")
     if method in RANDOM_METHODS and _has_drops(local):
@@ -75,7 +81,8 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
     worst, mismatched = _difference(ours, theirs)
     computed = f" (both computed in float32; the recipe's {written_dtype})" if written_dtype in HALF_DTYPES else ""
     if worst <= 1e-5 or mismatched <= 1e-3:
-        return CaseResult(path.name, method, "equal", f"max |Δ| {worst:.1e}{computed}")
+        template = "; chat templates render alike" if templated else ""
+        return CaseResult(path.name, method, "equal", f"max |Δ| {worst:.1e}{computed}{template}")
     return CaseResult(path.name, method, "different", f"max |Δ| {worst:.2e}; {mismatched:.2%} of entries off")
 
 
@@ -174,11 +181,22 @@ def _write_tokenizer(folder: Path, vocab: int) -> None:
                             eos_token="</s>").save_pretrained(folder)
 
 
-def run_mergekit(config: dict, out: Path) -> dict[str, torch.Tensor]:
+def chat_rendering(folder: Path) -> str:
+    """A system/user/assistant/user conversation rendered by the chat template of the tokenizer in ``folder``."""
+    from transformers import AutoTokenizer
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
+    return AutoTokenizer.from_pretrained(folder).apply_chat_template(conversation, tokenize=False,
+                                                                     add_generation_prompt=True)
+
+
+def run_mergekit(config: dict, out: Path, copy_tokenizer: bool = False) -> dict[str, torch.Tensor]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    options = MergeOptions(device="cpu", copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True,
+                           random_seed=0)
     run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
     return _load_folder(out)
 

@@ -447,3 +447,50 @@ def test_slerp_per_slice_with_different_ranges_is_mergekits(llama_set, tmp_path)
 
     ours = run_recipe(parse_recipe(json.dumps(recipe)), progress=False).state_dict
     assert_matches(ours, theirs, atol=1e-5)
+
+
+# -- chat templates: nbmerge's built-in ones render as mergekit's of the same name ----------------------------------
+CONVERSATIONS = [
+    [{"role": "user", "content": "  Hello there \n"}],
+    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": " 4 "}, {"role": "user", "content": "and 3+3?"}],
+    [{"role": "user", "content": "Translate"}, {"role": "user_context", "content": " chat "},
+     {"role": "assistant", "content": "Unterhaltung"}],
+    [{"role": "system", "content": "one"}, {"role": "system", "content": " two "},
+     {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    [{"role": "assistant", "content": "unprompted"}, {"role": "user", "content": "ok"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2},
+                                                                        unk_token="<unk>")),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _render(tokenizer, template: str, conversation, prompt: bool):
+    try:
+        return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                             add_generation_prompt=prompt)
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception is part of what it renders
+        return f"raised: {exc}"
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "mistral"])
+def test_built_in_chat_templates_render_as_mergekits(name, chat_tokenizer):
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+
+    from nbmerge.io.chat_templates import BUILT_IN
+
+    theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            assert _render(chat_tokenizer, BUILT_IN[name], conversation, prompt) == \
+                _render(chat_tokenizer, theirs, conversation, prompt), (conversation, prompt)
