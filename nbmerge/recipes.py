@@ -410,12 +410,9 @@ def _task_arithmetic(settings: dict, per_model: dict, n: int) -> dict:
 
 def _ties(settings: dict, per_model: dict, n: int) -> dict:
     normalize = _flag(settings["normalize"], "ties normalize")
-    if _flag(settings["rescale"], "ties rescale"):
-        raise RecipeError("recipe: ties with rescale: true (the trimmed task vectors scaled back to their L1 norm) "
-                          "is not supported; remove rescale")
     return {"scaling": settings["lambda"], "weights": _weights(per_model, "ties"),
             "density": _one_per_model_value(per_model["density"]), "trim_scope": "tensor", "sign": "sum",
-            "merge_func": "mean" if normalize else "sum"}
+            "merge_func": "mean" if normalize else "sum", "rescale": _flag(settings["rescale"], "ties rescale")}
 
 
 def _dare(combine: str) -> Callable[[dict, dict, int], dict]:

@@ -15,7 +15,9 @@ With task vectors τ_i = θ_i − θ_0 and per-model weights w_i (default 1):
 3. disjoint merge over the entries whose sign agrees with γ: ``"mean"`` Σ w_i τ̂_i / Σ w_i (over agreeing
    non-zero entries; the paper's mean when w = 1), ``"sum"`` Σ w_i τ̂_i, or ``"max"`` γ · max |w_i τ̂_i|.
 4. θ = θ_0 + λ · merged, λ = ``scaling``.
-Weights multiply the task vectors before the election, as in mergekit.
+Weights multiply the task vectors before the election, as in mergekit. ``rescale`` (mergekit's ties ``rescale:
+true``) scales each trimmed task vector back to its tensor's L1 norm before the election: τ̂_i ← τ̂_i · ‖τ_i‖₁ / ‖τ̂_i‖₁
+(left alone where either norm is below 10⁻⁷).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged t
 TRIM_SCOPE = Param("trim_scope", "choice", "model", "rank magnitudes per tensor or over the whole model",
                    choices=("tensor", "model"))
 
+
+RESCALE = Param("rescale", "bool", False, "scale each trimmed task vector back to its L1 norm (per tensor) before "
+                "the election")
 
 ONE_PASS_MAX_DEFERRED = 0.25  # above this sampled fraction of undecided positions, two passes cost less
 
@@ -153,30 +158,46 @@ def _ties(job: TensorJob) -> torch.Tensor:
         stage = job.stage_results[GLOBAL_THRESHOLD]
         thresholds, tie_sign = stage["thresholds"], stage["majority_sign"]
     else:
-        merged = _ties_in_one_pass(job) if native.accepts(job) else None
+        merged = _ties_in_one_pass(job) if native.accepts(job) and not params["rescale"] else None
         if merged is not None:
             return merged
         thresholds = tensor_thresholds(job, params["density"], params["density_over"] == "changed")
         tie_sign = 1.0
-    if native.accepts(job):
+    if params["rescale"]:
+        job = job.upcast()
+    elif native.accepts(job):
         return native.ties_merge(job, thresholds, params["sign"], tie_sign, params["merge_func"],
                                  params["scaling"])
     merged = job.empty(job.base.shape, job.base.dtype)
     weights = params["weights"] or [1.0] * len(job.models)
     merged_flat, base_flat = merged.view(-1), job.base.reshape(-1)
+    factors = _l1_factors(job, thresholds) if params["rescale"] else None
     for start, stop, vectors in blocks_of_task_vectors(job):
         trimmed = trim(vectors, thresholds)
+        if factors is not None:
+            trimmed.mul_(factors)
         elected = elect_sign(trimmed, params["sign"], tie_sign)
         combined = disjoint_merge(trimmed, elected, params["merge_func"], weights)
         torch.add(base_flat[start:stop], combined, alpha=params["scaling"], out=merged_flat[start:stop])
     return merged
 
 
+def _l1_factors(job: TensorJob, thresholds: list[float], eps: float = 1e-7) -> torch.Tensor:
+    """[n, 1] factors ‖w_i τ_i‖₁ / ‖trim(w_i τ_i)‖₁ over the tensor (1 where either norm is below eps)."""
+    before = torch.zeros(len(job.models), dtype=torch.float64)
+    after = torch.zeros(len(job.models), dtype=torch.float64)
+    for _, _, vectors in blocks_of_task_vectors(job):
+        before += vectors.abs().sum(1, dtype=torch.float64)
+        after += trim(vectors, thresholds).abs().sum(1, dtype=torch.float64)
+    factors = torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after.clamp_min(eps))
+    return factors.to(job.base.dtype).view(-1, 1)
+
+
 TIES = MergeMethod(
     name="ties",
     summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
     formula="θ = θ_0 + λ · disjoint_merge(trim_density(w_i τ_i), γ), γ = sign(Σ_i w_i τ̂_i)",
-    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, DENSITY_OVER, WEIGHTS),
+    params=(DENSITY, SIGN, MERGE_FUNC, SCALING, TRIM_SCOPE, DENSITY_OVER, WEIGHTS, RESCALE),
     merge_tensor=_ties,
     stored_inputs=True,
     min_models=1,

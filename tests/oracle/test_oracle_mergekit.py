@@ -54,14 +54,16 @@ def test_task_arithmetic(llama_set, tmp_path):
     assert_matches(ours, theirs)
 
 
-@pytest.mark.parametrize("normalize, merge_func, scaling", [(True, "mean", 1.0), (False, "sum", 1.5)])
-def test_ties_tensor_scope_is_mergekits_ties(llama_set, tmp_path, normalize, merge_func, scaling):
+@pytest.mark.parametrize("normalize, merge_func, scaling, rescale", [(True, "mean", 1.0, False),
+                                                                    (False, "sum", 1.5, False),
+                                                                    (True, "mean", 1.0, True)])
+def test_ties_tensor_scope_is_mergekits_ties(llama_set, tmp_path, normalize, merge_func, scaling, rescale):
     theirs = run_mergekit({"merge_method": "ties", "base_model": str(llama_set.base_dir),
-                           "parameters": {"normalize": normalize, "lambda": scaling},
+                           "parameters": {"normalize": normalize, "lambda": scaling, "rescale": rescale},
                            "models": weighted_models(llama_set.model_dirs, density=0.4)}, tmp_path / "mk")
     ours = nbmerge.merge("ties", llama_set.model_dirs, base=llama_set.base_dir, density=0.4, trim_scope="tensor",
                          sign="sum", merge_func=merge_func, scaling=scaling, weights=list(WEIGHTS),
-                         progress=False).state_dict
+                         rescale=rescale, progress=False).state_dict
     assert_matches(ours, theirs)
 
 
