@@ -4,8 +4,9 @@ point where a merge asked to stop (a set ``cancel`` event) stops: after the tens
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 from nbmerge.errors import MergeCancelled
 
@@ -23,9 +24,12 @@ class ProgressEvent:
 
 class Progress:
     def __init__(self, total: int, show: bool, on_progress: Callable[[ProgressEvent], None] | None,
-                 description: str, cancel: threading.Event | None = None):
+                 description: str, cancel: threading.Event | None = None,
+                 around_callback: Callable[[], ContextManager] | None = None):
+        """``around_callback()`` is entered around each call of ``on_progress`` (user code)."""
         self.total, self.done, self.phase_name = total, 0, ""
         self._on_progress = on_progress
+        self._around_callback = around_callback or nullcontext
         self._cancel = cancel
         self._bar = None
         if show:
@@ -50,7 +54,8 @@ class Progress:
 
     def _emit(self, tensor: str) -> None:
         if self._on_progress is not None:
-            self._on_progress(ProgressEvent(self.phase_name, self.done, self.total, tensor))
+            with self._around_callback():
+                self._on_progress(ProgressEvent(self.phase_name, self.done, self.total, tensor))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -5,6 +5,7 @@ an output apart from every input)."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +66,8 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
                                             part.method.stages if stage.applies(part.params)) *
                 part.plan.bytes_for("merge") for part in parts)
     name = parts[0].method.name if len(parts) == 1 else "layer stack"
-    tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel)
+    tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel,
+                       lambda: leases_released([source for part in parts for source in part.sources]))
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
     sink = (MemorySink() if output.path is None
             else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
@@ -103,6 +105,19 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     if output.path is None:
         return MergeResult(report, output.recipe, state_dict=sink.state_dict)
     return MergeResult(report, output.recipe, path=output.path)
+
+
+@contextmanager
+def leases_released(sources: list[ModelSource]):
+    """Run user code (an on_progress callback, which may write an input itself: in this thread, a write would wait
+    for the read lease to time out) with the inputs' leases released; then take them again and check every input
+    unchanged before any mapped page is touched again."""
+    for source in sources:
+        source.release_leases()
+    yield
+    for source in sources:
+        source.take_leases()
+        source.check_unchanged()
 
 
 def check_chat_template_output(chat_template, out_path: Path | None) -> None:

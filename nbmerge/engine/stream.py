@@ -45,6 +45,7 @@ class Engine:
                  base: ModelSource | None, device: torch.device, progress: Progress, allow_nonfinite: bool = False):
         self.method, self.params, self.plan = method, params, plan
         self.models, self.base = models, base
+        self._sources = [*models, *([] if base is None else [base])]
         self.device, self.progress = device, progress
         self.allow_nonfinite = allow_nonfinite
         self._checked: set[str] = set()  # tensors whose inputs were found finite (by an earlier pass)
@@ -76,6 +77,8 @@ class Engine:
         self.progress.phase(phase)
         for tensor, loaded in self._prefetched(tensors):
             handle(tensor, loaded)
+            for source in self._sources:
+                source.check_no_writer()
             self._checked.add(tensor.name)
             del loaded
             if tensor.read_bytes >= TRIM_AFTER_BYTES:

@@ -52,3 +52,12 @@ class LayerWindow(ModelSource):
 
     def check_unchanged(self) -> None:
         self.source.check_unchanged()
+
+    def check_no_writer(self) -> None:
+        self.source.check_no_writer()
+
+    def release_leases(self) -> None:
+        self.source.release_leases()
+
+    def take_leases(self) -> None:
+        self.source.take_leases()

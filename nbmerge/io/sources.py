@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from nbmerge.errors import ModelInputError
+from nbmerge.io import leases
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.mapping import map_tensor, page_cached
 from nbmerge.io.safetensors import INDEX_FILE, TensorEntry, read_header, read_tensor
@@ -71,6 +72,16 @@ class ModelSource:
     def check_unchanged(self) -> None:
         """Raise ModelInputError if a file changed since it was opened (checked before an output is finalised)."""
 
+    def check_no_writer(self) -> None:
+        """Raise ModelInputError if another process is waiting to truncate or write an input file (checked once per
+        tensor; the file's read lease holds that process back until this source closes)."""
+
+    def release_leases(self) -> None:
+        """Give up the files' read leases (``nbmerge.io.leases``) until ``take_leases``."""
+
+    def take_leases(self) -> None:
+        """Take a read lease on each file where one can be taken."""
+
     def close(self) -> None:
         """Release open files."""
 
@@ -89,6 +100,8 @@ class SafetensorsSource(ModelSource):
                 self._entries[name] = entry
         self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
         self._files = {path: open(path, "rb") for path in files}
+        self._leased: list = []
+        self.take_leases()
         self._mappable = True
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
@@ -129,7 +142,24 @@ class SafetensorsSource(ModelSource):
             if _stamp(path) != stamp:
                 raise ModelInputError(f"{path}: the file changed while it was being merged; merge again")
 
+    def check_no_writer(self) -> None:
+        for f in self._leased:
+            if leases.breaking(f.fileno()):
+                raise ModelInputError(f"{f.name}: another process is truncating or writing this input while it is "
+                                      f"being merged; the merge stopped and nothing was written (that process "
+                                      f"goes on now)")
+
+    def take_leases(self) -> None:
+        if not self._leased:  # idempotent: several layer windows share one source
+            self._leased = [f for f in self._files.values() if leases.take(f.fileno())]
+
+    def release_leases(self) -> None:
+        for f in self._leased:
+            leases.release(f.fileno())
+        self._leased = []
+
     def close(self) -> None:
+        self.release_leases()
         for f in self._files.values():
             f.close()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -301,7 +303,7 @@ def test_cli_lists_methods_as_json(capsys):
     assert cli_main(["methods", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert {p["name"] for p in listed["ties"]["params"]} == {"density", "sign", "merge_func", "scaling",
-                                                            "trim_scope", "density_over", "weights"}
+                                                            "trim_scope", "density_over", "weights", "rescale"}
     assert listed["dare"]["params"][0] == {**listed["dare"]["params"][0], "name": "drop_rate", "high": 1.0,
                                            "high_inclusive": False}
 
@@ -544,3 +546,43 @@ def test_the_inputs_of_a_tensor_are_read_at_the_same_time(llama_set, monkeypatch
                            progress=False)
     assert len(barriers) == len(llama_set.base)
     assert_close_to(task_arithmetic_by_hand(llama_set.base, llama_set.models, 0.4), merged.state_dict)
+
+
+# -- an input truncated by another process during the merge ---------------------------------------------------------
+TRUNCATOR = """
+import errno, os, sys, time
+path = sys.argv[1]
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # a non-blocking open for writing fails while a read lease is held (and breaks it)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            break
+    time.sleep(0.001)
+started = time.monotonic()
+os.truncate(path, 100)  # waits until the merge gives the lease up
+print(f"truncated after {time.monotonic() - started:.3f}", flush=True)
+"""
+
+
+def test_an_input_truncated_by_another_process_stops_the_merge_with_an_error_not_a_sigbus(tmp_path):
+    """The read lease makes the other process's truncate wait; the engine sees the pending break after the tensor in
+    hand, stops with an error naming the file and writes nothing; the other process then goes on at once."""
+    from nbmerge.io import leases
+
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({f"t{i}": torch.full((4096,), float(i)) for i in range(400)}, first)
+    save_file({f"t{i}": torch.full((4096,), 1.0) for i in range(400)}, second)
+    with open(first, "rb") as probe:
+        if not leases.take(probe.fileno()):
+            pytest.skip("this file system or process takes no read leases (Linux F_SETLEASE)")
+        leases.release(probe.fileno())
+    truncator = subprocess.Popen([sys.executable, "-c", TRUNCATOR, str(first)], stdout=subprocess.PIPE, text=True)
+    assert truncator.stdout.readline().strip() == "ready"
+    with pytest.raises(ModelInputError, match=r"a.safetensors: another process is truncating or writing this input"):
+        nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", progress=False)
+    output, _ = truncator.communicate(timeout=60)
+    assert truncator.returncode == 0 and float(output.split()[-1]) < 20  # released, not timed out (45 s)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"] and first.stat().st_size == 100
