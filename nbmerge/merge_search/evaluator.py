@@ -25,7 +25,7 @@ class EvaluatorSpec:
     method: str
     pool_options: dict = field(default_factory=dict)
     split: str = "validation"
-    threads: int = 1
+    threads: int = 0  # torch threads for merging and evaluating; 0: torch's default (every core)
     extra_models: dict = field(default_factory=dict)  # name -> path, beside the pool's individual models
 
 
@@ -44,7 +44,8 @@ class CandidateEvaluator:
     def __init__(self, spec: EvaluatorSpec):
         from nbmerge.plugins import task_pool
 
-        torch.set_num_threads(spec.threads)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         self.spec = spec
         self.pool = task_pool(spec.pool, progress=False, **spec.pool_options)
         models = {name: read_state(path) for name, path in self.pool.individual_models().items()}

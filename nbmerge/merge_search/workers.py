@@ -4,6 +4,8 @@ actor is a ``CandidateEvaluator`` holding the pool and the models in its own mem
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from typing import Any
 
 from nbmerge.errors import ParameterError
@@ -36,7 +38,10 @@ class Workers:
                                      f"RAY_AUTH_MODE=token)") from None
             self._started_ray = True
         evaluator = ray.remote(num_cpus=1)(CandidateEvaluator)
-        self._actors = [evaluator.remote(spec) for _ in range(max(count, 1))]
+        actors = max(count, 1)
+        # each actor one share of the cores (a local cluster: this machine's; a remote one: its own default)
+        threads = max(1, (os.cpu_count() or 1) // actors) if address is None else 0
+        self._actors = [evaluator.remote(replace(spec, threads=threads)) for _ in range(actors)]
 
     def score_all(self, candidates: list[dict]) -> list[tuple]:
         """(fitness, merge s, evaluation s, error) per candidate, in order."""
