@@ -145,9 +145,9 @@ class SafetensorsSource(ModelSource):
     def check_no_writer(self) -> None:
         for f in self._leased:
             if leases.breaking(f.fileno()):
-                raise ModelInputError(f"{f.name}: another process is truncating or writing this input while it is "
-                                      f"being merged; the merge stopped and nothing was written (that process "
-                                      f"goes on now)")
+                raise ModelInputError(f"{f.name}: this input is being truncated or written (by another process "
+                                      f"or thread) while it is merged; the merge stopped and nothing was written "
+                                      f"(the writer goes on now)")
 
     def take_leases(self) -> None:
         if not self._leased:  # idempotent: several layer windows share one source

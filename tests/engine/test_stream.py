@@ -581,7 +581,7 @@ def test_an_input_truncated_by_another_process_stops_the_merge_with_an_error_not
         leases.release(probe.fileno())
     truncator = subprocess.Popen([sys.executable, "-c", TRUNCATOR, str(first)], stdout=subprocess.PIPE, text=True)
     assert truncator.stdout.readline().strip() == "ready"
-    with pytest.raises(ModelInputError, match=r"a.safetensors: another process is truncating or writing this input"):
+    with pytest.raises(ModelInputError, match=r"a.safetensors: this input is being truncated or written \(by another process"):
         nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", progress=False)
     output, _ = truncator.communicate(timeout=60)
     assert truncator.returncode == 0 and float(output.split()[-1]) < 20  # released, not timed out (45 s)
