@@ -21,7 +21,7 @@ candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints
 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-tiny --seeds 0 --generations 4    # minutes
-  nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-full --workers 2                   # hours
+  nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-full --resume                      # hours; --resume keeps finished seeds
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "search.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds an earlier run with the same settings wrote to --json")
     args = parser.parse_args()
 
     import nbmerge
@@ -103,7 +105,15 @@ def main() -> int:
                                                               "layer_stacked", "evolved_ps", "evolved_dfs",
                                                               "evolved_ps_dfs")}
     budget = dict(generations=args.generations, population=args.population, workers=args.workers)
+    settings = {"pool": args.pool, "generations": args.generations, "population": args.population,
+                "blocks": args.blocks}
+    done = _finished_seeds(Path(args.json), settings) if args.resume else {}
     for seed in args.seeds:
+        if seed in done:  # --resume: this seed's rows were written by an earlier run with the same settings
+            for name, run in done[seed].items():
+                per_seed[name].append(run)
+            print(f"seed {seed}: taken from {args.json}", flush=True)
+            continue
         options = {"seed": seed}
         evaluator = CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options))
         static = best_static(evaluator)
@@ -127,6 +137,15 @@ def main() -> int:
         per_seed["evolved_ps_dfs"].append(searched(both))
         print(f"seed {seed}: " + ", ".join(f"{name} {runs[-1]['test']:.2f}" for name, runs in per_seed.items()),
               flush=True)
+        _write(args, settings, per_seed, seeds_done=args.seeds[:len(per_seed["best_static"])])
+    if len(done) == len(args.seeds):
+        _write(args, settings, per_seed, seeds_done=args.seeds)
+    return 0
+
+
+def _write(args, settings: dict, per_seed: dict[str, list[dict]], seeds_done: list[int]) -> None:
+    """Write the rows over the seeds finished so far (after every seed, so a stopped run keeps them) and print the
+    table with the issue's two checks."""
     rows = {}
     for name, runs in per_seed.items():
         tests = [run["test"] for run in runs]
@@ -140,16 +159,25 @@ def main() -> int:
     spread = max(static["test_std"], evolved["test_std"])
     checks = {"evolved_beats_static_by_more_than_spread": evolved["test_mean"] - static["test_mean"] > spread,
               "merge_at_most_20pct_of_eval": evolved["merge_seconds"] <= 0.2 * evolved["eval_seconds"]}
-    result = {"pool": args.pool, "seeds": args.seeds, "generations": args.generations,
-              "population": args.population, "blocks": args.blocks, "workers": args.workers,
-              "machine": platform.platform(), "rows": rows, "checks": checks}
+    result = {**settings, "seeds": seeds_done, "workers": args.workers, "machine": platform.platform(),
+              "rows": rows, "checks": checks}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'row':15s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
     for name, row in rows.items():
         print(f"{name:15s} {row['test_mean']:9.2f} {row['test_std']:6.2f} {row.get('merge_seconds', float('nan')):8.2f} "
               f"{row.get('eval_seconds', float('nan')):7.2f} {row.get('candidates_per_minute', float('nan')):8.1f}")
-    print("checks:", json.dumps(checks))
-    return 0
+    print("checks:", json.dumps(checks), flush=True)
+
+
+def _finished_seeds(path: Path, settings: dict) -> dict[int, dict[str, dict]]:
+    """Per seed, the rows an earlier run with the same pool and budget wrote to ``path`` (none if it differs)."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(key) != value for key, value in settings.items()):
+        return {}
+    return {seed: {name: row["per_seed"][index] for name, row in earlier["rows"].items()}
+            for index, seed in enumerate(earlier["seeds"])}
 
 
 def _mean(values) -> float:

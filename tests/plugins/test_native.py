@@ -216,7 +216,8 @@ def _check_one_pass_against_two_passes():
 
 def test_the_one_pass_merge_defers_a_few_percent_and_falls_back_when_its_bracket_misses(monkeypatch):
     job = random_job(positions=200_000, seed=20)
-    job.params.update(density=0.2, sign="sum", merge_func="mean", scaling=1.0, trim_scope="tensor", density_over="all")
+    job.params.update(density=0.2, sign="sum", merge_func="mean", scaling=1.0, trim_scope="tensor", density_over="all",
+                      rescale=False)
     passes = []
     real = native.ties_bracketed
 
