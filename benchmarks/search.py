@@ -21,7 +21,7 @@ candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints
 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-tiny --seeds 0 --generations 4    # minutes
-  nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-full --resume                      # hours; --resume keeps finished seeds
+  nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-full --resume   # hours; --resume keeps done seeds
 """
 
 from __future__ import annotations
