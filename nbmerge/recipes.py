@@ -34,6 +34,7 @@ multislerp       multislerp: weights, normalize_weights (default true), eps, bas
 karcher          karcher: max_iter (10), tol (1e-5), over the models and the base when given
 model_stock      model_stock: base_model, two or more models, filter_wise (default false)
 nearswap         nearswap: base_model and one model, t (required)
+arcee_fusion     arcee_fusion: base_model and one model (exact quartiles where mergekit samples 10⁶ entries)
 passthrough      passthrough: one model per slice, scale (per model, default none)
 ================ ===================================================================================
 
@@ -505,6 +506,7 @@ MERGEKIT = {
                                   base="required"),
     "nearswap": MergekitMethod("nearswap", {"t": None}, {},
                                lambda settings, per_model, n: {"t": settings["t"]}, base="required"),
+    "arcee_fusion": MergekitMethod("arcee_fusion", {}, {}, lambda settings, per_model, n: {}, base="required"),
 }
 
 

@@ -154,6 +154,25 @@ def test_nearswap_is_mergekits_through_its_recipe(llama_set, tmp_path):
     assert torch.allclose(ours[name][near], model[near], atol=ATOL)
 
 
+def test_arcee_fusion_is_mergekits_through_its_recipe(llama_set, tmp_path):
+    """In float32 (mergekit computes in the recipe's dtype, nbmerge always in float32: a 16-bit recipe is compared
+    with both in float32, as the recipe corpus does)."""
+    from nbmerge.recipes import parse_recipe
+
+    recipe = {"merge_method": "arcee_fusion", "base_model": str(llama_set.base_dir), "dtype": "float32",
+              "models": [{"model": str(llama_set.base_dir)}, {"model": str(llama_set.model_dirs[1])}]}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    call = parse_recipe(json.dumps(recipe))
+    assert call.method == "arcee_fusion" and call.params == {}
+    ours = nbmerge.merge(call.method, list(call.models.values()), base=call.base, progress=False,
+                         **call.options).state_dict
+    assert_matches(ours, theirs)
+    name = "model.layers.0.mlp.up_proj.weight"  # the fusion takes a minority of the model's changes
+    base, model = llama_set.base[name], llama_set.models[1][name]
+    taken = ours[name] != base
+    assert 0 < int(taken.sum()) < 0.3 * base.numel() and torch.equal(ours[name][taken], model[taken])
+
+
 def test_dare_without_drops_matches_dare_linear_and_dare_ties(llama_set, tmp_path):
     for mergekit_name, combine in (("dare_linear", "linear"), ("dare_ties", "ties")):
         theirs = run_mergekit({"merge_method": mergekit_name, "base_model": str(llama_set.base_dir),
