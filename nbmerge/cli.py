@@ -55,6 +55,8 @@ def _merge_recipe(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+    parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each named "
+                        "merge in DIR/<name> (by default they go to a temporary folder beside the output)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     path = Path(args.recipe).expanduser()
@@ -69,7 +71,8 @@ def _merge_recipe(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite or None,
-                        allow_nonfinite=args.allow_nonfinite or None, progress=not args.quiet)
+                        allow_nonfinite=args.allow_nonfinite or None, intermediate_dir=args.intermediate_dir,
+                        progress=not args.quiet)
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")

@@ -12,7 +12,8 @@ mergekit's (``merge_method``, ``models`` or ``slices`` with per-model ``paramete
 ``parameters``, ``dtype``, ``tokenizer_source``) maps onto nbmerge methods with mergekit's defaults and semantics.
 Any number may be a gradient (anchors over depth) or a filter list, per model or for all; mergekit's first
 matching filter wins. Several slices (or one slice over part of the layers) make a layer stack
-(``nbmerge.stack``), each slice merged with the recipe's method over its own sources.
+(``nbmerge.stack``), each slice merged with the recipe's method over its own sources. Several YAML documents
+are mergekit-multi's chain: named merges that later ones use as models (``nbmerge.recipe_chain``).
 
 ================ ===================================================================================
 linear           weighted_average: weights = per-model weight, normalize (default true); a base_model
@@ -98,6 +99,9 @@ class MergeCall:
     layer_range: tuple[int, int] | None = None  # mergekit's one slice: every model's layers [start, end)
     source: str = "nbmerge"  # or "mergekit"
     slices: list[SliceCall] | None = None  # a layer stack (method "stack"): the slices in order
+    # a chain (mergekit-multi): named merges run first, in this order; each name is a model reference in the
+    # merges after it (nbmerge.recipe_chain)
+    intermediates: list[tuple[str, MergeCall]] = field(default_factory=list)
 
 
 @dataclass
@@ -119,14 +123,18 @@ def parse_recipe(text: str) -> MergeCall:
 
     try:
         documents = list(yaml.load_all(text, Loader=_recipe_loader()))
-        if len(documents) > 1:
-            raise RecipeError(f"recipe: {len(documents)} YAML documents (mergekit-multi's chain of merges); nbmerge "
-                              f"runs one merge per recipe: give each document on its own")
-        config = documents[0] if documents else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise RecipeError(f"recipe: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if len(documents) > 1:  # mergekit-multi: a chain of named merges
+        from nbmerge.recipe_chain import chain_from_documents
+
+        return chain_from_documents(documents, _parse_one)
+    return _parse_one(documents[0] if documents else None)
+
+
+def _parse_one(config: Any) -> MergeCall:
     if not isinstance(config, Mapping):
         raise RecipeError("recipe: expected a mapping with 'merge_method' (mergekit) or 'method' (nbmerge) at the top")
     if "merge_method" in config:
@@ -466,7 +474,8 @@ MERGEKIT = {
                              skips_listed_base=False),
     "task_arithmetic": MergekitMethod("task_arithmetic", {"normalize": False, "lambda": 1.0}, {"weight": None},
                                       _task_arithmetic, base="required"),
-    "ties": MergekitMethod("ties", {"normalize": True, "lambda": 1.0, "rescale": False}, {"weight": None, "density": 1.0}, _ties,
+    "ties": MergekitMethod("ties", {"normalize": True, "lambda": 1.0, "rescale": False},
+                           {"weight": None, "density": 1.0}, _ties,
                            base="required"),
     "dare_linear": MergekitMethod("dare", {"normalize": False, "rescale": True, "lambda": 1.0},
                                   {"weight": None, "density": 1.0}, _dare("linear"), base="required"),
@@ -615,12 +624,18 @@ def _reject_unknown_keys(config: Mapping, valid: tuple, where: str) -> None:
 
 def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference: reference, **options: Any):
     """Run a parsed recipe and return its MergeResult: one ``nbmerge.merge``, or an ``nbmerge.stack`` for several
-    slices or one slice over part of the models' layers. ``resolve`` turns a model reference into a model (the
+    slices or one slice over part of the models' layers, or a chain's merges in order (``intermediate_dir``: keep
+    its intermediate merges there; nbmerge.recipe_chain). ``resolve`` turns a model reference into a model (the
     magics: a notebook variable or a path); ``options`` (out, device, progress, on_progress, ...) override the
     recipe's own, None leaving them as they are."""
     from nbmerge.api import merge
     from nbmerge.layer_stack import LayerSlice, stack
 
+    if call.intermediates:
+        from nbmerge.recipe_chain import run_chain
+
+        return run_chain(call, resolve, run_recipe, options)
+    options = {key: value for key, value in options.items() if key != "intermediate_dir"}
     options = {**call.options, **{key: value for key, value in options.items() if value is not None}}
     source = options.get("tokenizer_source")
     if source is not None and source != "union":

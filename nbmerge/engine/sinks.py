@@ -174,13 +174,14 @@ def check_output_free(out: Path, overwrite: bool) -> None:
                                 f"it cannot be replaced by a merged {'file' if out.is_dir() else 'folder'}")
 
 
-def claim_partial(out: Path) -> tuple[Path, int]:
-    """A new temporary sibling of ``out``, locked (its descriptor is returned), after the siblings left by killed
-    merges to ``out`` are removed; OutputExistsError if another merge is writing ``out`` now.
+def claim_partial(out: Path, kind: str = "partial") -> tuple[Path, int]:
+    """A new temporary sibling of ``out``, ``.<out>.<kind>-XXXX``, locked (its descriptor is returned), after the
+    siblings of that kind left by killed merges to ``out`` are removed; OutputExistsError if another merge is
+    writing ``out`` now. (kind "intermediates": a recipe chain's intermediate merges, nbmerge.recipe_chain.)
 
-    The folder is created and locked under a ``.starting-`` name and only then renamed to ``.partial-``, so a
-    merge that scans the ``.partial-`` siblings never sees one whose writer has not locked it yet."""
-    prefix = f".{out.name}.partial-"  # matched by name: an output name may hold glob characters
+    The folder is created and locked under a ``.starting-`` name and only then renamed to ``.<kind>-``, so a
+    merge that scans the ``.<kind>-`` siblings never sees one whose writer has not locked it yet."""
+    prefix = f".{out.name}.{kind}-"  # matched by name: an output name may hold glob characters
     for sibling in sorted(out.parent / name for name in os.listdir(out.parent) if name.startswith(prefix)):
         try:
             fd = _lock_dir(sibling, wait=False)
@@ -193,7 +194,7 @@ def claim_partial(out: Path) -> tuple[Path, int]:
         os.close(fd)
     starting = Path(tempfile.mkdtemp(prefix=f".{out.name}.starting-", dir=out.parent))
     fd = _lock_dir(starting, wait=True)
-    partial = starting.with_name(starting.name.replace(".starting-", ".partial-", 1))
+    partial = starting.with_name(starting.name.replace(".starting-", f".{kind}-", 1))
     os.rename(starting, partial)
     return partial, fd
 

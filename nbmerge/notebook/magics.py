@@ -264,6 +264,8 @@ class MergeMagics(Magics):
         parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
         parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+        parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each "
+                            "named merge in DIR/<name> (by default a temporary folder, removed after)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
         try:
             args = parser.parse_args(_split(line))
@@ -271,10 +273,12 @@ class MergeMagics(Magics):
             return None
         with usage_errors():
             call = parse_recipe(cell)
-        if call.slices is None:
-            self._method(call.method)
-        for piece in call.slices or ():
-            self._method(piece.method)
+        from nbmerge.recipe_chain import references
+
+        steps = [call, *(step for _, step in call.intermediates)]
+        for step in steps:
+            for method in [piece.method for piece in step.slices] if step.slices else [step.method]:
+                self._method(method)
         resolved: dict[str, Any] = {}
 
         def resolve(reference: str) -> Any:
@@ -282,9 +286,11 @@ class MergeMagics(Magics):
                 resolved[reference] = self._model(reference)
             return resolved[reference]
 
-        for reference in [*call.models.values(), *([call.base] if call.base is not None else [])]:
-            resolve(reference)  # every reference checked before anything runs
-        options = {key: getattr(args, key) for key in ("out", "device")}
+        chained = {name for name, _ in call.intermediates}  # a chain's own merges, run before the ones using them
+        for step in steps:
+            for reference in sorted(references(step) - chained - {"union"}):
+                resolve(reference)  # every reference checked before anything runs
+        options = {key: getattr(args, key) for key in ("out", "device", "intermediate_dir")}
         options.update({flag: True for flag in ("overwrite", "allow_nonfinite") if getattr(args, flag)})
         title = "layer stack" if call.method == "stack" else call.method
         return self._run(title, args.var, args.quiet,

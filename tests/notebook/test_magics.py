@@ -217,6 +217,49 @@ def test_mergekit_recipe_gives_mergekits_result(shell, ns, llama_set, tmp_path, 
     assert_state_close(ns["from_recipe"].state_dict, load_folder(tmp_path / "mk"), atol=1e-5)
 
 
+CHAIN = """
+    merge_method: linear
+    models:
+      - model: {ft0}
+        parameters: {{weight: 1.0}}
+      - model: {ft1}
+        parameters: {{weight: 3.0}}
+    dtype: float32
+    name: blend
+    ---
+    merge_method: ties
+    base_model: {base}
+    parameters: {{density: 0.5}}
+    models:
+      - model: blend
+        parameters: {{weight: 0.6}}
+      - model: {ft2}
+        parameters: {{weight: 0.4}}
+    dtype: float32
+"""
+
+
+def test_a_chain_of_merges_gives_mergekit_multis_result(shell, ns, llama_set, tmp_path):
+    """Several YAML documents: mergekit-multimerge's own loader and task graph against %%merge, once with paths
+    and once with notebook variables (state dicts) as the models."""
+    from mergekit.graph import Executor
+    from mergekit.merge import MergeOptions
+    from mergekit.scripts.multimerge import load_config, make_tasks
+
+    paths = dict(base=llama_set.base_dir, **{f"ft{i}": d for i, d in enumerate(llama_set.model_dirs)})
+    recipe = textwrap.dedent(CHAIN).format(**paths)
+    options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True)
+    configs, dependencies = load_config(recipe, str(tmp_path / "mk-steps"))
+    tasks = make_tasks(configs, dependencies, options, str(tmp_path / "mk-steps"), str(tmp_path / "mk"), lazy=False)
+    Executor(tasks, math_device="cpu", storage_device="cpu").execute()
+    theirs = load_folder(tmp_path / "mk")
+    run(shell, f"%%merge -o chained --quiet\n{recipe}")
+    assert_state_close(ns["chained"].state_dict, theirs, atol=1e-5)
+    by_variable = textwrap.dedent(CHAIN).format(base="base", ft0="ft0", ft1="ft1", ft2="ft2")
+    run(shell, f"%%merge -o chained_vars --quiet\n{by_variable}")
+    assert_state_close(ns["chained_vars"].state_dict, theirs, atol=1e-5)
+
+
 def test_nbmerge_recipe_with_variables(shell, ns, llama_set):
     run(shell, textwrap.dedent("""\
         %%merge -o recipe_result --quiet
@@ -233,7 +276,11 @@ def test_nbmerge_recipe_with_variables(shell, ns, llama_set):
 def test_recipe_mistakes_are_one_line_usage_errors(shell, ns, capsys):
     beyond = "slices:\n  - sources:\n    - {model: base, layer_range: [0, 2]}\n    - {model: ft1, layer_range: [1, 5]}\n"
     cases = {
-        "merge_method: arcee_fusion\nmodels: [ft0]": "merge_method 'arcee_fusion' is not supported",
+        "merge_method: ram\nmodels: [ft0]": "merge_method 'ram' is not supported",
+        "merge_method: linear\nmodels: [ft0, x]\nname: x\n---\nmerge_method: linear\nmodels: [x, ft1]":
+            "the merges 'x' → 'x' use each other's output",
+        "merge_method: linear\nmodels: [ft0, nope]\nname: x\n---\nmerge_method: linear\nmodels: [x, ft1]":
+            "model 'nope' is neither a notebook variable",
         "merge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n" + beyond:
             "ft1: layer_range [1, 5] is not within its 3 layers",
         "method: ties\nmodels: [ft0, ft1]\nbase: base\nparams: {densty: 0.3}": "unknown parameter 'densty'",

@@ -48,23 +48,23 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
         parse_recipe(text)
     except NBMergeError as exc:
         return CaseResult(path.name, method, "refused", f"{exc} [mergekit: {mergekit_verdict(text, workdir, path)}]")
-    config = yaml.safe_load(text)
-    local, models = localised(config, workdir)
-    written_dtype = local.get("out_dtype") or local.get("dtype")
-    if written_dtype in HALF_DTYPES:  # mergekit computes in the recipe's dtype, nbmerge in float32: compare both so
-        local = {**local, "dtype": "float32"}
-        local.pop("out_dtype", None)
+    documents, models = localised(list(yaml.safe_load_all(text)), workdir)  # several: a mergekit-multi chain
+    written_dtype = documents[-1].get("out_dtype") or documents[-1].get("dtype")
+    documents = [in_float32(document) for document in documents]
+    local = documents[-1]
     theirs_dir = workdir / f"mk-{path.stem}"
     templated = local.get("chat_template") is not None  # then both write a tokenizer whose templates are compared
     try:
-        theirs = run_mergekit(local, theirs_dir, copy_tokenizer=templated)
+        theirs = (run_mergekit(local, theirs_dir, copy_tokenizer=templated) if len(documents) == 1
+                  else run_mergekit_chain(documents, theirs_dir))
     except Exception as exc:  # noqa: BLE001 - mergekit's own refusal, recorded as such
         return CaseResult(path.name, method, "mergekit refuses", f"{type(exc).__name__}: {exc}".splitlines()[0])
     from nbmerge.recipes import run_recipe
 
     ours_dir = workdir / f"nb-{path.stem}" if templated else None
+    recipe = json.dumps(local) if len(documents) == 1 else yaml.safe_dump_all(documents)
     try:
-        merged = run_recipe(parse_recipe(json.dumps(local)), out=ours_dir, overwrite=True if templated else None,
+        merged = run_recipe(parse_recipe(recipe), out=ours_dir, overwrite=True if templated else None,
                             progress=False)
     except NBMergeError as exc:
         return CaseResult(path.name, method, "refused", str(exc))
@@ -73,7 +73,7 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
         return CaseResult(path.name, method, "different", "the output tokenizers' chat templates render differently")
     if set(ours) != set(theirs):
         return CaseResult(path.name, method, "different", f"tensors differ: {sorted(set(ours) ^ set(theirs))[:3]}")
-    if method in RANDOM_METHODS and _has_drops(local):
+    if any(document.get("merge_method") in RANDOM_METHODS and _has_drops(document) for document in documents):
         base = _base_state(models)
         ratio = _norm_ratio(ours, theirs, base)
         status = "same distribution" if abs(ratio - 1) <= 0.15 else "different"
@@ -97,8 +97,8 @@ def mergekit_verdict(text: str, workdir: Path, path: Path) -> str:
     if any("+" in name for name in references(config)):
         return "not tried: the stand-in checkpoints have no LoRA adapters"
     try:
-        local, _ = localised(config, workdir)
-        run_mergekit(local, workdir / f"mk-refused-{path.stem}")
+        local, _ = localised([config], workdir)
+        run_mergekit(local[0], workdir / f"mk-refused-{path.stem}")
     except Exception as exc:  # noqa: BLE001 - mergekit's own refusal, recorded as such
         return f"refuses too ({type(exc).__name__})"
     return "runs it"
@@ -135,12 +135,23 @@ def layers_needed(config: dict) -> int:
     return max(ends, default=4)
 
 
-def localised(config: dict, workdir: Path) -> tuple[dict, dict[str, Path]]:
-    """The recipe with each model reference replaced by a local checkpoint folder (the base_model by the base)."""
+def in_float32(document: dict) -> dict:
+    """mergekit computes in the recipe's dtype, nbmerge in float32: a 16-bit recipe is compared in float32."""
+    if (document.get("out_dtype") or document.get("dtype")) not in HALF_DTYPES:
+        return document
+    return {**{key: value for key, value in document.items() if key != "out_dtype"}, "dtype": "float32"}
+
+
+def localised(documents: list[dict], workdir: Path) -> tuple[list[dict], dict[str, Path]]:
+    """The recipe's documents with each model reference replaced by a local checkpoint folder (the first
+    base_model by the base); the names of a chain's own merges stay as they are."""
     from nbmerge.workbench.models.synthetic_llama import LlamaShape, build_llama_set
 
-    names = references(config)
-    layers = layers_needed(config)
+    chained = {document.get("name") for document in documents} - {None}
+    names = list(dict.fromkeys(name for document in documents for name in references(document)
+                               if name not in chained))
+    layers = max(layers_needed(document) for document in documents)
+    config = documents[0]
     n_models = max(1, len(names) - 1)
     shape = LlamaShape(layers=layers, hidden=16, intermediate=32, vocab=64, heads=2, kv_heads=1)
     checkpoints = build_llama_set(workdir / f"llama-{layers}x{n_models}", shape, n_models=n_models, noise=0.01)
@@ -157,12 +168,12 @@ def localised(config: dict, workdir: Path) -> tuple[dict, dict[str, Path]]:
         if isinstance(value, list):
             return [replaced(v, key) for v in value]
         if key in ("model", "base_model") and isinstance(value, str):
-            return mapping[value]
+            return mapping.get(value, value)
         if key in ("tokenizer_source", "source") and isinstance(value, str) and value not in ("base", "union"):
-            return mapping[value.removeprefix("model:")]
+            return mapping.get(value.removeprefix("model:"), value)
         return value
 
-    return replaced(config), {name: Path(folder) for name, folder in mapping.items()}
+    return [replaced(document) for document in documents], {name: Path(f) for name, f in mapping.items()}
 
 
 def _write_tokenizer(folder: Path, vocab: int) -> None:
@@ -198,6 +209,24 @@ def run_mergekit(config: dict, out: Path, copy_tokenizer: bool = False) -> dict[
     options = MergeOptions(device="cpu", copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True,
                            random_seed=0)
     run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
+    return _load_folder(out)
+
+
+def run_mergekit_chain(documents: list[dict], out: Path) -> dict[str, torch.Tensor]:
+    """mergekit-multimerge's own loader and task graph; the final merge goes to ``out``."""
+    from mergekit.graph import Executor
+    from mergekit.merge import MergeOptions
+    from mergekit.scripts.multimerge import load_config, make_tasks
+
+    options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    steps = out.with_name(out.name.replace("+", "_") + "-steps")  # mergekit reads a '+' as model+LoRA
+    configs, dependencies = load_config(yaml.safe_dump_all(documents), str(steps))
+    if None not in configs:  # every document named: the final one is the merge no other uses
+        final = next(name for name in configs if not any(name in used for used in dependencies.values()))
+        configs[None] = configs.pop(final)
+        dependencies[None] = dependencies.pop(final)
+    Executor(make_tasks(configs, dependencies, options, str(steps), str(out), lazy=False),
+             math_device="cpu", storage_device="cpu").execute()
     return _load_folder(out)
 
 

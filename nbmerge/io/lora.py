@@ -1,0 +1,221 @@
+"""A model with a PEFT LoRA adapter applied, read tensor by tensor: mergekit's ``model+adapter`` reference.
+
+For each module the adapter adapts (``<module>.lora_A.weight`` A: r × in, ``<module>.lora_B.weight`` B: out × r),
+the model's ``<module>.weight`` W is read as
+  W + s · B A            (an embedding: W + s · (B A)ᵀ, from ``lora_embedding_A`` r × vocab, ``lora_embedding_B``)
+  s = α / r, or α / √r with ``use_rslora``; α = ``lora_alpha``, or the ``alpha_pattern`` entry matching the module
+with the product taken in float32 and added in W's dtype, as PEFT's ``merge_and_unload`` does (what mergekit
+runs). Tensors the adapter stores whole (``modules_to_save``, and embeddings saved with the adapter) replace the
+model's. Adapters this does not apply exactly — DoRA, LoRA biases, ``fan_in_fan_out`` layers, convolutions,
+other PEFT types — are refused with the field or tensor named; so is an adapter tensor that matches no tensor of
+the model or does not fit its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbmerge.errors import ModelInputError
+from nbmerge.io.buffers import BufferPool
+from nbmerge.io.sources import ModelSource, TensorInfo
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+UNSUPPORTED_FLAGS = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out layers",
+                     "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA"}
+
+
+@dataclass(frozen=True)
+class WithLora:
+    """A model with a LoRA adapter folder applied (what ``nbmerge.merge`` and recipes' ``model+adapter`` take)."""
+
+    model: Any
+    adapter: Any
+
+    def __str__(self) -> str:
+        return f"{self.model}+{self.adapter}"
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """One module's update: s · B A (``transpose``: s · (B A)ᵀ, an embedding)."""
+
+    down: str  # the adapter tensor A
+    up: str  # the adapter tensor B
+    scale: float
+    transpose: bool
+
+
+class LoraSource(ModelSource):
+    """``base`` with ``adapter`` (an opened adapter weights source) applied; closes both."""
+
+    def __init__(self, base: ModelSource, adapter: ModelSource, config: dict, adapter_folder: Path):
+        self.base, self.adapter = base, adapter
+        self.label = f"{base.label}+{adapter_folder.name}"
+        self.folder = base.folder
+        self.infos = dict(base.infos)
+        self._updates: dict[str, LowRankUpdate] = {}
+        self._replaced: dict[str, str] = {}
+        _check_config(config, adapter_folder)
+        where = f"LoRA adapter {adapter_folder}"
+        pairs: dict[str, dict[str, str]] = {}
+        for key in adapter.infos:
+            module, kind = _split_key(key, where)
+            if kind in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"):
+                pairs.setdefault(module, {})[kind] = key
+            else:  # stored whole: modules_to_save, or an embedding saved with the adapter
+                self._replace(module + "." + kind.removeprefix("base_layer."), key, where)
+        for module, found in pairs.items():
+            self._pair(module, found, config, where)
+
+    def _replace(self, name: str, key: str, where: str) -> None:
+        if name not in self.base.infos:
+            raise ModelInputError(f"{where}: tensor {key!r} replaces {name!r}, which {self.base.label} does not have")
+        if self.adapter.infos[key].shape != self.base.infos[name].shape:
+            raise ModelInputError(f"{where}: tensor {key!r} has shape {self.adapter.infos[key].shape}, but "
+                                  f"{name!r} of {self.base.label} has {self.base.infos[name].shape}")
+        self._replaced[name] = key
+        self.infos[name] = TensorInfo(self.base.infos[name].dtype, self.base.infos[name].shape)
+
+    def _pair(self, module: str, found: dict[str, str], config: dict, where: str) -> None:
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        down_kind, up_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight",
+                                                                                         "lora_B.weight")
+        if set(found) != {down_kind, up_kind}:
+            raise ModelInputError(f"{where}: module {module!r} has {', '.join(sorted(found))} but not both "
+                                  f"{down_kind} and {up_kind}")
+        down, up = self.adapter.infos[found[down_kind]], self.adapter.infos[found[up_kind]]
+        name = module + ".weight"
+        if name not in self.base.infos:
+            raise ModelInputError(f"{where}: tensor {found[down_kind]!r} adapts {name!r}, which {self.base.label} "
+                                  f"does not have")
+        if len(down.shape) != 2 or len(up.shape) != 2:
+            raise ModelInputError(f"{where}: tensor {found[down_kind]!r} has shape {down.shape}; only linear and "
+                                  f"embedding LoRA (2-D A and B) is applied, not convolutions")
+        rank = down.shape[0]
+        product = (up.shape[0], down.shape[1])
+        expected = product[::-1] if embedding else product
+        if up.shape[1] != rank or tuple(self.base.infos[name].shape) != expected:
+            raise ModelInputError(f"{where}: {found[up_kind]!r} {up.shape} × {found[down_kind]!r} {down.shape} does "
+                                  f"not give the shape of {name!r} {self.base.infos[name].shape}")
+        alpha = config.get("lora_alpha", 8)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+                break
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        self._updates[name] = LowRankUpdate(found[down_kind], found[up_kind], scale, embedding)
+
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        weight = self.adapter.read(self._replaced[name]) if name in self._replaced else self.base.read(name, pool)
+        update = self._updates.get(name)
+        if update is None:
+            return weight
+        delta = self.adapter.read(update.up).float() @ self.adapter.read(update.down).float()
+        delta = (delta.T if update.transpose else delta) * update.scale
+        return weight + delta.to(weight.dtype)
+
+    def where(self, name: str) -> str:
+        if name in self._replaced:
+            return self.adapter.where(self._replaced[name])
+        return self.base.where(name) + (" with its LoRA update" if name in self._updates else "")
+
+    def file_of(self, name: str) -> Path | None:
+        return self.adapter.file_of(self._replaced[name]) if name in self._replaced else self.base.file_of(name)
+
+    def paths(self) -> list[Path]:
+        return [*self.base.paths(), *self.adapter.paths()]
+
+    def advise(self, name: str) -> None:
+        if name not in self._replaced:
+            self.base.advise(name)
+
+    def check_unchanged(self) -> None:
+        self.base.check_unchanged()
+        self.adapter.check_unchanged()
+
+    def check_no_writer(self) -> None:
+        self.base.check_no_writer()
+        self.adapter.check_no_writer()
+
+    def release_leases(self) -> None:
+        self.base.release_leases()
+        self.adapter.release_leases()
+
+    def take_leases(self) -> None:
+        self.base.take_leases()
+        self.adapter.take_leases()
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapter.close()
+
+
+def open_with_lora(model: WithLora, label: str) -> LoraSource:
+    """Open ``model.model`` and the adapter folder ``model.adapter`` (adapter_config.json and its weights)."""
+    from nbmerge.io.sources import open_model
+
+    folder = Path(model.adapter).expanduser()
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ModelInputError(f"{label}: the LoRA adapter {folder} has no {ADAPTER_CONFIG} (a PEFT adapter folder "
+                              f"holds it and adapter_model.safetensors)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelInputError(f"{label}: {config_path} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelInputError(f"{label}: {config_path} does not hold a JSON object")
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise ModelInputError(f"{label}: the LoRA adapter {folder} holds neither {' nor '.join(ADAPTER_WEIGHTS)}")
+    base = open_model(model.model, label)
+    try:
+        adapter = open_model(weights, f"{label} (LoRA adapter)")
+    except BaseException:
+        base.close()
+        raise
+    try:
+        return LoraSource(base, adapter, config, folder)
+    except BaseException:
+        base.close()
+        adapter.close()
+        raise
+
+
+def _check_config(config: dict, folder: Path) -> None:
+    where = f"LoRA adapter {folder / ADAPTER_CONFIG}"
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelInputError(f"{where}: peft_type {config['peft_type']!r} is not applied (only LORA)")
+    for flag, what in UNSUPPORTED_FLAGS.items():
+        if config.get(flag):
+            raise ModelInputError(f"{where}: {flag} is set; {what} are not applied (merge the adapter with PEFT "
+                                  f"first)" if what.endswith("s") else
+                                  f"{where}: {flag} is set; {what} is not applied (merge the adapter with PEFT first)")
+    if config.get("bias", "none") != "none":
+        raise ModelInputError(f"{where}: bias {config['bias']!r} is not applied (only bias: none)")
+    lora_alpha = config.get("lora_alpha", 8)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise ModelInputError(f"{where}: lora_alpha must be a number, got {lora_alpha!r}")
+
+
+def _split_key(key: str, where: str) -> tuple[str, str]:
+    """``base_model.model.<module>.<kind>`` → (module, kind)."""
+    if not key.startswith(PREFIX):
+        raise ModelInputError(f"{where}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
+    inner = key[len(PREFIX):]
+    for kind in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "base_layer.weight"):
+        if inner.endswith("." + kind):
+            return inner[:-len(kind) - 1], kind
+    if re.search(r"\.lora_[A-Za-z_]+", inner) or ".lora_magnitude_vector" in inner:
+        raise ModelInputError(f"{where}: tensor {key!r} is a LoRA part nbmerge does not apply")
+    module, _, leaf = inner.rpartition(".")
+    return module, leaf
