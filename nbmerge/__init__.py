@@ -37,7 +37,7 @@ _LAZY = {
     "BuiltModule": "method", "UnlabeledTask": "method", "Param": "method",
     "save_trained": "module_merge", "load_trained": "module_merge", "export_module": "module_merge",
     "load_exported": "module_merge",
-    "ProgressEvent": "engine.progress",
+    "ProgressEvent": "engine.progress", "WithLora": "io.lora",
     "evaluate": "workbench.evaluation", "EvalReport": "workbench.evaluation",
     "sweep": "workbench.sweep", "SweepResult": "workbench.sweep",
     "TaskPool": "taskpool", "Task": "taskpool",

@@ -42,7 +42,8 @@ passthrough      passthrough: one model per slice, scale (per model, default non
 DARE's and DELLA's masks are nbmerge's own seeded draws, so those merges equal mergekit's in distribution, not
 bit for bit. tokenizer_source (base, a model, or union) picks the tokenizer files the output gets; nbmerge does not
 permute embedding rows, so every model's vocabulary must already equal that tokenizer's (union: be one).
-Model references stay strings here; the caller resolves them (paths, or notebook variables in the magics).
+Model references stay strings here; the caller resolves them (paths, or notebook variables in the magics);
+mergekit's ``model+adapter`` resolves to the model with that LoRA adapter applied (``nbmerge.io.lora``).
 """
 
 from __future__ import annotations
@@ -544,9 +545,18 @@ def _model_entry(entry) -> dict:
 
 
 def _no_lora(reference: str) -> None:
-    if "+" in reference:
-        raise RecipeError(f"recipe: model {reference!r} applies a LoRA adapter (mergekit's model+adapter), which "
-                          f"nbmerge does not do; merge the adapter into the model first")
+    """A model reference may be mergekit's ``model+adapter`` (one PEFT LoRA adapter applied, nbmerge.io.lora)."""
+    if "+" in reference and lora_parts(reference) is None:
+        raise RecipeError(f"recipe: model {reference!r}: mergekit's model+adapter takes one model and one LoRA "
+                          f"adapter, both named")
+
+
+def lora_parts(reference: Any) -> tuple[str, str] | None:
+    """``model+adapter`` → (model, adapter), as mergekit splits a reference; None for a plain reference."""
+    if not isinstance(reference, str) or "+" not in reference:
+        return None
+    chunks = reference.split("+")
+    return (chunks[0], chunks[1]) if len(chunks) == 2 and all(chunks) else None
 
 
 def _mergekit_options(config: Mapping, base, references: set) -> dict:
@@ -597,7 +607,9 @@ def _tokenizer_source(source, base, references: set):
     if source == "union":
         return "union"
     reference = source.removeprefix("model:")
-    _no_lora(reference)
+    if "+" in reference:
+        raise RecipeError(f"recipe: tokenizer_source {reference!r} names a model with a LoRA adapter; name the "
+                          f"model whose tokenizer to take")
     return reference
 
 
@@ -635,6 +647,8 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
         from nbmerge.recipe_chain import run_chain
 
         return run_chain(call, resolve, run_recipe, options)
+    if call.source == "mergekit":
+        resolve = _with_adapters(resolve)
     options = {key: value for key, value in options.items() if key != "intermediate_dir"}
     options = {**call.options, **{key: value for key, value in options.items() if value is not None}}
     source = options.get("tokenizer_source")
@@ -651,6 +665,17 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
     return stack([LayerSlice({label: resolve(reference) for label, reference in piece.models.items()},
                              piece.layers, piece.method, None if piece.base is None else resolve(piece.base),
                              piece.base_layers, piece.params) for piece in slices], **options)
+
+
+def _with_adapters(resolve: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``resolve`` that turns mergekit's ``model+adapter`` into the model with its LoRA adapter applied."""
+    from nbmerge.io.lora import WithLora
+
+    def resolved(reference):
+        parts = lora_parts(reference)
+        return resolve(reference) if parts is None else WithLora(resolve(parts[0]), resolve(parts[1]))
+
+    return resolved
 
 
 def _covers_every_layer(layer_range: tuple[int, int], models: dict, base) -> bool:

@@ -105,7 +105,11 @@ def is_state_dict(value: Any) -> bool:
 
 
 def model_label(model: Any, fallback: str) -> str:
-    """How a model is named in errors and recipes: its path, else ``fallback``."""
+    """How a model is named in errors and recipes: its path (``model+adapter`` with a LoRA adapter whose model is a
+    path), else ``fallback``."""
+    reference = getattr(model, "reference", None)  # nbmerge.io.lora.WithLora
+    if isinstance(reference, str):
+        return reference
     return str(model) if isinstance(model, (str, Path)) else fallback
 
 

@@ -1,5 +1,5 @@
 """Helpers several test folders share: reading a written model folder back, comparing state dicts, the task
-arithmetic reference, and small fine-tuned model sets of the families WE-MoE upcycles."""
+arithmetic reference, small fine-tuned model sets of the families WE-MoE upcycles, and PEFT LoRA adapters."""
 
 from __future__ import annotations
 
@@ -118,3 +118,22 @@ class HeadPool:
 
     def task(self, name):
         return next(task for task in self.tasks if task.name == name)
+
+
+def make_adapter(base_dir, out, seed: int, **options):
+    """A LoRA on q/v projections and the embeddings, with lm_head saved whole; B drawn at random (PEFT starts it
+    at zero, which would make the update vanish). Returns PEFT's own merge of it into the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                        modules_to_save=["lm_head"], **options)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(out)
+    return {name: tensor.detach().clone() for name, tensor in peft_model.merge_and_unload().state_dict().items()}

@@ -40,8 +40,14 @@ class WithLora:
     model: Any
     adapter: Any
 
-    def __str__(self) -> str:
-        return f"{self.model}+{self.adapter}"
+    @property
+    def reference(self) -> str | None:
+        """``model+adapter`` where the model is a path (how recipes name it), else None."""
+        return f"{self.model}+{self.adapter}" if isinstance(self.model, (str, Path)) else None
+
+    def open_source(self, label: str) -> "LoraSource":
+        """What ``open_model`` calls: the model opened with its adapter applied."""
+        return open_with_lora(self, label)
 
 
 @dataclass(frozen=True)
@@ -197,9 +203,8 @@ def _check_config(config: dict, folder: Path) -> None:
         raise ModelInputError(f"{where}: peft_type {config['peft_type']!r} is not applied (only LORA)")
     for flag, what in UNSUPPORTED_FLAGS.items():
         if config.get(flag):
-            raise ModelInputError(f"{where}: {flag} is set; {what} are not applied (merge the adapter with PEFT "
-                                  f"first)" if what.endswith("s") else
-                                  f"{where}: {flag} is set; {what} is not applied (merge the adapter with PEFT first)")
+            raise ModelInputError(f"{where}: {flag} is set, and nbmerge does not apply {what}; merge the adapter "
+                                  f"into the model with PEFT's merge_and_unload first")
     if config.get("bias", "none") != "none":
         raise ModelInputError(f"{where}: bias {config['bias']!r} is not applied (only bias: none)")
     lora_alpha = config.get("lora_alpha", 8)
@@ -211,7 +216,7 @@ def _split_key(key: str, where: str) -> tuple[str, str]:
     """``base_model.model.<module>.<kind>`` → (module, kind)."""
     if not key.startswith(PREFIX):
         raise ModelInputError(f"{where}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
-    inner = key[len(PREFIX):]
+    inner = key[len(PREFIX):].replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
     for kind in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "base_layer.weight"):
         if inner.endswith("." + kind):
             return inner[:-len(kind) - 1], kind

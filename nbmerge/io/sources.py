@@ -3,7 +3,7 @@
 Accepted inputs: a ``.safetensors`` file; a Hugging Face model folder (``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``); a pickle checkpoint (``.bin``/``.pt``/``.pth`` or a folder holding
 ``pytorch_model.bin``), loaded with ``weights_only=True`` and memory-mapped; an in-memory state dict; an
-``nn.Module``. Inputs are never modified. Files are opened anew for every merge and checked for change when it
+``nn.Module``; any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never modified. Files are opened anew for every merge and checked for change when it
 ends, so a notebook that rewrites a checkpoint between merges never gets stale tensors.
 """
 
@@ -180,13 +180,17 @@ class StateDictSource(ModelSource):
 
 def open_model(model: Any, label: str) -> ModelSource:
     """Open one model input for streaming; raise ModelInputError naming the input if it cannot be."""
+    opens_itself = getattr(model, "open_source", None)  # e.g. nbmerge.io.lora.WithLora
+    if callable(opens_itself):
+        return opens_itself(label)
     if isinstance(model, torch.nn.Module):
         return StateDictSource(model.state_dict(), label)
     if isinstance(model, Mapping):
         return StateDictSource(model, label)
     if isinstance(model, (str, os.PathLike)):
         return _open_path(Path(model).expanduser(), label)
-    raise ModelInputError(f"{label}: expected a path, a state dict or an nn.Module, got {type(model).__name__}")
+    raise ModelInputError(f"{label}: expected a path, a state dict, an nn.Module or a WithLora, got "
+                          f"{type(model).__name__}")
 
 
 def _open_path(path: Path, label: str) -> ModelSource:

@@ -274,6 +274,7 @@ class MergeMagics(Magics):
         with usage_errors():
             call = parse_recipe(cell)
         from nbmerge.recipe_chain import references
+        from nbmerge.recipes import lora_parts
 
         steps = [call, *(step for _, step in call.intermediates)]
         for step in steps:
@@ -289,7 +290,9 @@ class MergeMagics(Magics):
         chained = {name for name, _ in call.intermediates}  # a chain's own merges, run before the ones using them
         for step in steps:
             for reference in sorted(references(step) - chained - {"union"}):
-                resolve(reference)  # every reference checked before anything runs
+                parts = lora_parts(reference) if step.source == "mergekit" else None
+                for part in parts or (reference,):  # mergekit's model+adapter: both checked
+                    resolve(part)  # every reference checked before anything runs
         options = {key: getattr(args, key) for key in ("out", "device", "intermediate_dir")}
         options.update({flag: True for flag in ("overwrite", "allow_nonfinite") if getattr(args, flag)})
         title = "layer stack" if call.method == "stack" else call.method

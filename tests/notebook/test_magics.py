@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_state_close, load_folder, task_arithmetic
+from helpers import assert_state_close, load_folder, make_adapter, task_arithmetic
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -258,6 +258,17 @@ def test_a_chain_of_merges_gives_mergekit_multis_result(shell, ns, llama_set, tm
     by_variable = textwrap.dedent(CHAIN).format(base="base", ft0="ft0", ft1="ft1", ft2="ft2")
     run(shell, f"%%merge -o chained_vars --quiet\n{by_variable}")
     assert_state_close(ns["chained_vars"].state_dict, theirs, atol=1e-5)
+
+
+def test_a_recipe_model_with_a_lora_adapter_takes_variables_for_both(shell, ns, llama_set, tmp_path, capsys):
+    """mergekit's model+adapter, both parts notebook variables; the adapter applied is PEFT's merge_and_unload."""
+    adapted = make_adapter(llama_set.base_dir, tmp_path / "adapter", seed=5)
+    ns["style_lora"] = str(tmp_path / "adapter")
+    run(shell, "%%merge -o with_lora --quiet\nmerge_method: passthrough\nmodels: [base_dir+style_lora]\n")
+    merged = ns["with_lora"].state_dict
+    assert all(torch.allclose(merged[k], adapted[k], atol=1e-6) for k in merged)
+    assert "model 'no_such_lora' is neither" in usage_error(
+        shell, capsys, "%%merge\nmerge_method: passthrough\nmodels: [base_dir+no_such_lora]\n")
 
 
 def test_nbmerge_recipe_with_variables(shell, ns, llama_set):

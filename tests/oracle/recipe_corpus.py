@@ -2,9 +2,10 @@
 
 Each recipe is first parsed as written: a refusal there is one line naming the field. A recipe nbmerge takes
 is then run by both tools with every model reference (base_model, sources, tokenizer source) replaced by a
-small Llama checkpoint built here, with as many layers as the recipe's layer ranges need, and the outputs are
-compared: equal (to float32 tolerance on all but 0.1% of entries), or, for methods with random masks (DARE and
-DELLA with density < 1), the same tensors with task-vector norms within 15% of mergekit's. mergekit computes in
+small Llama checkpoint built here, with as many layers as the recipe's layer ranges need (``model+adapter``:
+that checkpoint with a seeded PEFT LoRA adapter; several documents: mergekit-multimerge's task graph), and the
+outputs are compared: equal (to float32 tolerance on all but 0.1% of entries), or, for methods with random masks
+(DARE and DELLA with density < 1), the same tensors with task-vector norms within 15% of mergekit's. mergekit computes in
 the recipe's ``dtype`` while nbmerge computes in float32 and rounds once at the end, so a 16-bit recipe runs both
 in float32 here (in its own dtype the two differ by rounding, and where TIES-like trims rank rounded values, by
 which entries are kept). ``scripts/recipe_corpus.py`` writes the table to docs/recipe-corpus.md.
@@ -94,8 +95,6 @@ def mergekit_verdict(text: str, workdir: Path, path: Path) -> str:
         return "not valid YAML (or several documents) for mergekit's loader either"
     if not isinstance(config, dict):
         return "not a mapping"
-    if any("+" in name for name in references(config)):
-        return "not tried: the stand-in checkpoints have no LoRA adapters"
     try:
         local, _ = localised([config], workdir)
         run_mergekit(local[0], workdir / f"mk-refused-{path.stem}")
@@ -148,8 +147,9 @@ def localised(documents: list[dict], workdir: Path) -> tuple[list[dict], dict[st
     from nbmerge.workbench.models.synthetic_llama import LlamaShape, build_llama_set
 
     chained = {document.get("name") for document in documents} - {None}
-    names = list(dict.fromkeys(name for document in documents for name in references(document)
-                               if name not in chained))
+    written = list(dict.fromkeys(name for document in documents for name in references(document)
+                                 if name not in chained))
+    names = list(dict.fromkeys(name.split("+")[0] for name in written))  # model+adapter: the model's stand-in
     layers = max(layers_needed(document) for document in documents)
     config = documents[0]
     n_models = max(1, len(names) - 1)
@@ -161,7 +161,12 @@ def localised(documents: list[dict], workdir: Path) -> tuple[list[dict], dict[st
     if config.get("base_model") is None:
         folders = folders[1:] + folders[:1]  # no base: the references take the fine-tunes first
     mapping = {name: str(folder) for name, folder in zip(names, folders)}
-
+    for number, name in enumerate(written):
+        if "+" in name:  # a stand-in LoRA adapter (seeded by its place in the recipe) on the model's stand-in
+            model = mapping[name.split("+")[0]]
+            adapter = workdir / f"lora-{Path(model).name}-{number}"
+            _write_adapter(Path(model), adapter, seed=number)
+            mapping[name] = f"{model}+{adapter}"
     def replaced(value, key=None):
         if isinstance(value, dict):
             return {k: replaced(v, k) for k, v in value.items()}
@@ -174,6 +179,23 @@ def localised(documents: list[dict], workdir: Path) -> tuple[list[dict], dict[st
         return value
 
     return [replaced(document) for document in documents], {name: Path(f) for name, f in mapping.items()}
+
+
+def _write_adapter(model: Path, out: Path, seed: int) -> None:
+    """A PEFT LoRA adapter (r = 4, α = 8, on q, v and down projections) with seeded random A and B."""
+    if (out / "adapter_config.json").exists():
+        return
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    adapted.save_pretrained(out)
 
 
 def _write_tokenizer(folder: Path, vocab: int) -> None:
@@ -207,7 +229,7 @@ def run_mergekit(config: dict, out: Path, copy_tokenizer: bool = False) -> dict[
     from mergekit.merge import MergeOptions, run_merge
 
     options = MergeOptions(device="cpu", copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True,
-                           random_seed=0)
+                           random_seed=0, lora_merge_cache=str(out.parent / f"{out.name}-lora-cache"))
     run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
     return _load_folder(out)
 
@@ -218,7 +240,8 @@ def run_mergekit_chain(documents: list[dict], out: Path) -> dict[str, torch.Tens
     from mergekit.merge import MergeOptions
     from mergekit.scripts.multimerge import load_config, make_tasks
 
-    options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0,
+                           lora_merge_cache=str(out.parent / f"{out.name}-lora-cache"))
     steps = out.with_name(out.name.replace("+", "_") + "-steps")  # mergekit reads a '+' as model+LoRA
     configs, dependencies = load_config(yaml.safe_dump_all(documents), str(steps))
     if None not in configs:  # every document named: the final one is the merge no other uses
@@ -288,7 +311,9 @@ def markdown(results: list[CaseResult]) -> str:
         "",
         f"{len(results)} recipes published with merged models (sources in tests/fixtures/mergekit_corpus/SOURCES.md),",
         "each parsed as written, then run by nbmerge and by mergekit 0.1.5 on small local Llama checkpoints standing",
-        "in for the models it names (as many layers as its layer ranges need). Written by `scripts/recipe_corpus.py`;",
+        "in for the models it names (as many layers as its layer ranges need; a `model+adapter` reference: that",
+        "checkpoint with a seeded PEFT LoRA adapter built here; several YAML documents: mergekit-multimerge's own",
+        "task graph). Written by `scripts/recipe_corpus.py`;",
         "`tests/oracle/test_recipe_corpus.py` checks every row again. Where nbmerge refuses, the row says what",
         "mergekit does with the same recipe: mergekit ignores keys it does not know (a typo such as",
         "`tokenzer_source` then silently changes the merge), nbmerge names them.",
