@@ -1,14 +1,14 @@
 """Runs the corpus of real mergekit recipes (tests/fixtures/mergekit_corpus) through nbmerge and mergekit 0.1.5.
 
-Each recipe is first parsed as written: a refusal there is one line naming the field. A recipe nbmerge takes
-is then run by both tools with every model reference (base_model, sources, tokenizer source) replaced by a
-small Llama checkpoint built here, with as many layers as the recipe's layer ranges need (``model+adapter``:
-that checkpoint with a seeded PEFT LoRA adapter; several documents: mergekit-multimerge's task graph), and the
-outputs are compared: equal (to float32 tolerance on all but 0.1% of entries), or, for methods with random masks
-(DARE and DELLA with density < 1), the same tensors with task-vector norms within 15% of mergekit's. mergekit computes in
-the recipe's ``dtype`` while nbmerge computes in float32 and rounds once at the end, so a 16-bit recipe runs both
-in float32 here (in its own dtype the two differ by rounding, and where TIES-like trims rank rounded values, by
-which entries are kept). ``scripts/recipe_corpus.py`` writes the table to docs/recipe-corpus.md.
+Each recipe is first parsed as written: a refusal there is one line naming the field. A recipe nbmerge takes is then
+run by both tools with every model reference (base_model, sources, tokenizer source) replaced by a small Llama
+checkpoint built here, with as many layers as the recipe's layer ranges need (``model+adapter``: that checkpoint
+with a seeded PEFT LoRA adapter; several documents: mergekit-multimerge's task graph), and the outputs are compared:
+equal (to float32 tolerance on all but 0.1% of entries), or, for methods with random masks (DARE and DELLA with
+density < 1), the same tensors with task-vector norms within 15% of mergekit's. mergekit computes in the recipe's
+``dtype`` while nbmerge computes in float32 and rounds once at the end, so a 16-bit recipe runs both in float32 here
+(in its own dtype the two differ by rounding, and where TIES-like trims rank rounded values, by which entries are
+kept). ``scripts/recipe_corpus.py`` writes the table to docs/recipe-corpus.md.
 """
 
 from __future__ import annotations
