@@ -23,7 +23,8 @@ from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ParameterError
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.sources import ModelSource, open_model
-from nbmerge.io.tokenizers import choose_tokenizer_folder
+from nbmerge.io.tokenizers import tokenizer_target
+from nbmerge.io.vocabularies import plan_vocabulary
 from nbmerge.plugins import all_methods, get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
 
@@ -49,9 +50,10 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.
-      tokenizer_source: the model (a label, the object or path given) whose tokenizer files the output folder
-      gets instead of the base's (or first model's); every model's vocabulary must equal it ("union": the
-      vocabularies must already be one), since nbmerge does not permute embedding rows.
+      tokenizer_source: the model (a label, the object or path given) whose tokenizer the output gets instead of
+      the base's (or first model's), or "union" (every model's tokens, as mergekit builds it); models whose
+      vocabularies differ from it get their embedding and head rows permuted to its token ids, the rows it has
+      that a model lacks filled as mergekit does (nbmerge.io.vocabularies), and the config its vocab_size.
       chat_template: the output folder's chat template: a built-in name (chatml, llama3, alpaca, mistral),
       "auto" (the most common among the models'), or Jinja text (``nbmerge.io.chat_templates``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
@@ -77,15 +79,22 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
     out_path = None if out is None else Path(out).expanduser()
     check_chat_template_output(chat_template, out_path)
     sources: list[ModelSource] = []
+    vocabulary = None
     try:
         for label, model in labelled:
             sources.append(open_model(model, label))
         base_source = None if base is None else open_model(base, model_label(base, "base"))
         if base_source is not None:
             sources.append(base_source)
-        model_sources = sources[:len(labelled)]
         if out_path is not None:
             check_output_apart(out_path, sources)
+        if tokenizer_source is not None:  # models whose vocabularies differ get their embedding rows permuted
+            vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, labelled, base)[0],
+                                         tokenizer_source == "union", sources,
+                                         None if base_source is None else len(sources) - 1)
+        merged_sources = sources if vocabulary is None else vocabulary.sources
+        model_sources = merged_sources[:len(labelled)]
+        base_source = None if base_source is None else merged_sources[-1]
         plan = make_plan(merge_method, checked, model_sources, base_source, dtype)
         recipe = recipe_header(merge_method, checked, [label for label, _ in labelled],
                                None if base is None else model_label(base, "base"),
@@ -93,11 +102,14 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         part = MergePart(merge_method, checked, plan, model_sources, base_source)
         output = Output(out_path, recipe, parse_size(shard_size), overwrite,
                         base_source.folder if base_source is not None else model_sources[0].folder,
-                        choose_tokenizer_folder(tokenizer_source, sources, labelled, base),
+                        None if vocabulary is None else vocabulary.tokenizer_folder,
+                        None if vocabulary is None else vocabulary.config_edits,
                         chat_template=choose_chat_template(chat_template, [source.folder for source in sources]))
         return run_parts([part], output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:
             source.close()
+        if vocabulary is not None:
+            vocabulary.close()
 
 

@@ -1,7 +1,6 @@
-"""Which tokenizer a merged model gets, and the check that every merged model's vocabulary equals it.
-
-nbmerge copies one model's tokenizer files into the output; it does not permute embedding rows, so a merge of
-models whose token → id tables differ is refused with the first differing token.
+"""Which tokenizer a merged model gets, reading a model's vocabulary, and (for layer stacks, which do not permute
+embedding rows) the check that every model's vocabulary equals it. ``nbmerge.io.vocabularies`` aligns a merge's
+models whose vocabularies differ.
 """
 
 from __future__ import annotations
@@ -13,40 +12,41 @@ from nbmerge.errors import ParameterError
 from nbmerge.io.sources import ModelSource
 
 
-def choose_tokenizer_folder(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> Path | None:
-    """The folder whose tokenizer files the output gets: that of the model ``tokenizer_source`` names (a label,
-    the model object or path given, or another model's folder), or "union" (the base's, else the first model's).
-    Every merged model's vocabulary must equal it: nbmerge copies one tokenizer and does not permute embeddings."""
-    if tokenizer_source is None:
-        return None
-    candidates = list(zip([label for label, _ in labelled], sources[:len(labelled)], [m for _, m in labelled]))
-    if base is not None:
-        candidates.append((sources[-1].label, sources[-1], base))
+def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> tuple[Path | None, str]:
+    """The folder whose tokenizer the output takes, and its label: that of the model ``tokenizer_source`` names (a
+    label, the model object or path given, or another model's folder); for "union", the base's (else the first
+    model's), the tokenizer the union starts from."""
     if tokenizer_source == "union":
         chosen = sources[-1] if base is not None else sources[0]
-        folder, label = chosen.folder, chosen.label
-    else:
-        chosen = next((source for label, source, model in candidates
-                       if tokenizer_source is model or tokenizer_source == label
-                       or (isinstance(tokenizer_source, (str, Path)) and isinstance(model, (str, Path))
-                           and Path(tokenizer_source).expanduser() == Path(model).expanduser())), None)
-        if chosen is not None:
-            folder, label = chosen.folder, chosen.label
-        elif isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).expanduser().is_dir():
-            folder, label = Path(tokenizer_source).expanduser(), str(tokenizer_source)
-        else:
-            raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor "
-                                 f"a model folder")
+        return chosen.folder, chosen.label
+    for (label, model), source in zip([*labelled, *([("base", base)] if base is not None else [])],
+                                      [*sources[:len(labelled)], *([sources[-1]] if base is not None else [])]):
+        if (tokenizer_source is model or tokenizer_source == label or tokenizer_source == source.label
+                or (isinstance(tokenizer_source, (str, Path)) and isinstance(model, (str, Path))
+                    and Path(tokenizer_source).expanduser() == Path(model).expanduser())):
+            return source.folder, source.label
+    if isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).expanduser().is_dir():
+        return Path(tokenizer_source).expanduser(), str(tokenizer_source)
+    raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor a model "
+                         f"folder")
+
+
+def choose_tokenizer_folder(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> Path | None:
+    """``tokenizer_target``'s folder, for a layer stack: every model's vocabulary must equal it (a stack does not
+    permute embedding rows; ``nbmerge.merge`` does, nbmerge.io.vocabularies)."""
+    if tokenizer_source is None:
+        return None
+    folder, label = tokenizer_target(tokenizer_source, sources, labelled, base)
     wanted = read_vocabulary(folder, label)
-    for _, source, _ in candidates:
+    for source in sources:
         have = read_vocabulary(source.folder, source.label)
         if have is None or wanted is None or have == wanted:
             continue
         token = min(t for t in set(have) | set(wanted) if have.get(t) != wanted.get(t))
         what = "a union of the vocabularies" if tokenizer_source == "union" else f"the tokenizer of {label}"
         raise ParameterError(f"tokenizer_source: {source.label}'s vocabulary differs from {label}'s (token "
-                             f"{token!r}); {what} would need embedding rows permuted, which nbmerge does not do: "
-                             f"merge models that share one tokenizer")
+                             f"{token!r}); {what} would need embedding rows permuted, which a layer stack does "
+                             f"not do: stack models that share one tokenizer")
     return folder
 
 

@@ -1,5 +1,5 @@
-"""What the output folder's tokenizer gets: the chosen model's tokenizer files (every vocabulary must equal it) and
-the chat template asked for (a built-in one, the models' most common, or Jinja text)."""
+"""What the output folder's tokenizer gets: the chosen model's tokenizer files (a model whose vocabulary differs gets
+its embedding rows permuted) and the chat template asked for (a built-in one, the models' most common, or Jinja text)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import nbmerge
 from nbmerge.errors import ParameterError
@@ -72,10 +72,21 @@ def test_a_chat_template_needs_an_output_folder_and_a_known_name(folders, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_a_tokenizer_source_whose_vocabulary_differs_is_refused_by_token(folders, tmp_path):
-    with pytest.raises(ParameterError, match=r"other's vocabulary differs from a's \(token 'bye'\)"):
+def test_a_tokenizer_source_whose_vocabulary_differs_permutes_rows_or_says_what_is_missing(folders, tmp_path):
+    with pytest.raises(ParameterError, match=r"vocabularies differ, and a has no tokenizer files or no vocab_size"):
         nbmerge.merge("simple_average", {"a": folders["a"], "other": folders["other"]}, out=tmp_path / "x",
                       progress=False, tokenizer_source="a")
+    assert not (tmp_path / "x").exists()
+    for name in ("a", "other"):  # with vocab_size known, other's rows follow a's tokens; 'hello' is a's alone
+        config = folders[name] / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 4}))
+    merged = nbmerge.merge("simple_average", {"a": folders["a"], "other": folders["other"]}, out=tmp_path / "x",
+                           progress=False, tokenizer_source="a")
+    embeddings = {name: load_file(folders[name] / "model.safetensors")["model.embed_tokens.weight"]
+                  for name in ("a", "other")}
+    result = load_file(merged.path / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.allclose(result[:3], (embeddings["a"][:3] + embeddings["other"][:3]) / 2)
+    assert torch.equal(result[3], embeddings["a"][3])
     merged = nbmerge.merge("simple_average", {"a": folders["a"], "b": folders["b"]}, out=tmp_path / "y",
                            progress=False, tokenizer_source="b")
     assert (merged.path / "tokenizer.json").read_text() == (folders["b"] / "tokenizer.json").read_text()
