@@ -36,6 +36,7 @@ karcher          karcher: max_iter (10), tol (1e-5), over the models and the bas
 model_stock      model_stock: base_model, two or more models, filter_wise (default false)
 nearswap         nearswap: base_model and one model, t (required)
 arcee_fusion     arcee_fusion: base_model and one model (exact quartiles where mergekit samples 10⁶ entries)
+ram, ramplus_tl  ram (epsilon), ramplus_tl (r, alpha, epsilon): base_model and the models
 passthrough      passthrough: one model per slice, scale (per model, default none)
 ================ ===================================================================================
 
@@ -518,6 +519,10 @@ MERGEKIT = {
     "nearswap": MergekitMethod("nearswap", {"t": None}, {},
                                lambda settings, per_model, n: {"t": settings["t"]}, base="required"),
     "arcee_fusion": MergekitMethod("arcee_fusion", {}, {}, lambda settings, per_model, n: {}, base="required"),
+    "ram": MergekitMethod("ram", {"epsilon": 1e-5}, {}, lambda settings, per_model, n: dict(settings),
+                          base="required"),
+    "ramplus_tl": MergekitMethod("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {},
+                                 lambda settings, per_model, n: dict(settings), base="required"),
 }
 
 

@@ -15,8 +15,8 @@ from nbmerge import plugins
 from nbmerge.errors import PluginError
 
 BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock",
-           "multislerp", "nearswap", "nuslerp", "passthrough", "sce", "simple_average", "slerp", "task_arithmetic",
-           "ties", "we_moe", "weighted_average"}
+           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "simple_average", "slerp",
+           "task_arithmetic", "ties", "we_moe", "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

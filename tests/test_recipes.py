@@ -100,7 +100,7 @@ def test_nbmerge_spelling_is_the_api_keywords():
      "recipe: parameters of model 'x' must be a mapping"),
     ("merge_method: passthrough\nslices: [{sources: [{model: x, layer_range: [0, 2]}], parameters: [1]}]",
      "recipe: slices[0].parameters must be a mapping"),
-    ("merge_method: ram\nmodels: [x]", "merge_method 'ram' is not supported; nbmerge maps linear, "),
+    ("merge_method: rem\nmodels: [x]", "merge_method 'rem' is not supported; nbmerge maps linear, "),
     ("merge_method: ties\nbase_model: b\nmodels: [x]\nchat_template: exaone",
      "chat_template 'exaone' is not one of nbmerge's built-in"),
     ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: union, tokens: {}}",

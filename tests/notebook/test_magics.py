@@ -287,7 +287,7 @@ def test_nbmerge_recipe_with_variables(shell, ns, llama_set):
 def test_recipe_mistakes_are_one_line_usage_errors(shell, ns, capsys):
     beyond = "slices:\n  - sources:\n    - {model: base, layer_range: [0, 2]}\n    - {model: ft1, layer_range: [1, 5]}\n"
     cases = {
-        "merge_method: ram\nmodels: [ft0]": "merge_method 'ram' is not supported",
+        "merge_method: rem\nmodels: [ft0]": "merge_method 'rem' is not supported",
         "merge_method: linear\nmodels: [ft0, x]\nname: x\n---\nmerge_method: linear\nmodels: [x, ft1]":
             "the merges 'x' → 'x' use each other's output",
         "merge_method: linear\nmodels: [ft0, nope]\nname: x\n---\nmerge_method: linear\nmodels: [x, ft1]":

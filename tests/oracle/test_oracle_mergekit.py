@@ -173,6 +173,21 @@ def test_arcee_fusion_is_mergekits_through_its_recipe(llama_set, tmp_path):
     assert 0 < int(taken.sum()) < 0.3 * base.numel() and torch.equal(ours[name][taken], model[taken])
 
 
+@pytest.mark.parametrize("method, parameters", [("ram", {}), ("ramplus_tl", {"r": 0.3, "alpha": 0.5})])
+def test_ram_is_mergekits_on_sparse_task_vectors_through_its_recipe(sparse_llama_set, tmp_path, method, parameters):
+    from nbmerge.recipes import parse_recipe
+
+    model_set = sparse_llama_set
+    recipe = {"merge_method": method, "base_model": str(model_set.base_dir), "dtype": "float32",
+              "parameters": parameters, "models": [{"model": str(path)} for path in model_set.model_dirs]}
+    theirs = run_mergekit(recipe, tmp_path / "mk")
+    call = parse_recipe(json.dumps(recipe))
+    assert call.method == method
+    ours = nbmerge.merge(call.method, list(call.models.values()), base=call.base, progress=False, **call.params,
+                         **call.options).state_dict
+    assert_matches(ours, theirs, atol=1e-5)
+
+
 def test_dare_without_drops_matches_dare_linear_and_dare_ties(llama_set, tmp_path):
     for mergekit_name, combine in (("dare_linear", "linear"), ("dare_ties", "ties")):
         theirs = run_mergekit({"merge_method": mergekit_name, "base_model": str(llama_set.base_dir),
