@@ -31,8 +31,9 @@ from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ModelInputError, ParameterError
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
-from nbmerge.io.tokenizers import choose_tokenizer_folder
 from nbmerge.io.sources import ModelSource, open_model
+from nbmerge.io.tokenizers import tokenizer_target
+from nbmerge.io.vocabularies import plan_vocabulary
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
@@ -67,29 +68,47 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
     out_path = None if out is None else Path(out).expanduser()
     check_chat_template_output(chat_template, out_path)
     opened: dict[Any, ModelSource] = {}
+    vocabulary = None
     try:
-        parts, recorded, offset = [], [], 0
-        for i, layer_slice in enumerate(slices):
-            part, record, length = _plan_slice(layer_slice, i, len(slices), offset, opened, dtype)
-            parts.append(part)
-            recorded.append(record)
-            offset += length
+        members = [[_open(model, label, opened)
+                    for label, model in [*labelled_models(piece.models),
+                                         *([(model_label(piece.base, "base"), piece.base)] if piece.base is not None
+                                           else [])]] for piece in slices]
         sources = list(opened.values())
         if out_path is not None:
             check_output_apart(out_path, sources)
+        per_slice = [opened] * len(slices)
+        if tokenizer_source is not None:  # vocabularies that differ: rows permuted, filled within each slice
+            index = {id(source): i for i, source in enumerate(sources)}
+            groups = [([index[id(source)] for source in group],
+                       index[id(group[-1])] if piece.base is not None else None)
+                      for group, piece in zip(members, slices)]
+            vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, [(s.label, s) for s in sources],
+                                                          None)[0],
+                                         tokenizer_source == "union", sources, None, groups)
+            keys = {id(source): key for key, source in opened.items()}
+            per_slice = [{keys[id(source)]: aligned for source, aligned in zip(group, aligned_group)}
+                         for group, aligned_group in zip(members, vocabulary.groups)]
+        parts, recorded, offset = [], [], 0
+        for i, layer_slice in enumerate(slices):
+            part, record, length = _plan_slice(layer_slice, i, len(slices), offset, per_slice[i], dtype)
+            parts.append(part)
+            recorded.append(record)
+            offset += length
         first = parts[0]
         config_folder = (first.base or first.models[0]).folder
         recipe = {"nbmerge_version": __version__, "slices": recorded,
                   **({"out_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
-        labelled = [(source.label, source) for source in sources]
+        edits = {**_config_edits(config_folder, parts, offset), **(vocabulary.config_edits if vocabulary else {})}
         output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
-                        choose_tokenizer_folder(tokenizer_source, sources, labelled, None),
-                        _config_edits(config_folder, parts, offset),
+                        None if vocabulary is None else vocabulary.tokenizer_folder, edits,
                         choose_chat_template(chat_template, [source.folder for source in sources]))
         return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in opened.values():
             source.close()
+        if vocabulary is not None:
+            vocabulary.close()
 
 
 def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, opened: dict,

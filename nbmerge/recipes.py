@@ -43,7 +43,7 @@ passthrough      passthrough: one model per slice, scale (per model, default non
 DARE's and DELLA's masks are nbmerge's own seeded draws, so those merges equal mergekit's in distribution, not
 bit for bit. tokenizer_source (base, a model, or union) picks the tokenizer the output gets; models whose
 vocabularies differ from it have their embedding rows permuted and filled as mergekit does (nbmerge.io.vocabularies;
-a layer stack of several slices needs one shared vocabulary).
+a layer stack fills each vocabulary tensor within the slice it comes from).
 Model references stay strings here; the caller resolves them (paths, or notebook variables in the magics);
 mergekit's ``model+adapter`` resolves to the model with that LoRA adapter applied (``nbmerge.io.lora``).
 """

@@ -1,6 +1,5 @@
-"""Which tokenizer a merged model gets, reading a model's vocabulary, and (for layer stacks, which do not permute
-embedding rows) the check that every model's vocabulary equals it. ``nbmerge.io.vocabularies`` aligns a merge's
-models whose vocabularies differ.
+"""Which model's tokenizer a merged model gets, and reading a model's vocabulary (``nbmerge.io.vocabularies``
+aligns models whose vocabularies differ from it).
 """
 
 from __future__ import annotations
@@ -29,25 +28,6 @@ def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: lis
         return Path(tokenizer_source).expanduser(), str(tokenizer_source)
     raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor a model "
                          f"folder")
-
-
-def choose_tokenizer_folder(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> Path | None:
-    """``tokenizer_target``'s folder, for a layer stack: every model's vocabulary must equal it (a stack does not
-    permute embedding rows; ``nbmerge.merge`` does, nbmerge.io.vocabularies)."""
-    if tokenizer_source is None:
-        return None
-    folder, label = tokenizer_target(tokenizer_source, sources, labelled, base)
-    wanted = read_vocabulary(folder, label)
-    for source in sources:
-        have = read_vocabulary(source.folder, source.label)
-        if have is None or wanted is None or have == wanted:
-            continue
-        token = min(t for t in set(have) | set(wanted) if have.get(t) != wanted.get(t))
-        what = "a union of the vocabularies" if tokenizer_source == "union" else f"the tokenizer of {label}"
-        raise ParameterError(f"tokenizer_source: {source.label}'s vocabulary differs from {label}'s (token "
-                             f"{token!r}); {what} would need embedding rows permuted, which a layer stack does "
-                             f"not do: stack models that share one tokenizer")
-    return folder
 
 
 def read_vocabulary(folder: Path | None, label: str) -> dict | None:

@@ -3,8 +3,9 @@ mergekit 0.1.5 does for ``tokenizer_source``.
 
 The output vocabulary V is one model's tokenizer, or the union (mergekit's ``build_union_tokenizer``: the base's
 tokenizer, else the first model's, with every other model's tokens it lacks added in the models' order, then their
-added tokens; within a model in id order, where mergekit takes the order of a hash map, which changes from run to
-run, so its union gives the same tokens and rows under ids that may differ). Each model's vocabulary is its tokenizer's token → id table, ids below its config's ``vocab_size``.
+added tokens; within a model in id order. mergekit takes those in a hash map's order, and without a base_model
+starts from a model drawn from a set, both of which change from run to run: its union has the same tokens and
+rows, under ids that may differ). A layer stack fills each vocabulary tensor within the slice it comes from. Each model's vocabulary is its tokenizer's token → id table, ids below its config's ``vocab_size``.
 A vocabulary tensor (outside the layer stack, its first dimension the model's ``vocab_size``: embeddings, LM head)
 of model m becomes, row by row over V,
   row_t = E_m[id_m(t)]                      where m has token t, else the same fill for every model lacking it:
@@ -35,9 +36,13 @@ class VocabularyPlan:
     (a built union tokenizer) to remove when the merge ends."""
 
     tokenizer_folder: Path | None
-    sources: list[ModelSource]
+    groups: list[list[ModelSource]]  # per group of plan_vocabulary (one by default), its sources aligned
     config_edits: dict = field(default_factory=dict)
     scratch: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        return self.groups[0]
 
     def close(self) -> None:
         if self.scratch is not None:
@@ -45,9 +50,12 @@ class VocabularyPlan:
 
 
 def plan_vocabulary(tokenizer_folder: Path | None, union: bool, sources: list[ModelSource],
-                    base_index: int | None) -> VocabularyPlan:
+                    base_index: int | None, groups: list[tuple[list[int], int | None]] | None = None) -> VocabularyPlan:
     """Align ``sources`` (the base at ``base_index``) to the tokenizer of ``tokenizer_folder``, or to the union
-    of the models' tokenizers; unchanged where every model already has the output's token ids and row count."""
+    of the models' tokenizers; unchanged where every model already has the output's token ids and row count.
+
+    ``groups`` (source indices and the group's base index): the fills are taken within each group, as mergekit
+    fills a layer stack's embeddings from the slice that provides them (default: one group of every source)."""
     from nbmerge.io.tokenizers import read_vocabulary
 
     tables = [read_vocabulary(source.folder, source.label) for source in sources]  # None: no tokenizer files
@@ -56,8 +64,10 @@ def plan_vocabulary(tokenizer_folder: Path | None, union: bool, sources: list[Mo
         tokens, scratch, tokenizer_folder = _union(sources, base_index)
     else:
         tokens, scratch = read_vocabulary(tokenizer_folder, str(tokenizer_folder)), None
+    groups = groups or [(list(range(len(sources))), base_index)]
+    unchanged = [[sources[i] for i in members] for members, _ in groups]
     if tokens is None:
-        return VocabularyPlan(tokenizer_folder, sources, {}, scratch)
+        return VocabularyPlan(tokenizer_folder, unchanged, {}, scratch)
     size = max(tokens.values()) + 1
     by_id = [None] * size
     for token, index in tokens.items():
@@ -65,14 +75,17 @@ def plan_vocabulary(tokenizer_folder: Path | None, union: bool, sources: list[Mo
     needed = [table is not None and (table != tokens or (vocabulary is not None and vocabulary[1] != size))
               for table, vocabulary in zip(tables, vocabularies)]
     if not any(needed):
-        return VocabularyPlan(tokenizer_folder, sources, {}, scratch)
+        return VocabularyPlan(tokenizer_folder, unchanged, {}, scratch)
     missing = [source.label for source, vocabulary in zip(sources, vocabularies) if vocabulary is None]
     if missing:
         raise ParameterError(f"tokenizer_source: the models' vocabularies differ, and {missing[0]} has no "
                              f"tokenizer files or no vocab_size in its config.json, which permuting its embedding "
                              f"rows needs")
-    alignment = VocabularyAlignment(sources, [vocabulary for vocabulary in vocabularies], by_id, base_index)
-    aligned = [AlignedSource(source, alignment, i) for i, source in enumerate(sources)]
+    aligned = []
+    for members, group_base in groups:
+        alignment = VocabularyAlignment([sources[i] for i in members], [vocabularies[i] for i in members], by_id,
+                                        None if group_base is None else members.index(group_base))
+        aligned.append([AlignedSource(sources[i], alignment, k) for k, i in enumerate(members)])
     return VocabularyPlan(tokenizer_folder, aligned, {"vocab_size": size}, scratch)
 
 

@@ -147,3 +147,26 @@ def test_the_same_vocabulary_everywhere_changes_nothing(llama_set):
     aligned = nbmerge.merge("task_arithmetic", llama_set.model_dirs[:2], base=llama_set.base_dir,
                             tokenizer_source="base", progress=False).state_dict
     assert all(torch.equal(plain[k], aligned[k]) for k in plain)
+
+
+def test_a_layer_stack_takes_each_vocabulary_tensor_from_its_slice_as_mergekit(three_vocabularies, tmp_path):
+    """Embeddings from the first slice (a's), the head from the last (b's): b's head rows for tokens b lacks are
+    zeros (within its slice no model has them), as mergekit's are."""
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    folders, words, states = three_vocabularies
+    # base_model names where the union starts (without one, mergekit picks a model from a set: random order)
+    written = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union",
+               "base_model": str(folders["a"]),
+               "slices": [{"sources": [{"model": str(folders["a"]), "layer_range": [0, 2]}]},
+                          {"sources": [{"model": str(folders["b"]), "layer_range": [1, 2]}]}]}
+    theirs = run_mergekit(written, tmp_path / "mk")
+    run_recipe(parse_recipe(json.dumps(written)), out=tmp_path / "ours", progress=False)
+    ours, vocabulary = load_folder(tmp_path / "ours"), output_vocabulary(tmp_path / "ours")
+    assert set(ours) == set(theirs) and vocabulary == output_vocabulary(tmp_path / "mk")
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert torch.equal(ours["model.embed_tokens.weight"], states["a"]["model.embed_tokens.weight"])
+    head = ours["lm_head.weight"]
+    assert not head[vocabulary["alpha"]].any() and not head[vocabulary["w19"]].any()
+    assert torch.equal(head[vocabulary["beta"]], states["b"]["lm_head.weight"][words["b"].index("beta")])
