@@ -7,25 +7,21 @@ final norm and head from its last). Reads go to the underlying source, which its
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
-import torch
-
 from nbmerge.errors import ModelInputError
-from nbmerge.io.buffers import BufferPool
-from nbmerge.io.sources import ModelSource
+from nbmerge.io.sources import ModelSource, SourceView
 from nbmerge.method.tensor_names import count_layers, layer_index, with_layer
 
 
-class LayerWindow(ModelSource):
+class LayerWindow(SourceView):
     def __init__(self, source: ModelSource, start: int, end: int, keeps_outside: Callable[[str], bool]):
         layers = count_layers(source.infos)
         if not 0 <= start < end <= layers:
             raise ModelInputError(f"{source.label}: layer_range [{start}, {end}] is not within its {layers} layers "
                                   f"(give 0 <= start < end <= {layers})")
-        self.source, self.start, self.end = source, start, end
-        self.label, self.folder = source.label, source.folder
+        super().__init__(source)
+        self.start, self.end = start, end
         self._inner: dict[str, str] = {}
         for name in source.infos:
             index = layer_index(name)
@@ -35,29 +31,5 @@ class LayerWindow(ModelSource):
                 self._inner[with_layer(name, index - start)] = name
         self.infos = {name: source.infos[inner] for name, inner in self._inner.items()}
 
-    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        return self.source.read(self._inner[name], pool)
-
-    def where(self, name: str) -> str:
-        return self.source.where(self._inner[name])
-
-    def file_of(self, name: str) -> Path | None:
-        return self.source.file_of(self._inner[name])
-
-    def paths(self) -> list[Path]:
-        return self.source.paths()
-
-    def advise(self, name: str) -> None:
-        self.source.advise(self._inner[name])
-
-    def check_unchanged(self) -> None:
-        self.source.check_unchanged()
-
-    def check_no_writer(self) -> None:
-        self.source.check_no_writer()
-
-    def release_leases(self) -> None:
-        self.source.release_leases()
-
-    def take_leases(self) -> None:
-        self.source.take_leases()
+    def inner(self, name: str) -> str:
+        return self._inner[name]

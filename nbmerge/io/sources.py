@@ -86,6 +86,46 @@ class ModelSource:
         """Release open files."""
 
 
+class SourceView(ModelSource):
+    """A view of another source (a layer window, rows permuted to another vocabulary): reads, files, checks and
+    leases go to ``source`` under ``inner(name)``; its owner opens and closes ``source``."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.label, self.folder = source.label, source.folder
+
+    def inner(self, name: str) -> str:
+        """The name of tensor ``name`` in ``source``."""
+        return name
+
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        return self.source.read(self.inner(name), pool)
+
+    def where(self, name: str) -> str:
+        return self.source.where(self.inner(name))
+
+    def file_of(self, name: str) -> Path | None:
+        return self.source.file_of(self.inner(name))
+
+    def paths(self) -> list[Path]:
+        return self.source.paths()
+
+    def advise(self, name: str) -> None:
+        self.source.advise(self.inner(name))
+
+    def check_unchanged(self) -> None:
+        self.source.check_unchanged()
+
+    def check_no_writer(self) -> None:
+        self.source.check_no_writer()
+
+    def release_leases(self) -> None:
+        self.source.release_leases()
+
+    def take_leases(self) -> None:
+        self.source.take_leases()
+
+
 class SafetensorsSource(ModelSource):
     def __init__(self, files: list[Path], label: str, folder: Path | None):
         self.label, self.folder = label, folder

@@ -25,7 +25,7 @@ import torch
 
 from nbmerge.errors import ParameterError
 from nbmerge.io.buffers import BufferPool
-from nbmerge.io.sources import ModelSource, TensorInfo
+from nbmerge.io.sources import ModelSource, SourceView, TensorInfo
 from nbmerge.method.tensor_names import layer_index
 
 
@@ -198,12 +198,12 @@ class VocabularyAlignment:
         return aligned
 
 
-class AlignedSource(ModelSource):
+class AlignedSource(SourceView):
     """``source`` with its vocabulary tensors in the output vocabulary's order and size."""
 
     def __init__(self, source: ModelSource, alignment: VocabularyAlignment, index: int):
-        self.source, self.alignment, self.index = source, alignment, index
-        self.label, self.folder = source.label, source.folder
+        super().__init__(source)
+        self.alignment, self.index = alignment, index
         self._vocabulary = {name for name, info in source.infos.items()
                             if alignment.is_vocabulary_tensor(index, name, info)}
         self.infos = {name: (TensorInfo(info.dtype, (alignment.size, *info.shape[1:])) if name in self._vocabulary
@@ -217,27 +217,3 @@ class AlignedSource(ModelSource):
     def where(self, name: str) -> str:
         return self.source.where(name) + (" (rows permuted to the output vocabulary)" if name in self._vocabulary
                                           else "")
-
-    def file_of(self, name: str) -> Path | None:
-        return self.source.file_of(name)
-
-    def paths(self) -> list[Path]:
-        return self.source.paths()
-
-    def advise(self, name: str) -> None:
-        self.source.advise(name)
-
-    def check_unchanged(self) -> None:
-        self.source.check_unchanged()
-
-    def check_no_writer(self) -> None:
-        self.source.check_no_writer()
-
-    def release_leases(self) -> None:
-        self.source.release_leases()
-
-    def take_leases(self) -> None:
-        self.source.take_leases()
-
-    def close(self) -> None:
-        self.source.close()
