@@ -673,6 +673,20 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
                              piece.base_layers, piece.params) for piece in slices], **options)
 
 
+def models_to_resolve(call: MergeCall) -> list[str]:
+    """Every model reference ``run_recipe`` will resolve for ``call``, in sorted order: those of its merges (a
+    chain's too) but not a chain's own merge names or "union", and both parts of mergekit's ``model+adapter``."""
+    from nbmerge.recipe_chain import references
+
+    chained = {name for name, _ in call.intermediates}
+    found: set[str] = set()
+    for step in [call, *(step for _, step in call.intermediates)]:
+        for reference in references(step) - chained - {"union"}:
+            parts = lora_parts(reference) if step.source == "mergekit" else None
+            found.update(parts or (reference,))
+    return sorted(found)
+
+
 def _with_adapters(resolve: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``resolve`` that turns mergekit's ``model+adapter`` into the model with its LoRA adapter applied."""
     from nbmerge.io.lora import WithLora

@@ -256,7 +256,7 @@ class MergeMagics(Magics):
 
     # -- %%merge -----------------------------------------------------------------------------------------------
     def _merge_recipe(self, line: str, cell: str):
-        from nbmerge.recipes import parse_recipe, run_recipe
+        from nbmerge.recipes import models_to_resolve, parse_recipe, run_recipe
 
         parser = _MagicParser(prog="%%merge", description="merge with the YAML recipe in the cell body")
         parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
@@ -273,9 +273,6 @@ class MergeMagics(Magics):
             return None
         with usage_errors():
             call = parse_recipe(cell)
-        from nbmerge.recipe_chain import references
-        from nbmerge.recipes import lora_parts
-
         steps = [call, *(step for _, step in call.intermediates)]
         for step in steps:
             for method in [piece.method for piece in step.slices] if step.slices else [step.method]:
@@ -287,12 +284,8 @@ class MergeMagics(Magics):
                 resolved[reference] = self._model(reference)
             return resolved[reference]
 
-        chained = {name for name, _ in call.intermediates}  # a chain's own merges, run before the ones using them
-        for step in steps:
-            for reference in sorted(references(step) - chained - {"union"}):
-                parts = lora_parts(reference) if step.source == "mergekit" else None
-                for part in parts or (reference,):  # mergekit's model+adapter: both checked
-                    resolve(part)  # every reference checked before anything runs
+        for reference in models_to_resolve(call):
+            resolve(reference)  # every reference checked before anything runs
         options = {key: getattr(args, key) for key in ("out", "device", "intermediate_dir")}
         options.update({flag: True for flag in ("overwrite", "allow_nonfinite") if getattr(args, flag)})
         title = "layer stack" if call.method == "stack" else call.method
