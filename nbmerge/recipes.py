@@ -235,7 +235,7 @@ def from_mergekit(config: Mapping) -> MergeCall:
     spec = MERGEKIT[name]
     base = config.get("base_model")
     if base is not None:
-        _no_lora(_reference(base, "base_model"))
+        _check_lora_reference(_reference(base, "base_model"))
     top = _parameters(config.get("parameters"), "parameters")
     if "slices" in config and "models" in config:
         raise RecipeError("recipe: give either 'models' or 'slices', not both")
@@ -546,11 +546,11 @@ def _model_entry(entry) -> dict:
     _reject_unknown_keys(entry, ("model", "parameters", "layer_range"), "recipe: model entry")
     if not isinstance(entry["model"], str):
         raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {entry['model']!r}")
-    _no_lora(entry["model"])
+    _check_lora_reference(entry["model"])
     return dict(entry)
 
 
-def _no_lora(reference: str) -> None:
+def _check_lora_reference(reference: str) -> None:
     """A model reference may be mergekit's ``model+adapter`` (one PEFT LoRA adapter applied, nbmerge.io.lora)."""
     if "+" in reference and lora_parts(reference) is None:
         raise RecipeError(f"recipe: model {reference!r}: mergekit's model+adapter takes one model and one LoRA "
