@@ -70,25 +70,23 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
     opened: dict[Any, ModelSource] = {}
     vocabulary = None
     try:
-        members = [[_open(model, label, opened)
-                    for label, model in [*labelled_models(piece.models),
-                                         *([(model_label(piece.base, "base"), piece.base)] if piece.base is not None
-                                           else [])]] for piece in slices]
+        members = []  # per slice, the keys of its models' sources (its base's last)
+        for piece in slices:
+            inputs = [*labelled_models(piece.models),
+                      *([(model_label(piece.base, "base"), piece.base)] if piece.base is not None else [])]
+            members.append([_open(model, label, opened) for label, model in inputs])
         sources = list(opened.values())
         if out_path is not None:
             check_output_apart(out_path, sources)
         per_slice = [opened] * len(slices)
         if tokenizer_source is not None:  # vocabularies that differ: rows permuted, filled within each slice
-            index = {id(source): i for i, source in enumerate(sources)}
-            groups = [([index[id(source)] for source in group],
-                       index[id(group[-1])] if piece.base is not None else None)
-                      for group, piece in zip(members, slices)]
+            index = {key: i for i, key in enumerate(opened)}
+            groups = [([index[key] for key in keys], index[keys[-1]] if piece.base is not None else None)
+                      for keys, piece in zip(members, slices)]
             vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, [(s.label, s) for s in sources],
                                                           None)[0],
                                          tokenizer_source == "union", sources, None, groups)
-            keys = {id(source): key for key, source in opened.items()}
-            per_slice = [{keys[id(source)]: aligned for source, aligned in zip(group, aligned_group)}
-                         for group, aligned_group in zip(members, vocabulary.groups)]
+            per_slice = [dict(zip(keys, aligned)) for keys, aligned in zip(members, vocabulary.groups)]
         parts, recorded, offset = [], [], 0
         for i, layer_slice in enumerate(slices):
             part, record, length = _plan_slice(layer_slice, i, len(slices), offset, per_slice[i], dtype)
@@ -125,14 +123,15 @@ def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, op
     def keeps_outside(name: str) -> bool:  # embeddings from the first slice, final norm and head from the last
         return (index == 0 and is_embedding(name)) or (index == count - 1 and not is_embedding(name))
 
-    windows = [LayerWindow(_open(model, label, opened), *ranges[label], keeps_outside) for label, model in labelled]
+    windows = [LayerWindow(opened[_open(model, label, opened)], *ranges[label], keeps_outside)
+               for label, model in labelled]
     base_window, base_range = None, None
     if layer_slice.base is not None:
         base_range = layer_slice.base_layers or (next(iter(set(ranges.values()))) if len(set(ranges.values())) == 1
                                                  else None)
         if base_range is None:
             raise ParameterError(f"{where}: give base_layers (the models' layer ranges differ)")
-        base_window = LayerWindow(_open(layer_slice.base, model_label(layer_slice.base, "base"), opened),
+        base_window = LayerWindow(opened[_open(layer_slice.base, model_label(layer_slice.base, "base"), opened)],
                                   *base_range, keeps_outside)
     lengths = {end - start for start, end in [*ranges.values(), *([base_range] if base_range else [])]}
     if len(lengths) != 1:
@@ -169,12 +168,13 @@ def _ranges(layer_slice: LayerSlice, labels: list[str], where: str) -> dict[str,
     return checked
 
 
-def _open(model: Any, label: str, opened: dict) -> ModelSource:
-    """Each model is opened once, however many slices read it (a path by its resolved location)."""
+def _open(model: Any, label: str, opened: dict) -> tuple:
+    """Open ``model`` into ``opened`` once, however many slices read it, and return its key there (a path by its
+    resolved location, another model by identity)."""
     key = ("path", str(Path(model).expanduser().resolve())) if isinstance(model, (str, Path)) else ("id", id(model))
     if key not in opened:
         opened[key] = open_model(model, label)
-    return opened[key]
+    return key
 
 
 def _config_edits(config_folder: Path | None, parts: list[MergePart], total_layers: int) -> dict:
