@@ -13,7 +13,8 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 
-EPSILON = Param("epsilon", "float", 1e-5, "ε: a task-vector entry counts as changed where |τ| > ε", low=0.0)
+EPSILON = Param("epsilon", "float", 1e-5, "ε: a task-vector entry counts as changed where its magnitude exceeds ε",
+                low=0.0)
 R = Param("r", "float", 0.1, "r: how strongly a model's shared fraction boosts its unique entries", low=0.0)
 ALPHA = Param("alpha", "float", 0.2, "α: the cap on the shared-to-unique ratio ρ", low=0.0)
 
