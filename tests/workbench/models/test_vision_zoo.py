@@ -47,7 +47,8 @@ def test_individual_accuracy_is_each_fine_tuned_model_on_its_own_task(tiny_visio
     for task in pool.tasks:
         own = nbmerge.evaluate(tiny_vision_zoo.models[task.name], pool, tasks=[task.name], progress=False)
         assert report.individual[task.name] == own.accuracy[task.name], task.name
-        # 1.5× chance: a tiny-profile zoo built here under load gave skin_tone 36.7% (chance 20%; 2× failed)
+        # 1.5× chance: the tiny skin_tone test split has 30 images; the build is bitwise the same run to run on one
+        # machine (rebuilt and compared), but CPUs differ in float kernels: 11 of 30 (36.7%) on one, ≥ 12 on CI's
         assert own.accuracy[task.name] > 100 * 1.5 / len(task.classes), task.name
 
 
