@@ -15,7 +15,10 @@ Per seed (the zoo of ``--pool`` built with that seed; seeds 0 1 2 by default):
                 and one scaling, ``--generations`` × ``--population`` candidates, the best by validation on test;
   evolved_dfs   ``nbmerge.search_data_flow``: CMA-ES over which layers of the individual models (2 repetitions,
                 at most 2L layers) with a residual-branch scale each, starting from the best individual model;
-  evolved_ps_dfs  the same over evolved_ps's merge and the individual models, starting from evolved_ps's merge.
+  evolved_ps_dfs  the same over evolved_ps's merge and the individual models, starting from evolved_ps's merge;
+  individual    no merge: each task under its own fine-tuned model (the ceiling the merges are measured against).
+best_static also records its fitness's binomial standard error, 100 · sqrt(Σ_t p_t (1 − p_t) / n_t) / T over the
+T tasks' validation accuracies p_t and sizes n_t: the noise a search that selects on validation can fit.
 Rows: test average mean and std over seeds, candidates evaluated per minute, merge and evaluation seconds per
 candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints the table.
 
@@ -57,6 +60,25 @@ def best_static(evaluator) -> dict:
     return {"choice": {"method": method, **params}, "validation": validation, "test": _mean(test.values()),
             "merge_seconds": _mean(t[0] for t in timings), "eval_seconds": _mean(t[1] for t in timings),
             "candidates": len(scored)}
+
+
+def individual(evaluator) -> dict:
+    """Each task under its own fine-tuned model, on validation and test (no merge)."""
+    from nbmerge.workbench.evaluation import individual_accuracy
+
+    names = [task.name for task in evaluator.pool.tasks]
+    scores = {split: individual_accuracy(evaluator.pool, split, names) for split in ("validation", "test")}
+    return {"validation": _mean(scores["validation"].values()), "test": _mean(scores["test"].values()),
+            "test_per_task": scores["test"]}
+
+
+def validation_standard_error(evaluator, choice: dict) -> float:
+    """The binomial standard error (points) of the chosen static merge's validation fitness (see the docstring)."""
+    params = {key: value for key, value in choice.items() if key != "method"}
+    accuracies = evaluator.task_accuracies(params, "validation", choice["method"])
+    variance = sum((p / 100) * (1 - p / 100) / len(task.labels("validation"))
+                   for task in evaluator.pool.tasks for p in [accuracies[task.name]])
+    return 100 * variance ** 0.5 / len(evaluator.pool.tasks)
 
 
 def layer_stacked(evaluator, choice: dict) -> dict:
@@ -103,20 +125,23 @@ def main() -> int:
 
     per_seed: dict[str, list[dict]] = {name: [] for name in ("best_static", "uniform_soup", "greedy_soup",
                                                               "layer_stacked", "evolved_ps", "evolved_dfs",
-                                                              "evolved_ps_dfs")}
+                                                              "evolved_ps_dfs", "individual")}
     budget = dict(generations=args.generations, population=args.population, workers=args.workers)
     settings = {"pool": args.pool, "generations": args.generations, "population": args.population,
                 "blocks": args.blocks}
     done = _finished_seeds(Path(args.json), settings) if args.resume else {}
     for seed in args.seeds:
+        options = {"seed": seed}
         if seed in done:  # --resume: this seed's rows were written by an earlier run with the same settings
+            _complete(done[seed], lambda: CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options)))
             for name, run in done[seed].items():
                 per_seed[name].append(run)
             print(f"seed {seed}: taken from {args.json}", flush=True)
             continue
-        options = {"seed": seed}
         evaluator = CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options))
         static = best_static(evaluator)
+        static["validation_standard_error"] = validation_standard_error(evaluator, static["choice"])
+        per_seed["individual"].append(individual(evaluator))
         per_seed["best_static"].append(static)
         per_seed["layer_stacked"].append(layer_stacked(evaluator, static["choice"]))
         soup = nbmerge.greedy_soup(args.pool, workers=args.workers, pool_options=options)
@@ -143,6 +168,19 @@ def main() -> int:
     return 0
 
 
+def _complete(rows: dict[str, dict], make_evaluator) -> None:
+    """Add the rows a seed written by an older version of this script lacks (the cheap ones: no search)."""
+    missing_error = "validation_standard_error" not in rows["best_static"]
+    if "individual" in rows and not missing_error:
+        return
+    evaluator = make_evaluator()
+    if "individual" not in rows:
+        rows["individual"] = individual(evaluator)
+    if missing_error:
+        rows["best_static"]["validation_standard_error"] = validation_standard_error(
+            evaluator, rows["best_static"]["choice"])
+
+
 def _write(args, settings: dict, per_seed: dict[str, list[dict]], seeds_done: list[int]) -> None:
     """Write the rows over the seeds finished so far (after every seed, so a stopped run keeps them) and print the
     table with the issue's two checks."""
@@ -159,13 +197,16 @@ def _write(args, settings: dict, per_seed: dict[str, list[dict]], seeds_done: li
     spread = max(static["test_std"], evolved["test_std"])
     checks = {"evolved_beats_static_by_more_than_spread": evolved["test_mean"] - static["test_mean"] > spread,
               "merge_at_most_20pct_of_eval": evolved["merge_seconds"] <= 0.2 * evolved["eval_seconds"]}
+    errors = [run["validation_standard_error"] for run in per_seed["best_static"]]
     result = {**settings, "seeds": seeds_done, "workers": args.workers, "machine": platform.platform(),
-              "rows": rows, "checks": checks}
+              "rows": rows, "checks": checks,
+              "validation_standard_error": _mean(errors)}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'row':15s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
     for name, row in rows.items():
         print(f"{name:15s} {row['test_mean']:9.2f} {row['test_std']:6.2f} {row.get('merge_seconds', float('nan')):8.2f} "
               f"{row.get('eval_seconds', float('nan')):7.2f} {row.get('candidates_per_minute', float('nan')):8.1f}")
+    print(f"validation fitness standard error (binomial, best_static): {_mean(errors):.2f} points")
     print("checks:", json.dumps(checks), flush=True)
 
 
