@@ -16,10 +16,14 @@ Per seed (the zoo of ``--pool`` built with that seed; seeds 0 1 2 by default):
   evolved_dfs   ``nbmerge.search_data_flow``: CMA-ES over which layers of the individual models (2 repetitions,
                 at most 2L layers) with a residual-branch scale each, starting from the best individual model;
   evolved_ps_dfs  the same over evolved_ps's merge and the individual models, starting from evolved_ps's merge;
-  individual    no merge: each task under its own fine-tuned model (the ceiling the merges are measured against).
+  individual    no merge: each task under its own fine-tuned model (the ceiling the merges are measured against);
+  evolved_ps_oracle  an oracle, not a method (it selects on test): the best test average among evolved_ps's
+                ``--oracle-top`` candidates of highest validation fitness, the most any rule choosing among them
+                could reach.
 best_static also records its fitness's binomial standard error, 100 · sqrt(Σ_t p_t (1 − p_t) / n_t) / T over the
 T tasks' validation accuracies p_t and sizes n_t: the noise a search that selects on validation can fit.
-Rows: test average mean and std over seeds, candidates evaluated per minute, merge and evaluation seconds per
+The PS search keeps its checkpoint in ``--checkpoints`` (seeded and deterministic: a rerun with the same settings
+replays it instead of evaluating again). Rows: test average mean and std over seeds, candidates evaluated per minute, merge and evaluation seconds per
 candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints the table.
 
 Usage:
@@ -101,6 +105,35 @@ def layer_stacked(evaluator, choice: dict) -> dict:
             "candidates": len(scored)}
 
 
+def ps_search(args, seed: int):
+    """The evolved_ps search of ``seed`` (replayed from its checkpoint where one was written)."""
+    import nbmerge
+
+    checkpoint = Path(args.checkpoints) / f"ps-{args.pool}-seed{seed}-g{args.generations}-p{args.population}.json"
+    return nbmerge.search(args.pool, "ties", {"density": (0.05, 1.0), "weights": (0.0, 1.5), "scaling": (0.2, 1.5)},
+                          blocks=args.blocks, fixed={"trim_scope": "tensor"}, seed=seed,
+                          pool_options={"seed": seed}, generations=args.generations, population=args.population,
+                          workers=args.workers, checkpoint=checkpoint)
+
+
+def test_oracle(evaluator, found, top: int) -> dict:
+    """The best test average among the ``top`` distinct candidates of ``found`` with the highest validation."""
+    ranked = sorted(((fitness, genome) for generation in found.generations
+                     for fitness, genome in zip(generation.fitness, generation.genomes)), key=lambda row: -row[0])
+    chosen: list[tuple[float, dict]] = []
+    for fitness, genome in ranked:
+        params = found.space.candidate(genome)
+        if params not in [known for _, known in chosen]:
+            chosen.append((fitness, params))
+        if len(chosen) == top:
+            break
+    scored = [(_mean(evaluator.task_accuracies(params, "test").values()), fitness, params)
+              for fitness, params in chosen]
+    test, validation, params = max(scored, key=lambda row: row[0])
+    return {"validation": validation, "test": test, "rank_by_validation": scored.index(max(scored)) + 1,
+            "top": top, "tests_of_top": [row[0] for row in scored], "recipe": params}
+
+
 def searched(found) -> dict:
     return {"validation": found.best_fitness, "test": found.test_average,
             "candidates_per_minute": found.candidates_per_minute, "merge_seconds": found.merge_seconds,
@@ -115,6 +148,8 @@ def main() -> int:
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--oracle-top", type=int, default=8)
+    parser.add_argument("--checkpoints", default=str(Path(__file__).parent / "results" / "search-checkpoints"))
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "search.json"))
     parser.add_argument("--resume", action="store_true",
                         help="keep the seeds an earlier run with the same settings wrote to --json")
@@ -125,7 +160,7 @@ def main() -> int:
 
     per_seed: dict[str, list[dict]] = {name: [] for name in ("best_static", "uniform_soup", "greedy_soup",
                                                               "layer_stacked", "evolved_ps", "evolved_dfs",
-                                                              "evolved_ps_dfs", "individual")}
+                                                              "evolved_ps_dfs", "individual", "evolved_ps_oracle")}
     budget = dict(generations=args.generations, population=args.population, workers=args.workers)
     settings = {"pool": args.pool, "generations": args.generations, "population": args.population,
                 "blocks": args.blocks}
@@ -133,7 +168,8 @@ def main() -> int:
     for seed in args.seeds:
         options = {"seed": seed}
         if seed in done:  # --resume: this seed's rows were written by an earlier run with the same settings
-            _complete(done[seed], lambda: CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options)))
+            _complete(done[seed], lambda: CandidateEvaluator(EvaluatorSpec(args.pool, "ties", options)),
+                      lambda: ps_search(args, seed), args.oracle_top)
             for name, run in done[seed].items():
                 per_seed[name].append(run)
             print(f"seed {seed}: taken from {args.json}", flush=True)
@@ -148,11 +184,9 @@ def main() -> int:
         per_seed["uniform_soup"].append({"validation": soup.uniform_validation, "test": soup.uniform_test})
         per_seed["greedy_soup"].append({"validation": soup.greedy_validation, "test": soup.greedy_test,
                                         "ingredients": soup.ingredients})
-        found = nbmerge.search(args.pool, "ties", {"density": (0.05, 1.0), "weights": (0.0, 1.5),
-                                                   "scaling": (0.2, 1.5)},
-                               blocks=args.blocks, fixed={"trim_scope": "tensor"}, seed=seed, pool_options=options,
-                               **budget)
+        found = ps_search(args, seed)
         per_seed["evolved_ps"].append(searched(found))
+        per_seed["evolved_ps_oracle"].append(test_oracle(evaluator, found, args.oracle_top))
         flow = nbmerge.search_data_flow(args.pool, start=soup.order[0], seed=seed, pool_options=options, **budget)
         per_seed["evolved_dfs"].append(searched(flow))
         with tempfile.TemporaryDirectory(prefix="nbmerge-ps-") as scratch:
@@ -168,12 +202,19 @@ def main() -> int:
     return 0
 
 
-def _complete(rows: dict[str, dict], make_evaluator) -> None:
-    """Add the rows a seed written by an older version of this script lacks (the cheap ones: no search)."""
+def _complete(rows: dict[str, dict], make_evaluator, rerun_ps, oracle_top: int) -> None:
+    """Add the rows a seed written by an older version of this script lacks. The oracle reruns the PS search: it
+    must find the recorded best fitness again (the search is seeded), else the rows would mix two searches."""
     missing_error = "validation_standard_error" not in rows["best_static"]
-    if "individual" in rows and not missing_error:
+    if "individual" in rows and "evolved_ps_oracle" in rows and not missing_error:
         return
     evaluator = make_evaluator()
+    if "evolved_ps_oracle" not in rows:
+        found = rerun_ps()
+        if found.best_fitness != rows["evolved_ps"]["validation"]:
+            raise SystemExit(f"the PS search rerun found validation {found.best_fitness}, the recorded run "
+                             f"{rows['evolved_ps']['validation']}: not the same search")
+        rows["evolved_ps_oracle"] = test_oracle(evaluator, found, oracle_top)
     if "individual" not in rows:
         rows["individual"] = individual(evaluator)
     if missing_error:
@@ -202,9 +243,10 @@ def _write(args, settings: dict, per_seed: dict[str, list[dict]], seeds_done: li
               "rows": rows, "checks": checks,
               "validation_standard_error": _mean(errors)}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'row':15s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
+    print(f"{'row':17s} {'test mean':>9s} {'std':>6s} {'merge s':>8s} {'eval s':>7s} {'cand/min':>8s}")
     for name, row in rows.items():
-        print(f"{name:15s} {row['test_mean']:9.2f} {row['test_std']:6.2f} {row.get('merge_seconds', float('nan')):8.2f} "
+        print(f"{name:17s} {row['test_mean']:9.2f} {row['test_std']:6.2f} "
+              f"{row.get('merge_seconds', float('nan')):8.2f} "
               f"{row.get('eval_seconds', float('nan')):7.2f} {row.get('candidates_per_minute', float('nan')):8.1f}")
     print(f"validation fitness standard error (binomial, best_static): {_mean(errors):.2f} points")
     print("checks:", json.dumps(checks), flush=True)
