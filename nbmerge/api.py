@@ -24,7 +24,7 @@ from nbmerge.errors import ParameterError
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
-from nbmerge.io.vocabularies import plan_vocabulary
+from nbmerge.io.vocabularies import check_padding, plan_vocabulary
 from nbmerge.plugins import all_methods, get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
 
@@ -36,8 +36,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           *, device: str = "auto", out_dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB",
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
-          pool: Any = None, split: str = "test", tokenizer_source: Any = None, chat_template: str | None = None,
-          **params: Any) -> MergeResult:
+          pool: Any = None, split: str = "test", tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
+          chat_template: str | None = None, **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -54,6 +54,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       the base's (or first model's), or "union" (every model's tokens, as mergekit builds it); models whose
       vocabularies differ from it get their embedding and head rows permuted to its token ids, the rows it has
       that a model lacks filled as mergekit does (nbmerge.io.vocabularies), and the config its vocab_size.
+      pad_to_multiple_of: with tokenizer_source, the vocabulary tensors' rows rounded up to a multiple of it,
+      each model's extra rows the mean of its token rows (mergekit's ``tokenizer: {pad_to_multiple_of: ...}``).
       chat_template: the output folder's chat template: a built-in name (chatml, llama3, alpaca, mistral),
       "auto" (the most common among the models'), or Jinja text (``nbmerge.io.chat_templates``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
@@ -78,6 +80,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
     dtype = resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
     check_chat_template_output(chat_template, out_path)
+    check_padding(pad_to_multiple_of, tokenizer_source)
     sources: list[ModelSource] = []
     vocabulary = None
     try:
@@ -91,7 +94,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         if tokenizer_source is not None:  # models whose vocabularies differ get their embedding rows permuted
             vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, labelled, base)[0],
                                          tokenizer_source == "union", sources,
-                                         None if base_source is None else len(sources) - 1)
+                                         None if base_source is None else len(sources) - 1,
+                                         pad_to_multiple_of=pad_to_multiple_of)
         merged_sources = sources if vocabulary is None else vocabulary.sources
         model_sources = merged_sources[:len(labelled)]
         base_source = None if base_source is None else merged_sources[-1]

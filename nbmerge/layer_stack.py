@@ -33,7 +33,7 @@ from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
-from nbmerge.io.vocabularies import plan_vocabulary
+from nbmerge.io.vocabularies import check_padding, plan_vocabulary
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
@@ -58,15 +58,16 @@ class LayerSlice:
 def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device: str = "auto",
           out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
-          cancel: threading.Event | None = None, tokenizer_source: Any = None,
+          cancel: threading.Event | None = None, tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
           chat_template: str | None = None) -> MergeResult:
-    """Stack the slices' layers into one model; ``out``, ``tokenizer_source`` and ``chat_template`` as in
-    ``nbmerge.merge`` (None: in memory)."""
+    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of`` and
+    ``chat_template`` as in ``nbmerge.merge`` (None: in memory)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
     check_chat_template_output(chat_template, out_path)
+    check_padding(pad_to_multiple_of, tokenizer_source)
     opened: dict[Any, ModelSource] = {}
     vocabulary = None
     try:
@@ -85,7 +86,7 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
                       for keys, piece in zip(members, slices)]
             vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, [(s.label, s) for s in sources],
                                                           None)[0],
-                                         tokenizer_source == "union", sources, None, groups)
+                                         tokenizer_source == "union", sources, None, groups, pad_to_multiple_of)
             per_slice = [dict(zip(keys, aligned)) for keys, aligned in zip(members, vocabulary.groups)]
         parts, recorded, offset = [], [], 0
         for i, layer_slice in enumerate(slices):

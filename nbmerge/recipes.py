@@ -43,7 +43,8 @@ passthrough      passthrough: one model per slice, scale (per model, default non
 DARE's and DELLA's masks are nbmerge's own seeded draws, so those merges equal mergekit's in distribution, not
 bit for bit. tokenizer_source (base, a model, or union) picks the tokenizer the output gets; models whose
 vocabularies differ from it have their embedding rows permuted and filled as mergekit does (nbmerge.io.vocabularies;
-a layer stack fills each vocabulary tensor within the slice it comes from).
+a layer stack fills each vocabulary tensor within the slice it comes from); ``tokenizer: {source, pad_to_multiple_of}``
+is the same, union by default, its rows padded to a multiple (each model's padding rows: the mean of its token rows).
 Model references stay strings here; the caller resolves them (paths, or notebook variables in the magics);
 mergekit's ``model+adapter`` resolves to the model with that LoRA adapter applied (``nbmerge.io.lora``).
 """
@@ -57,7 +58,7 @@ from typing import Any, Callable, Mapping
 from nbmerge.errors import RecipeError
 
 RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
-               "chat_template")
+               "pad_to_multiple_of", "chat_template")
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -572,16 +573,21 @@ def _mergekit_options(config: Mapping, base, references: set) -> dict:
         options["out_dtype"] = dtype
     source = config.get("tokenizer_source")
     tokenizer = config.get("tokenizer")
-    if tokenizer is not None:  # mergekit's newer spelling: tokenizer: {source: ...}
+    if tokenizer is not None:  # mergekit's newer spelling: tokenizer: {source: ..., pad_to_multiple_of: ...}
         if source is not None:
             raise RecipeError("recipe: give tokenizer_source or tokenizer: {source: ...}, not both")
         if not isinstance(tokenizer, Mapping):
             raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {tokenizer!r}")
         for key in tokenizer:
-            if key != "source":
-                raise RecipeError(f"recipe: tokenizer.{key} is not supported (nbmerge copies one model's tokenizer "
-                                  f"files and does not add tokens or pad the vocabulary); remove it")
-        source = tokenizer.get("source")
+            if key not in ("source", "pad_to_multiple_of"):
+                raise RecipeError(f"recipe: tokenizer.{key} is not supported (nbmerge takes a source and "
+                                  f"pad_to_multiple_of, and does not add or force token embeddings); remove it")
+        source = tokenizer.get("source", "union")  # mergekit's default
+        pad = tokenizer.get("pad_to_multiple_of")
+        if pad is not None:
+            if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+                raise RecipeError(f"recipe: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+            options["pad_to_multiple_of"] = pad
     if source is not None:
         options["tokenizer_source"] = _tokenizer_source(source, base, references)
     if config.get("chat_template") is not None:

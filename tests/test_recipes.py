@@ -106,6 +106,8 @@ def test_nbmerge_spelling_is_the_api_keywords():
     ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: union, tokens: {}}",
      "tokenizer.tokens is not supported"),
     ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: b}\ntokenizer_source: b", "not both"),
+    ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer: {source: b, pad_to_multiple_of: 0}",
+     "tokenizer.pad_to_multiple_of must be a positive integer, got 0"),
     ("merge_method: ties\nslices: [{sources: [x]}, {sources: [y]}]", "slices[0].sources[0] layer_range must be [start, end]"),
     ("merge_method: ties\nslices: [{sources: [{model: x, layer_range: [2, 2]}]}]", "must be [start, end] with 0 <= start < end, got [2, 2]"),
     ("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: x, layer_range: [0, 2]}]}, "

@@ -5,13 +5,17 @@ The output vocabulary V is one model's tokenizer, or the union (mergekit's ``bui
 tokenizer, else the first model's, with every other model's tokens it lacks added in the models' order, then their
 added tokens; within a model in id order. mergekit takes those in a hash map's order, and without a base_model
 starts from a model drawn from a set, both of which change from run to run: its union has the same tokens and
-rows, under ids that may differ). A layer stack fills each vocabulary tensor within the slice it comes from. Each model's vocabulary is its tokenizer's token → id table, ids below its config's ``vocab_size``.
+rows, under ids that may differ). A layer stack fills each vocabulary tensor within the slice it comes from.
+Each model's vocabulary is its tokenizer's token → id table, ids below its config's ``vocab_size``.
 A vocabulary tensor (outside the layer stack, its first dimension the model's ``vocab_size``: embeddings, LM head)
 of model m becomes, row by row over V,
   row_t = E_m[id_m(t)]                      where m has token t, else the same fill for every model lacking it:
   the row of the one model that has t; the base's row where the base has t (and two or more models do); the mean
   of the rows of the models that have t; zeros where none has it.
-The output config's ``vocab_size`` becomes |V|. Building the union tokenizer needs ``transformers``.
+With ``pad_to_multiple_of`` = k (mergekit's ``tokenizer: {pad_to_multiple_of: k}``) the tensors get ⌈|V| / k⌉·k
+rows, and each model's rows past |V| are the mean of its own |V| aligned rows (every model is rewritten, even one
+whose vocabulary is the output's). The output config's ``vocab_size`` becomes that row count (|V| unpadded).
+Building the union tokenizer needs ``transformers``.
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ class VocabularyPlan:
 
 
 def plan_vocabulary(tokenizer_folder: Path | None, union: bool, sources: list[ModelSource],
-                    base_index: int | None, groups: list[tuple[list[int], int | None]] | None = None) -> VocabularyPlan:
+                    base_index: int | None, groups: list[tuple[list[int], int | None]] | None = None,
+                    pad_to_multiple_of: int | None = None) -> VocabularyPlan:
     """Align ``sources`` (the base at ``base_index``) to the tokenizer of ``tokenizer_folder``, or to the union
-    of the models' tokenizers; unchanged where every model already has the output's token ids and row count.
+    of the models' tokenizers; unchanged where every model already has the output's token ids and row count and
+    no padding is asked for.
 
     ``groups`` (source indices and the group's base index): the fills are taken within each group, as mergekit
     fills a layer stack's embeddings from the slice that provides them (default: one group of every source)."""
@@ -67,26 +73,50 @@ def plan_vocabulary(tokenizer_folder: Path | None, union: bool, sources: list[Mo
     groups = groups or [(list(range(len(sources))), base_index)]
     unchanged = [[sources[i] for i in members] for members, _ in groups]
     if tokens is None:
+        if pad_to_multiple_of is not None:
+            raise ParameterError(f"pad_to_multiple_of: the output's tokenizer ({tokenizer_folder}) has no token "
+                                 f"table to pad the vocabulary after")
         return VocabularyPlan(tokenizer_folder, unchanged, {}, scratch)
-    size = max(tokens.values()) + 1
+    token_count = max(tokens.values()) + 1
+    size = padded_size(token_count, pad_to_multiple_of)
     by_id = [None] * size
     for token, index in tokens.items():
         by_id[index] = token
     needed = [table is not None and (table != tokens or (vocabulary is not None and vocabulary[1] != size))
               for table, vocabulary in zip(tables, vocabularies)]
-    if not any(needed):
+    if not any(needed) and size == token_count:
         return VocabularyPlan(tokenizer_folder, unchanged, {}, scratch)
     missing = [source.label for source, vocabulary in zip(sources, vocabularies) if vocabulary is None]
     if missing:
-        raise ParameterError(f"tokenizer_source: the models' vocabularies differ, and {missing[0]} has no "
+        reason = "the models' vocabularies differ" if any(needed) else "pad_to_multiple_of pads the vocabulary"
+        raise ParameterError(f"tokenizer_source: {reason}, and {missing[0]} has no "
                              f"tokenizer files or no vocab_size in its config.json, which permuting its embedding "
                              f"rows needs")
     aligned = []
     for members, group_base in groups:
         alignment = VocabularyAlignment([sources[i] for i in members], [vocabularies[i] for i in members], by_id,
-                                        None if group_base is None else members.index(group_base))
+                                        None if group_base is None else members.index(group_base), token_count)
         aligned.append([AlignedSource(sources[i], alignment, k) for k, i in enumerate(members)])
     return VocabularyPlan(tokenizer_folder, aligned, {"vocab_size": size}, scratch)
+
+
+def check_padding(pad_to_multiple_of: int | None, tokenizer_source) -> None:
+    """Before any file is read: ``pad_to_multiple_of`` is a positive integer and comes with a tokenizer_source."""
+    if pad_to_multiple_of is None:
+        return
+    padded_size(1, pad_to_multiple_of)
+    if tokenizer_source is None:
+        raise ParameterError("pad_to_multiple_of pads the vocabulary of the output's tokenizer: give "
+                             "tokenizer_source too (mergekit's tokenizer: {source: union} is tokenizer_source='union')")
+
+
+def padded_size(token_count: int, multiple: int | None) -> int:
+    """``token_count`` rounded up to a multiple of ``multiple`` (None: unchanged)."""
+    if multiple is None:
+        return token_count
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+    return -(-token_count // multiple) * multiple
 
 
 def _model_vocabulary(source: ModelSource, table: dict | None) -> tuple[dict, int] | None:
@@ -149,8 +179,9 @@ class VocabularyAlignment:
     models together (the fills need the other models' rows) when the first of them reads it."""
 
     def __init__(self, sources: list[ModelSource], vocabularies: list[tuple[dict, int]], by_id: list,
-                 base_index: int | None):
+                 base_index: int | None, token_count: int | None = None):
         self.sources, self.base_index = sources, base_index
+        self.token_count = len(by_id) if token_count is None else token_count  # rows past it: padding
         self.sizes = [size for _, size in vocabularies]
         self.rows = torch.tensor([[table.get(token, -1) if token is not None else -1 for token in by_id]
                                   for table, _ in vocabularies], dtype=torch.long)  # models × |V|: -1 absent
@@ -194,6 +225,8 @@ class VocabularyAlignment:
             has = self.rows[i] >= 0
             rows = fill.to(tensors[i].dtype, copy=True)
             rows[has] = tensors[i][self.rows[i][has]]
+            if self.token_count < self.size:  # padding: the mean of the model's aligned token rows
+                rows[self.token_count:] = rows[:self.token_count].mean(0)
             aligned.append(rows)
         return aligned
 

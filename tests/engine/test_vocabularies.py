@@ -141,6 +141,68 @@ def test_the_union_rows_follow_the_fill_rules(three_vocabularies, tmp_path):
             assert torch.allclose(ours[tensor][vocabulary[word]], expected(rows), atol=1e-6), (tensor, word)
 
 
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_a_padded_vocabulary_merges_as_mergekit(three_vocabularies, tmp_path, source):
+    """mergekit's tokenizer: {source, pad_to_multiple_of}: rows rounded up to a multiple, padding rows each model's
+    mean token row."""
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    folders, _, _ = three_vocabularies
+    written = {key: value for key, value in recipe(folders, None).items() if key != "tokenizer_source"}
+    written["tokenizer"] = {"source": source, "pad_to_multiple_of": 8}
+    theirs = run_mergekit(written, tmp_path / "mk")
+    run_recipe(parse_recipe(json.dumps(written)), out=tmp_path / "ours", progress=False)
+    ours = load_folder(tmp_path / "ours")
+    our_ids, their_ids = output_vocabulary(tmp_path / "ours"), output_vocabulary(tmp_path / "mk")
+    tokens = {"union": 22, "base": 20}[source]
+    assert len(our_ids) == len(their_ids) == tokens
+    order = torch.tensor([their_ids[token] for token, _ in sorted(our_ids.items(), key=lambda item: item[1])])
+    for name in vocabulary_tensors(ours):
+        assert ours[name].shape == theirs[name].shape == (24, ours[name].shape[1]), name
+        assert torch.allclose(ours[name][:tokens], theirs[name][order], atol=1e-6), name
+        assert torch.allclose(ours[name][tokens:], theirs[name][tokens:], atol=1e-6), name
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 24
+
+
+def test_padding_rows_are_the_mean_token_row_of_each_model(three_vocabularies, tmp_path):
+    """With one vocabulary everywhere, the token rows merge as without padding; task arithmetic is linear, so each
+    padding row (the merge of every model's mean token row) is the mean of the merged token rows."""
+    folders, _, states = three_vocabularies
+    generator = torch.Generator().manual_seed(9)
+    models = []
+    for name in ("x", "y"):
+        save_model(tmp_path / name, BASE_WORDS, {key: value + 0.05 * torch.randn(value.shape, generator=generator)
+                                                 for key, value in states["base"].items()})
+        models.append(tmp_path / name)
+    plain = nbmerge.merge("task_arithmetic", models, base=folders["base"], progress=False).state_dict
+    names = vocabulary_tensors(plain)
+    tokens = len(BASE_WORDS)
+    padded = nbmerge.merge("task_arithmetic", models, base=folders["base"], tokenizer_source="base",
+                           pad_to_multiple_of=tokens + 3, progress=False).state_dict
+    assert names
+    for name in plain:
+        if name not in names:
+            assert torch.equal(padded[name], plain[name]), name
+            continue
+        assert padded[name].shape[0] == tokens + 3, name
+        assert torch.allclose(padded[name][:tokens], plain[name], atol=1e-6), name
+        mean = plain[name].double().mean(0).float()
+        assert torch.allclose(padded[name][tokens:], mean.expand(3, -1), atol=1e-5), name
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pad_to_multiple_of": 8}, "pad_to_multiple_of pads the vocabulary of the output's tokenizer: give "
+                                "tokenizer_source too"),
+    ({"pad_to_multiple_of": 0, "tokenizer_source": "base"}, "pad_to_multiple_of must be a positive integer, got 0"),
+])
+def test_bad_padding_is_refused_before_reading(llama_set, options, message):
+    from nbmerge.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=message):
+        nbmerge.merge("task_arithmetic", llama_set.model_dirs[:2], base=llama_set.base_dir, progress=False,
+                      **options)
+
+
 def test_the_same_vocabulary_everywhere_changes_nothing(llama_set):
     plain = nbmerge.merge("task_arithmetic", llama_set.model_dirs[:2], base=llama_set.base_dir,
                           progress=False).state_dict
@@ -170,3 +232,20 @@ def test_a_layer_stack_takes_each_vocabulary_tensor_from_its_slice_as_mergekit(t
     head = ours["lm_head.weight"]
     assert not head[vocabulary["alpha"]].any() and not head[vocabulary["w19"]].any()
     assert torch.equal(head[vocabulary["beta"]], states["b"]["lm_head.weight"][words["b"].index("beta")])
+
+
+def test_a_padded_layer_stack_pads_within_each_slice_as_mergekit(three_vocabularies, tmp_path):
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    folders, _, _ = three_vocabularies
+    written = {"merge_method": "passthrough", "dtype": "float32", "base_model": str(folders["a"]),
+               "tokenizer": {"source": "union", "pad_to_multiple_of": 16},
+               "slices": [{"sources": [{"model": str(folders["a"]), "layer_range": [0, 2]}]},
+                          {"sources": [{"model": str(folders["b"]), "layer_range": [1, 2]}]}]}
+    theirs = run_mergekit(written, tmp_path / "mk")
+    run_recipe(parse_recipe(json.dumps(written)), out=tmp_path / "ours", progress=False)
+    ours = load_folder(tmp_path / "ours")
+    assert output_vocabulary(tmp_path / "ours") == output_vocabulary(tmp_path / "mk")
+    assert set(ours) == set(theirs) and ours["lm_head.weight"].shape[0] == 32
+    assert all(torch.allclose(ours[name], theirs[name], atol=1e-6) for name in ours)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 32
