@@ -21,9 +21,9 @@ SLOW_MERGE = textwrap.dedent("""
     import sys, time
     import nbmerge
     out, *inputs = sys.argv[1:]
-    def slowly(event):          # a long merge: each tensor takes a while
-        if event.tensor:
-            time.sleep(0.3)
+    def slowly(event):          # a long merge: 12 s, so that a loaded machine's scheduling delays of seconds
+        if event.tensor:        # still leave the test time to signal it while it runs
+            time.sleep(1.0)
     nbmerge.merge("simple_average", inputs, out=out, on_progress=slowly, progress=False)
 """)
 
