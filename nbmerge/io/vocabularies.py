@@ -179,9 +179,9 @@ class VocabularyAlignment:
     models together (the fills need the other models' rows) when the first of them reads it."""
 
     def __init__(self, sources: list[ModelSource], vocabularies: list[tuple[dict, int]], by_id: list,
-                 base_index: int | None, token_count: int | None = None):
+                 base_index: int | None, token_count: int):
         self.sources, self.base_index = sources, base_index
-        self.token_count = len(by_id) if token_count is None else token_count  # rows past it: padding
+        self.token_count = token_count  # the output's token ids; rows from it to len(by_id): padding
         self.sizes = [size for _, size in vocabularies]
         self.rows = torch.tensor([[table.get(token, -1) if token is not None else -1 for token in by_id]
                                   for table, _ in vocabularies], dtype=torch.long)  # models × |V|: -1 absent
