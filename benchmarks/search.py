@@ -23,8 +23,9 @@ Per seed (the zoo of ``--pool`` built with that seed; seeds 0 1 2 by default):
 best_static also records its fitness's binomial standard error, 100 · sqrt(Σ_t p_t (1 − p_t) / n_t) / T over the
 T tasks' validation accuracies p_t and sizes n_t: the noise a search that selects on validation can fit.
 The PS search keeps its checkpoint in ``--checkpoints`` (seeded and deterministic: a rerun with the same settings
-replays it instead of evaluating again). Rows: test average mean and std over seeds, candidates evaluated per minute, merge and evaluation seconds per
-candidate. Writes ``--json`` (default benchmarks/results/search.json) and prints the table.
+replays it instead of evaluating again). Rows: test average mean and std over seeds, candidates evaluated per
+minute, merge and evaluation seconds per candidate. Writes ``--json`` (default benchmarks/results/search.json) and
+prints the table.
 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/search.py --pool minilm-tiny --seeds 0 --generations 4    # minutes
@@ -116,7 +117,7 @@ def ps_search(args, seed: int):
                           workers=args.workers, checkpoint=checkpoint)
 
 
-def test_oracle(evaluator, found, top: int) -> dict:
+def oracle_row(evaluator, found, top: int) -> dict:
     """The best test average among the ``top`` distinct candidates of ``found`` with the highest validation."""
     ranked = sorted(((fitness, genome) for generation in found.generations
                      for fitness, genome in zip(generation.fitness, generation.genomes)), key=lambda row: -row[0])
@@ -129,8 +130,9 @@ def test_oracle(evaluator, found, top: int) -> dict:
             break
     scored = [(_mean(evaluator.task_accuracies(params, "test").values()), fitness, params)
               for fitness, params in chosen]
-    test, validation, params = max(scored, key=lambda row: row[0])
-    return {"validation": validation, "test": test, "rank_by_validation": scored.index(max(scored)) + 1,
+    best = max(range(len(scored)), key=lambda index: scored[index][0])
+    test, validation, params = scored[best]
+    return {"validation": validation, "test": test, "rank_by_validation": best + 1,
             "top": top, "tests_of_top": [row[0] for row in scored], "recipe": params}
 
 
@@ -186,7 +188,7 @@ def main() -> int:
                                         "ingredients": soup.ingredients})
         found = ps_search(args, seed)
         per_seed["evolved_ps"].append(searched(found))
-        per_seed["evolved_ps_oracle"].append(test_oracle(evaluator, found, args.oracle_top))
+        per_seed["evolved_ps_oracle"].append(oracle_row(evaluator, found, args.oracle_top))
         flow = nbmerge.search_data_flow(args.pool, start=soup.order[0], seed=seed, pool_options=options, **budget)
         per_seed["evolved_dfs"].append(searched(flow))
         with tempfile.TemporaryDirectory(prefix="nbmerge-ps-") as scratch:
@@ -214,7 +216,7 @@ def _complete(rows: dict[str, dict], make_evaluator, rerun_ps, oracle_top: int) 
         if found.best_fitness != rows["evolved_ps"]["validation"]:
             raise SystemExit(f"the PS search rerun found validation {found.best_fitness}, the recorded run "
                              f"{rows['evolved_ps']['validation']}: not the same search")
-        rows["evolved_ps_oracle"] = test_oracle(evaluator, found, oracle_top)
+        rows["evolved_ps_oracle"] = oracle_row(evaluator, found, oracle_top)
     if "individual" not in rows:
         rows["individual"] = individual(evaluator)
     if missing_error:
