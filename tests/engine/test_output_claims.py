@@ -18,12 +18,15 @@ import nbmerge
 from nbmerge.errors import OutputExistsError
 
 SLOW_MERGE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import nbmerge
+    # Ctrl-C raises KeyboardInterrupt as in a terminal, also when the test run itself was started in the background
+    # of a shell without job control (which starts it, and so this child, with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out, *inputs = sys.argv[1:]
-    def slowly(event):          # a long merge: 12 s, so that a loaded machine's scheduling delays of seconds
-        if event.tensor:        # still leave the test time to signal it while it runs
-            time.sleep(1.0)
+    def slowly(event):          # a long merge: each tensor takes a while
+        if event.tensor:
+            time.sleep(0.3)
     nbmerge.merge("simple_average", inputs, out=out, on_progress=slowly, progress=False)
 """)
 
