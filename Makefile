@@ -46,8 +46,9 @@ $(KERNELS): $(STAMP) setup.py nbmerge_plugins/native/kernels.c
 .PHONY: install demo test notebooks screenshot
 install: $(STAMP) $(KERNELS) $(IMAGE_DATA)
 
+# DEMO_ARGS=--quick: the two-layer demo the test suite runs through this target
 demo: $(STAMP) $(KERNELS)
-	$(BIN)/nbmerge demo
+	$(BIN)/nbmerge demo $(DEMO_ARGS)
 
 # two pytest workers, one test file each at a time: half the suite is single-threaded Python (imports, kernels,
 # notebooks, subprocesses), which then overlaps the other half's torch work on the second core

@@ -132,9 +132,11 @@ def _demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nbmerge demo", description=_demo.__doc__)
     parser.add_argument("--workdir", default=".nbmerge-demo", help="where the models and merges are written")
     parser.add_argument("--layers", type=int, default=8, help="layers of the demo model (default 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a two-layer model of width 64 (seconds; what the test suite runs)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    shape = LlamaShape(layers=args.layers)
+    shape = LlamaShape(layers=2, hidden=64, intermediate=172, vocab=256) if args.quick else LlamaShape(layers=args.layers)
     print(f"building base + 3 fine-tunes ({shape.nbytes(torch.float32) / 2**20:.0f} MiB each) in {workdir}/models")
     checkpoints = build_llama_set(workdir / "models", shape, shard_size=20 * 2**20)
     print(f"{'method':<17} {'models':>6} {'base':>4} {'tensors':>7} {'read MiB':>9} {'seconds':>8} {'peak RSS MiB':>12}")
@@ -144,8 +146,10 @@ def _demo(argv: list[str]) -> int:
             continue
         count = min(method.max_models or 3, 3)
         base = checkpoints.base if method.base == BASE_REQUIRED else None
+        # a parameter the method requires (no default) gets its declared example value
+        required = {p.name: p.example for p in method.params if p.default is None and p.example is not None}
         result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,
-                       overwrite=True, progress=False)
+                       overwrite=True, progress=False, **required)
         report = result.report
         print(f"{method.name:<17} {count:>6} {'yes' if base else 'no':>4} {report.tensors:>7} "
               f"{report.bytes_read / 2**20:>9.1f} {report.seconds:>8.2f} {report.peak_rss_bytes / 2**20:>12.0f}")

@@ -10,7 +10,8 @@ from nbmerge import hookimpl
 from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 
-T = Param("t", "float", None, "the distance below which the model's value replaces the base's", low=0.0)
+T = Param("t", "float", None, "the distance below which the model's value replaces the base's", low=0.0,
+          example=0.001)
 
 
 def _nearswap(job: TensorJob) -> torch.Tensor:

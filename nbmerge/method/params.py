@@ -43,6 +43,9 @@ class Param:
     choices: tuple = ()
     per_model: bool = False
     grid: tuple = ()  # values a benchmark's tuned run tries on the validation split (``nbmerge bench``)
+    # a typical value of a parameter without default that the method requires (nearswap's t): what ``nbmerge demo``
+    # passes, and what the help shows as an example
+    example: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -77,6 +80,7 @@ class Param:
             "choices": [_jsonable(c) for c in self.choices],
             "per_model": self.per_model,
             "grid": [_jsonable(v) for v in self.grid],
+            "example": _jsonable(self.example),
         }
 
     def plain(self, value: Any) -> Any:
