@@ -44,7 +44,7 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
 
     if pool is None:
         raise ParameterError(
-            f"{method.name}: builds a model adapted on each task's unlabeled inputs, so it needs a task pool: "
+            f"{method.name}: builds a model from each task's inputs (unlabeled), so it needs a task pool: "
             f"nbmerge.merge({method.name!r}, {{task: model, ...}}, base=pretrained, pool=nbmerge.task_pool(NAME))")
     if base is None:
         raise ParameterError(f"{method.name}: needs a base (pretrained) model: pass base=...")

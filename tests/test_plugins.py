@@ -15,7 +15,8 @@ from nbmerge import plugins
 from nbmerge.errors import PluginError
 
 BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock",
-           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "simple_average", "slerp",
+           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean", "regmean_plusplus", "sce",
+           "simple_average", "slerp", "fisher_merging",
            "task_arithmetic", "ties", "we_moe", "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
