@@ -14,10 +14,10 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock",
-           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean", "regmean_plusplus", "sce",
-           "simple_average", "slerp", "fisher_merging",
-           "task_arithmetic", "ties", "we_moe", "weighted_average"}
+BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "fisher_merging", "karcher", "linear",
+           "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean",
+           "regmean_plusplus", "sce", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
+           "weighted_average"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

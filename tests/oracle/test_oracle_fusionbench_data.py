@@ -178,10 +178,10 @@ class ImagePool:
 
 
 def fusionbench_regmean_plusplus(models: dict, base, batches: dict, ratio: float):
-    """FusionBench's RegMeanAlgorithmForCLIPPlusPlus on images given as batches: only the data loading (CLIP
-    dataset, processor, zero-shot heads, which no Gram matrix depends on) is replaced, its config mapping
-    repaired, and the layer call's output indexing (under transformers 5 a CLIP encoder layer returns a tensor, not a tuple, so FusionBench's
-    ``layer(...)[0]`` would keep the first image of each batch); the models are
+    """FusionBench's RegMeanAlgorithmForCLIPPlusPlus on images given as batches. Replaced: only the data
+    loading (CLIP dataset, processor and zero-shot heads, which no Gram matrix depends on); repaired: its config
+    mapping, and the layer call's output indexing (under transformers 5 a CLIP encoder layer returns a tensor,
+    not a tuple, so FusionBench's ``layer(...)[0]`` would keep the first image of each batch). The models are
     wrapped in transformers 4's layout (``.vision_model``), which FusionBench's CLIP code addresses."""
     import lightning
     from fusion_bench.method.regmean_plusplus.clip_regmean_plusplus import RegMeanAlgorithmForCLIPPlusPlus
@@ -198,7 +198,8 @@ def fusionbench_regmean_plusplus(models: dict, base, batches: dict, ratio: float
 
         def get_input_for_first_layer(self, model, train_dataset):
             vision = model.vision_model
-            return [vision.pre_layrnorm(vision.embeddings(images)).detach() for images in batches[train_dataset["task"]]]
+            return [vision.pre_layrnorm(vision.embeddings(images)).detach()
+                    for images in batches[train_dataset["task"]]]
 
         def layer_batches_forward(self, layer, batches_input):
             return [layer(batch, attention_mask=None, causal_attention_mask=None).detach()
