@@ -83,13 +83,14 @@ class GramAccumulator:
 
 @contextmanager
 def evaluating(module: nn.Module):
-    """``module`` in eval mode (dropout off) for the block; its mode restored after."""
-    was_training = module.training
+    """``module`` in eval mode (dropout off) for the block; every submodule's own mode restored after."""
+    modes = [(child, child.training) for child in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for child, training in modes:
+            child.training = training
 
 
 class _Stop(Exception):

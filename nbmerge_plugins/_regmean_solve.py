@@ -7,8 +7,9 @@ its inputs under model i (``_data_pass.input_grams``), RegMean minimises Σ_i �
     Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,        G̃_i = α G_i + (1 − α) diag(G_i),
 
 the off-diagonal entries scaled by α = ``reduce_non_diagonal_ratio`` (α = 1: the exact regression; α = 0: each
-input feature weighted by its second moment alone). Solved in float64 (``torch.linalg.solve``; where Σ G̃ is
-singular, e.g. an input feature zero on every example, the least-squares solution of least norm). Every other
+input feature weighted by its second moment alone). Solved in float64 (Cholesky: Σ G̃ is symmetric positive
+semi-definite; where it is singular, e.g. an input feature zero on every example, the least-squares solution of
+least norm). Every other
 floating tensor (embeddings, norms, biases, linears the logits never ran) is the mean of the models' values;
 integer tensors must agree and are copied.
 """
@@ -34,16 +35,21 @@ SEED = Param("seed", "int", 0, "seeds which inputs of each task are drawn, and t
 
 def scale_off_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
     """G̃ = α G + (1 − α) diag(G)."""
-    return gram * ratio + torch.diag_embed(torch.diagonal(gram)) * (1.0 - ratio)
+    scaled = gram * ratio
+    scaled.diagonal().add_(torch.diagonal(gram), alpha=1.0 - ratio)
+    return scaled
 
 
 def regmean_weight(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ratio: float) -> torch.Tensor:
-    """W with Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ (float64 solve), in the first weight's dtype."""
+    """W with Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ (float64 Cholesky solve: Σ G̃ is symmetric positive semi-definite),
+    in the first weight's dtype."""
     scaled = [scale_off_diagonal(gram.double(), ratio) for gram in grams]
     lhs = sum(scaled)
     rhs = sum(g @ w.double().T for g, w in zip(scaled, weights))
-    solution, info = torch.linalg.solve_ex(lhs, rhs)
-    if int(info) != 0:
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        solution = torch.cholesky_solve(rhs, factor)
+    else:  # singular: an input feature that no model ever saw
         solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
     return solution.T.to(weights[0].dtype)
 

@@ -175,3 +175,18 @@ def test_regmean_plusplus_refuses_a_model_without_a_layer_stack():
     models = {f"t{i}": nn.Linear(4, 3).double() for i in range(2)}
     with pytest.raises(ModelInputError, match="regmean_plusplus: Linear has no transformer layer stack"):
         nbmerge.merge("regmean_plusplus", models, base=base, pool=RowPool(2), progress=False)
+
+
+def test_an_input_feature_no_model_sees_gives_the_least_norm_solution(rows):
+    """Feature 3 is zero in every task's inputs, so Σ G̃ is singular: the merged weight is the least-squares
+    solution of least norm, 0 on that feature and the closed form on the others."""
+    base, models, _ = rows
+    pool = RowPool()
+    for task in pool.tasks:
+        task.rows[:, 3] = 0.0
+    merged = nbmerge.merge("regmean", models, base=base, pool=pool, progress=False,
+                           reduce_non_diagonal_ratio=0.7).module.state_dict()["layers.0.weight"].numpy()
+    assert np.isfinite(merged).all() and np.all(merged[:, 3] == 0.0)
+    x = [task.rows.numpy()[:, :3] for task in pool.tasks]
+    weights = [numpy_state(m)["layers.0.weight"][:, :3] for m in models.values()]
+    np.testing.assert_allclose(merged[:, :3], closed_form(weights, x, 0.7), atol=1e-10)
