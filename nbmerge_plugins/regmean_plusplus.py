@@ -22,26 +22,27 @@ FusionBench's (its CLIP config sets α = 0.95; the base RegMean config 0.1, used
 from __future__ import annotations
 
 import copy
-import re
 
 from torch import nn
 
 from nbmerge import hookimpl
 from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
+from nbmerge.method.tensor_names import layer_index
 from nbmerge_plugins._data_pass import chosen_inputs, input_grams, linear_modules
 from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, RATIO, SEED, merged_state
 from nbmerge_plugins._static_build import built, model_states
 
 PARAMS = (NUM_EXAMPLES, RATIO, BATCH_SIZE, SEED)
-_LAYER_MODULE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+$")
 
 
 def layer_paths(model: nn.Module) -> list[str]:
     """The module paths of the transformer layers, in module order (a layer nested in a layer is not one)."""
     paths: list[str] = []
     for path, _ in model.named_modules():
-        if _LAYER_MODULE.search(path) and not any(path.startswith(outer + ".") for outer in paths):
+        index = path.rsplit(".", 1)[-1]
+        is_layer = index.isdigit() and layer_index(path + ".") == int(index)
+        if is_layer and not any(path.startswith(outer + ".") for outer in paths):
             paths.append(path)
     return paths
 
