@@ -25,12 +25,16 @@ from nbmerge.method import Param
 
 NUM_EXAMPLES = Param("num_regmean_examples", "int", 256, "inputs per task run through its model to collect the "
                      "Gram matrices of every linear layer's inputs", low=1)
-RATIO = Param("reduce_non_diagonal_ratio", "float", 0.1, "α: the Gram matrices' off-diagonal entries are scaled by "
-              "α (1: exact RegMean; 0: diagonal, per-input-feature weighting); FusionBench's CLIP config uses 0.95, "
-              "its GPT-2 config 0.6", low=0.0, high=1.0, grid=(0.1, 0.5, 0.95))
 BATCH_SIZE = Param("batch_size", "int", 32, "inputs per forward pass while collecting the Gram matrices (the "
                    "matrices average over rows, so it changes only speed and memory)", low=1)
 SEED = Param("seed", "int", 0, "seeds which inputs of each task are drawn, and their order", low=0)
+
+
+def ratio_param(default: float, source: str) -> Param:
+    """α = ``reduce_non_diagonal_ratio``, with the default FusionBench's ``source`` config gives."""
+    return Param("reduce_non_diagonal_ratio", "float", default, f"α: the Gram matrices' off-diagonal entries are "
+                 f"scaled by α (1: exact RegMean; 0: diagonal, per-input-feature weighting); {default} is "
+                 f"FusionBench's {source}", low=0.0, high=1.0, grid=(0.1, 0.5, 0.95))
 
 
 def scale_off_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -18,10 +18,12 @@ from __future__ import annotations
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
 from nbmerge_plugins._data_pass import chosen_inputs, input_grams
-from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, RATIO, SEED, merged_state
+from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, SEED, merged_state, ratio_param
 from nbmerge_plugins._static_build import built, model_states
 
-PARAMS = (NUM_EXAMPLES, RATIO, BATCH_SIZE, SEED)
+PARAMS = (NUM_EXAMPLES,
+          ratio_param(0.1, "base RegMean config (its CLIP config uses 0.95, its GPT-2 config 0.6)"),
+          BATCH_SIZE, SEED)
 
 
 def build_regmean(job: ModuleJob) -> BuiltModule:

@@ -16,7 +16,8 @@ the model once per layer and task (up to that layer), on ``num_regmean_examples`
 
 FusionBench's CLIP class differs outside the stack: it averages the embeddings and the pre-norm but keeps the
 base's post-norm (``vision_model.post_layernorm``); here every tensor outside the stack is averaged. Defaults are
-FusionBench's (its CLIP config sets α = 0.95; the base RegMean config 0.1, used here as for RegMean).
+FusionBench's RegMean++ config (``configs/method/regmean_plusplus/clip_regmean_plusplus.yaml``, its only one:
+α = 0.95, 256 examples, batch 32).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
 from nbmerge.method.tensor_names import layer_index
 from nbmerge_plugins._data_pass import chosen_inputs, input_grams, linear_modules
-from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, RATIO, SEED, merged_state
+from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, SEED, merged_state, ratio_param
 from nbmerge_plugins._static_build import built, model_states
 
-PARAMS = (NUM_EXAMPLES, RATIO, BATCH_SIZE, SEED)
+PARAMS = (NUM_EXAMPLES, ratio_param(0.95, "RegMean++ config (its only one, for CLIP)"), BATCH_SIZE, SEED)
 
 
 def layer_paths(model: nn.Module) -> list[str]:
