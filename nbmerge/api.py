@@ -25,6 +25,7 @@ from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
+from nbmerge.model_card import CardSource, GivenRecipe, method_line
 from nbmerge.plugins import all_methods, get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
 
@@ -37,7 +38,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
           pool: Any = None, split: str = "test", tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None, **params: Any) -> MergeResult:
+          chat_template: str | None = None, given_recipe: GivenRecipe | None = None, **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -58,6 +59,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       each model's extra rows the mean of its token rows (mergekit's ``tokenizer: {pad_to_multiple_of: ...}``).
       chat_template: the output folder's chat template: a built-in name (chatml, llama3, alpaca, mistral),
       "auto" (the most common among the models'), or Jinja text (``nbmerge.io.chat_templates``).
+      given_recipe: the recipe this merge runs as the user wrote it (``nbmerge.run_recipe`` passes it): the output
+      folder keeps it verbatim, in its README.md model card and as its own file (``nbmerge.model_card``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
       stops the merge with a NonFiniteError naming it (and its file), before anything is written.
 
@@ -108,7 +111,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
                         base_source.folder if base_source is not None else model_sources[0].folder,
                         None if vocabulary is None else vocabulary.tokenizer_folder,
                         None if vocabulary is None else vocabulary.config_edits,
-                        chat_template=choose_chat_template(chat_template, [source.folder for source in sources]))
+                        chat_template=choose_chat_template(chat_template, [source.folder for source in sources]),
+                        card=CardSource((method_line(merge_method),), given_recipe))
         return run_parts([part], output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:

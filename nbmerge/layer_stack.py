@@ -34,6 +34,7 @@ from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
+from nbmerge.model_card import CardSource, GivenRecipe, method_line
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
@@ -59,9 +60,9 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
           out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
           cancel: threading.Event | None = None, tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None) -> MergeResult:
-    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of`` and
-    ``chat_template`` as in ``nbmerge.merge`` (None: in memory)."""
+          chat_template: str | None = None, given_recipe: GivenRecipe | None = None) -> MergeResult:
+    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of``,
+    ``chat_template`` and ``given_recipe`` as in ``nbmerge.merge`` (None: in memory)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
@@ -101,7 +102,8 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
         edits = {**_config_edits(config_folder, parts, offset), **(vocabulary.config_edits if vocabulary else {})}
         output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
                         None if vocabulary is None else vocabulary.tokenizer_folder, edits,
-                        choose_chat_template(chat_template, [source.folder for source in sources]))
+                        choose_chat_template(chat_template, [source.folder for source in sources]),
+                        CardSource(tuple(dict.fromkeys(method_line(part.method) for part in parts)), given_recipe))
         return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in opened.values():

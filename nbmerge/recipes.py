@@ -106,6 +106,7 @@ class MergeCall:
     # a chain (mergekit-multi): named merges run first, in this order; each name is a model reference in the
     # merges after it (nbmerge.recipe_chain)
     intermediates: list[tuple[str, MergeCall]] = field(default_factory=list)
+    text: str | None = None  # the recipe as the user wrote it (the output's model card keeps it verbatim)
 
 
 @dataclass
@@ -134,8 +135,11 @@ def parse_recipe(text: str) -> MergeCall:
     if len(documents) > 1:  # mergekit-multi: a chain of named merges
         from nbmerge.recipe_chain import chain_from_documents
 
-        return chain_from_documents(documents, _parse_one)
-    return _parse_one(documents[0] if documents else None)
+        call = chain_from_documents(documents, _parse_one)
+    else:
+        call = _parse_one(documents[0] if documents else None)
+    call.text = text
+    return call
 
 
 def _parse_one(config: Any) -> MergeCall:
@@ -654,6 +658,7 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
     recipe's own, None leaving them as they are."""
     from nbmerge.api import merge
     from nbmerge.layer_stack import LayerSlice, stack
+    from nbmerge.model_card import GivenRecipe
 
     if call.intermediates:
         from nbmerge.recipe_chain import run_chain
@@ -666,6 +671,8 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
     source = options.get("tokenizer_source")
     if source is not None and source != "union":
         options["tokenizer_source"] = resolve(source)
+    if call.text is not None:
+        options["given_recipe"] = GivenRecipe(call.text, call.source)
     slices = call.slices
     if slices is None:
         models = {label: resolve(reference) for label, reference in call.models.items()}

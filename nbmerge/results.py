@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -57,6 +57,23 @@ class MergeResult:
     module: torch.nn.Module | None = None
     trained: dict[str, torch.Tensor] | None = None
     history: Any = None
+    # how this result writes itself to a path (set by the merge that made it): ``save`` calls it
+    writer: Callable[..., Path] | None = field(default=None, repr=False, compare=False)
+
+    def save(self, path: str | Path, *, overwrite: bool = False, evaluation: Any = None,
+             shard_size: int | str | None = None) -> Path:
+        """Write this result to ``path`` and return it: an in-memory merge as the folder ``out=`` would have
+        written (shards, config and tokenizer files, nbmerge_recipe.json, a README.md model card); a written one
+        copied there (``path`` its own folder: only its card is rewritten); a module-building merge's trained
+        tensors to a ``.safetensors`` file (``nbmerge.load_trained``). ``evaluation``: one or a list of evaluation
+        reports (``nbmerge.evaluate``) put into the model card. Atomic: a failure leaves nothing at ``path``."""
+        if self.writer is None:
+            raise ParameterError("this result has no model to save (it was built without its merge)")
+        written = self.writer(Path(path).expanduser(), overwrite=overwrite, evaluation=evaluation,
+                              shard_size=shard_size)
+        if self.path is None:
+            self.path = written
+        return written
 
     def __repr__(self) -> str:
         if self.module is not None:

@@ -14,11 +14,12 @@ import torch
 
 from nbmerge.engine.memory import peak_rss_bytes, reset_peak_rss
 from nbmerge.engine.progress import Progress
-from nbmerge.engine.sinks import FolderSink, MemorySink
+from nbmerge.engine.sinks import FolderSink, MemorySink, copy_model_folder, parse_size
 from nbmerge.engine.stream import Engine, collector_paused, compute_threads
 from nbmerge.errors import ParameterError
 from nbmerge.io.safetensors import DTYPES
 from nbmerge.io.sources import ModelSource
+from nbmerge.model_card import CardSource, read_config
 from nbmerge.results import MergeReport, MergeResult
 
 _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -57,6 +58,7 @@ class Output:
     tokenizer_folder: Path | None = None
     config_edits: dict | None = None
     chat_template: str | None = None  # the template text the tokenizer gets
+    card: CardSource | None = None  # what the folder's README.md model card says beyond the recipe
 
 
 def run_parts(parts: list[MergePart], output: Output, device, progress, on_progress, cancel,
@@ -69,10 +71,7 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel,
                        lambda: leases_released([source for part in parts for source in part.sources]))
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
-    sink = (MemorySink() if output.path is None
-            else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
-                            output.config_folder, output.tokenizer_folder, output.config_edits,
-                            output.chat_template))
+    sink = MemorySink() if output.path is None else _folder_sink(output, output.path, layout, output.overwrite)
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -103,8 +102,45 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         device=str(device), stages=stages)
     if output.path is None:
-        return MergeResult(report, output.recipe, state_dict=sink.state_dict)
-    return MergeResult(report, output.recipe, path=output.path)
+        return MergeResult(report, output.recipe, state_dict=sink.state_dict,
+                           writer=lambda path, **options: write_state_dict(sink.state_dict, output, path, **options))
+    return MergeResult(report, output.recipe, path=output.path,
+                       writer=lambda path, **options: copy_output(output, path, **options))
+
+
+def _folder_sink(output: Output, path: Path, layout: list, overwrite: bool, shard_size: int | None = None,
+                 evaluation: Any = None) -> FolderSink:
+    return FolderSink(path, layout, output.recipe, shard_size or output.shard_size, overwrite, output.config_folder,
+                      output.tokenizer_folder, output.config_edits, output.chat_template, output.card, evaluation)
+
+
+def write_state_dict(state_dict: dict[str, torch.Tensor], output: Output, path: Path, overwrite: bool = False,
+                     evaluation: Any = None, shard_size: int | str | None = None) -> Path:
+    """Write an in-memory merge to ``path`` as its merge would have (``MergeResult.save``): the same folder with
+    config, tokenizer and model card (``evaluation`` in the card when given), atomically."""
+    layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state_dict.items()]
+    sink = _folder_sink(output, path, layout, overwrite, None if shard_size is None else parse_size(shard_size),
+                        evaluation)
+    try:
+        for name, tensor in state_dict.items():
+            sink.put(name, tensor)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return path
+
+
+def copy_output(output: Output, path: Path, overwrite: bool = False, evaluation: Any = None,
+                shard_size: int | str | None = None) -> Path:
+    """A written merge saved again (``MergeResult.save``): ``output``'s folder copied to ``path`` (atomically), its
+    model card rewritten with ``evaluation`` when given; ``path`` its own folder: only the card is rewritten."""
+    if shard_size is not None:
+        raise ParameterError("save: a merge written to a folder keeps its shards; shard_size applies to in-memory "
+                             "results only")
+    return copy_model_folder(output.path, path, overwrite,
+                             output.card.files(output.recipe, read_config(output.path), path.name, evaluation)
+                             if output.card is not None and output.path.is_dir() else {})
 
 
 @contextmanager

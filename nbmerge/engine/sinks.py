@@ -21,11 +21,13 @@ import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nbmerge.errors import OutputExistsError, OutputWriteError, ParameterError
 from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
+from nbmerge.model_card import CardSource, read_config
 
 CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = (
@@ -73,11 +75,14 @@ class FolderSink:
     output tensor as (name, dtype, shape) in the order ``put`` receives them. A folder gets the config files of
     ``config_folder`` (config.json with ``config_edits`` applied, and the output dtype) and the tokenizer files of
     ``tokenizer_folder`` (default: the config folder), with ``chat_template`` (text) as its chat template when
-    given (chat_template.jinja; any other copy of a template removed, so that one is read)."""
+    given (chat_template.jinja; any other copy of a template removed, so that one is read). ``card`` (a
+    ``nbmerge.model_card.CardSource``) gives the folder its README.md model card (with ``evaluation`` when given)
+    and the recipe as the user wrote it."""
 
     def __init__(self, out: Path, layout: list[tuple[str, torch.dtype, tuple]], recipe: dict, shard_size: int,
                  overwrite: bool, config_folder: Path | None, tokenizer_folder: Path | None = None,
-                 config_edits: dict | None = None, chat_template: str | None = None):
+                 config_edits: dict | None = None, chat_template: str | None = None, card: CardSource | None = None,
+                 evaluation: Any = None):
         self.out = out
         self.single_file = out.suffix == ".safetensors"
         check_output_free(out, overwrite)
@@ -85,6 +90,7 @@ class FolderSink:
         self.tokenizer_folder = tokenizer_folder or config_folder
         self.config_edits = dict(config_edits or {})
         self.chat_template = chat_template
+        self.card, self.evaluation = card, evaluation
         self.bytes_written = 0
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +130,10 @@ class FolderSink:
             (self.partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         self._copy_config_files()
         (self.partial / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
+        if self.card is not None:
+            card_files = self.card.files(self.recipe, read_config(self.partial), self.out.name, self.evaluation)
+            for name, text in card_files.items():
+                (self.partial / name).write_text(text)
         _move_into_place(self.partial, self.out)
         os.close(self._lock)
 
@@ -164,6 +174,46 @@ class FolderSink:
             if settings.pop("chat_template", None) is not None:
                 tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
         (self.partial / "chat_template.jinja").write_text(self.chat_template)
+
+
+def copy_model_folder(folder: Path, out: Path, overwrite: bool, files: dict[str, str]) -> Path:
+    """Copy a written model (a folder, or one .safetensors file) to ``out`` atomically, with ``files`` (name ->
+    text) written over the copy's; ``out`` the model itself: only ``files`` are replaced, each atomically."""
+    if out.resolve() == folder.resolve():
+        for name, text in files.items():
+            staged = out / f".{name}.partial"
+            staged.write_text(text)
+            os.replace(staged, out / name)
+        return out
+    check_output_free(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial, lock = claim_partial(out)
+    except OutputExistsError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(f"{out}: cannot create the output there ({exc.strerror or exc})") from None
+    try:
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    shutil.copy2(entry, partial / entry.name)
+            for name, text in files.items():
+                (partial / name).write_text(text)
+            _move_into_place(partial, out)
+        else:
+            shutil.copy2(folder, partial / out.name)
+            os.replace(partial / out.name, out)
+            shutil.rmtree(partial)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputWriteError(f"{out}: copying {folder} there failed ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock)
+    return out
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:
