@@ -200,6 +200,36 @@ def test_merge_panel_evaluates_and_plots_every_merge(tiny_zoo):
     assert chart["data"]["image/png"]  # the per-task bars of both merges
 
 
+def test_save_writes_the_last_in_memory_merge_to_the_output_field(llama_set, tmp_path):
+    from safetensors.torch import load_file
+
+    panel = MergePanel(llama_set.model_dirs, base=llama_set.base_dir)
+    assert panel.out is None and not panel.overwrite.value and panel.save_button.disabled
+    panel.save()
+    assert panel.error == "nothing to save: merge first"
+    click(panel.merge_button, panel)
+    assert panel.result.path is None and not panel.save_button.disabled
+    panel.out_folder.value = str(tmp_path / "merged")
+    panel.save_button.click()
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(saved[name], panel.result.state_dict[name]) for name in saved)
+    assert "task_arithmetic" in (tmp_path / "merged" / "README.md").read_text()
+    assert panel.error is None and "saved to" in panel.status.value
+    panel.save()  # the folder exists now and overwrite is not ticked: refused, shown, nothing changed
+    assert "already exists" in panel.error
+
+
+def test_a_merge_written_by_the_panel_gets_its_evaluation_in_its_model_card(tiny_zoo, tmp_path):
+    panel = MergePanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool, tasks=TASKS,
+                       out=tmp_path / "merged")
+    assert panel.overwrite.value  # out given by the caller: each merge replaces the last
+    click(panel.merge_button, panel)
+    click(panel.merge_button, panel)
+    assert panel.error is None and panel.result.path == tmp_path / "merged"
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "## Evaluation" in card and str(panel.report) in card
+
+
 def test_sweep_panel_grows_the_curve_and_reports_the_best(tiny_zoo):
     from nbmerge.notebook.panels import SweepPanel
 
