@@ -20,7 +20,11 @@ from nbmerge.version import __version__
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What one merge did: tensors produced, bytes read and written, seconds, peak memory."""
+    """What one merge did: tensors produced, bytes read and written, seconds, peak memory.
+
+    ``bytes_read`` counts every pass over the inputs (TIES with a model-wide threshold reads them more than
+    once); ``input_bytes`` is the inputs' size, read once (0 where unknown), so ``passes`` = bytes_read /
+    input_bytes."""
 
     method: str
     params: dict
@@ -32,11 +36,20 @@ class MergeReport:
     peak_device_bytes: int | None
     device: str
     stages: list[str] = field(default_factory=list)
+    input_bytes: int = 0
+
+    @property
+    def passes(self) -> float | None:
+        """How many times the inputs were read (None where their size is unknown)."""
+        return self.bytes_read / self.input_bytes if self.input_bytes else None
 
     def __str__(self) -> str:
         gib = 1024**3
         device_peak = "" if self.peak_device_bytes is None else f", peak {self.device} {self.peak_device_bytes / gib:.2f} GiB"
-        return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / gib:.2f} GiB, wrote "
+        passes = self.passes
+        reads = (f" ({self.input_bytes / gib:.2f} GiB of inputs, {passes:.3g} passes)"
+                 if passes is not None and round(passes, 2) != 1 else "")
+        return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / gib:.2f} GiB{reads}, wrote "
                 f"{self.bytes_written / gib:.2f} GiB in {self.seconds:.2f} s on {self.device} "
                 f"(peak RSS {self.peak_rss_bytes / gib:.2f} GiB{device_peak})")
 

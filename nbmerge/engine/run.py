@@ -100,7 +100,7 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
         method=name, params=output.recipe.get("params", {}), tensors=len(layout), bytes_read=tracker.done,
         bytes_written=sum(part.plan.out_bytes for part in parts), seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        device=str(device), stages=stages)
+        device=str(device), stages=stages, input_bytes=sum(part.plan.bytes_for() for part in parts))
     if output.path is None:
         return MergeResult(report, output.recipe, state_dict=sink.state_dict,
                            writer=lambda path, **options: write_state_dict(sink.state_dict, output, path, **options))

@@ -93,13 +93,25 @@ class MergeMagics(Magics):
 
     @line_magic
     def merge_methods(self, line: str):
-        """Show every registered merge method: plugin and version, models, base, parameters with ranges."""
-        names = line.split()
+        """Show every registered merge method (or those named): plugin and version, models, base, parameters
+        with ranges: %merge_methods [METHOD...] [-o VAR]. The table is displayed wherever the line stands in its
+        cell (not only as the cell's last value); -o VAR also stores it."""
+        from IPython.display import display
+
+        parser = _MagicParser(prog="%merge_methods", description="the registered merge methods")
+        parser.add_argument("names", nargs="*", help="methods to show (default: all)")
+        parser.add_argument("-o", "--var", help="store the table in this notebook variable")
+        try:
+            args = parser.parse_args(_split(line))
+        except _Done:
+            return None
         methods = all_methods()
-        for name in names:
-            self._method(name)
-        chosen = [methods[name] for name in names] if names else list(methods.values())
-        return MethodTable(chosen, plugin_versions())
+        chosen = [methods[self._method(name).name] for name in args.names] if args.names else list(methods.values())
+        table = MethodTable(chosen, plugin_versions())
+        display(table)
+        if args.var:
+            self.shell.user_ns[_variable(args.var)] = table
+        return None
 
     @line_magic
     def merge_eval(self, line: str):

@@ -279,6 +279,12 @@ def test_progress_events_and_report_count_every_byte(llama_set):
     assert [e.done for e in events] == sorted(e.done for e in events)
     assert {e.phase for e in events} == {"global trim threshold", "merge"}
     assert result.report.tensors == len(llama_set.base) and result.report.peak_rss_bytes > 0
+    assert result.report.input_bytes == 4 * model_bytes and result.report.passes == 4
+    gib = 1024**3
+    assert f"read {16 * model_bytes / gib:.2f} GiB ({4 * model_bytes / gib:.2f} GiB of inputs, 4 passes)" \
+        in str(result.report)
+    one_pass = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, progress=False)
+    assert one_pass.report.passes == 1 and "passes" not in str(one_pass.report)
 
 
 # -- command line --------------------------------------------------------------------------------------------------

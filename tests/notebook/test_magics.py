@@ -130,15 +130,22 @@ def test_method_help_and_magic_help(shell, capsys):
         assert all(param.name in magic_help for param in method.params)
 
 
-def test_merge_methods_table(shell):
-    table = run(shell, "%merge_methods").result
+def test_merge_methods_table(shell, monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda value: shown.append(value))
+    assert run(shell, "%merge_methods -o table\nx = 1").result is None  # not the last line: displayed all the same
+    table = shell.user_ns["table"]
+    assert shown == [table]
     assert [row["name"] for row in table.rows] == sorted(nbmerge.methods())
     ties = next(row for row in table.rows if row["name"] == "ties")
     assert ties["base"] == "required" and ties["plugin"] == "ties"
     density = next(p for p in ties["params"] if p["name"] == "density")
     assert density["valid"] == "(0, 1]" and density["default"] == 0.2
     assert "<code>density=0.2 (0, 1]</code>" in table._repr_html_()
-    assert [row["name"] for row in run(shell, "%merge_methods slerp ties").result.rows] == ["slerp", "ties"]
+    run(shell, "%merge_methods slerp ties -o chosen")
+    assert [row["name"] for row in shell.user_ns["chosen"].rows] == ["slerp", "ties"]
 
 
 # -- %%merge recipes against mergekit itself -------------------------------------------------------------------
@@ -303,7 +310,7 @@ def test_recipe_mistakes_are_one_line_usage_errors(shell, ns, capsys):
 
 
 def test_import_registers_lazy_magics_and_config_does_too():
-    code = "import nbmerge; table = get_ipython().run_line_magic('merge_methods', 'ties'); print(table.rows[0]['name'])"
+    code = "import nbmerge; get_ipython().run_line_magic('merge_methods', 'ties -o table'); print(table.rows[0]['name'])"
     out = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--no-banner", "-c", code],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("ties")
