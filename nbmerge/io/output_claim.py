@@ -54,9 +54,9 @@ def check_output_free(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     wants_file = out.suffix == ".safetensors"
-    if out.is_dir() == wants_file or out.is_symlink():
-        raise OutputExistsError(f"{out} exists and is a {'folder' if out.is_dir() else 'file or link'}; it cannot "
-                                f"be replaced by a merged {'file' if wants_file else 'folder'}")
+    if out.is_dir() == wants_file:  # a link counts as what it points to (and only the link is replaced)
+        raise OutputExistsError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; it cannot be "
+                                f"replaced by a merged {'file' if wants_file else 'folder'}")
 
 
 class OutputClaim:
