@@ -86,7 +86,7 @@ class FolderSink:
         self.bytes_written = 0
         self._writers: list[ShardWriter] = []
         self._thread: ThreadPoolExecutor | None = None
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, Path]] = deque()
         self._claim = OutputClaim(out, overwrite)
         self.partial = self._claim.folder
         try:
@@ -102,16 +102,22 @@ class FolderSink:
             raise
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        self._pending.append(self._thread.submit(self._writer_of[name].write, name, tensor))
+        writer = self._writer_of[name]
+        self._pending.append((self._thread.submit(writer.write, name, tensor), writer.path))
         self.bytes_written += tensor.numel() * tensor.element_size()
         while len(self._pending) > PENDING_WRITES:
-            self._pending.popleft().result()
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, path = self._pending.popleft()
+        with writing(path):
+            future.result()
 
     def finish(self, before_install=lambda: None) -> None:
         """Wait for every write, add the index, config, tokenizer and recipe files, call ``before_install`` (which
         may still refuse the output by raising: the inputs' last check), and move the folder into place."""
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
         self._thread.shutdown()
         for writer in self._writers:
             with writing(writer.path):
@@ -130,7 +136,7 @@ class FolderSink:
     def abort(self) -> None:
         """Stop writing and delete the temporary folder; the claim is released whatever fails on the way."""
         try:
-            for future in self._pending:
+            for future, _ in self._pending:
                 future.cancel()
             if self._thread is not None:
                 self._thread.shutdown(wait=True)

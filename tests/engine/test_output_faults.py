@@ -163,3 +163,43 @@ def test_a_full_disk_while_saving_a_trained_state_is_named(tmp_path, monkeypatch
     tensors, recipe = read_trained(path)
     assert torch.equal(tensors["w"], state["w"]) and recipe == {"method": "x"}
     assert os.listdir(tmp_path) == ["state.safetensors"]
+
+
+# -- every writer of an output: a layer stack, a recipe chain, a built module's trained state -----------------
+def test_a_full_disk_while_stacking_layers_leaves_no_lock(llama_set, tmp_path, monkeypatch):
+    out = tmp_path / "stacked"
+    slices = [nbmerge.LayerSlice([llama_set.model_dirs[1]], (0, 2)), nbmerge.LayerSlice([llama_set.base_dir], (1, 3))]
+    with monkeypatch.context() as patched:
+        patched.setattr(direct_write.DirectFile, "_open", failing(errno.ENOSPC))
+        with pytest.raises(OutputWriteError, match=r"model\.safetensors: writing the output failed \(No space"):
+            nbmerge.stack(slices, out=out, progress=False)
+    assert os.listdir(tmp_path) == []
+    nbmerge.stack(slices, out=out, progress=False)
+    stacked = load_file(out / "model.safetensors")
+    base, model = llama_set.base, llama_set.models[1]
+    assert torch.equal(stacked["model.layers.1.mlp.up_proj.weight"], model["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(stacked["model.layers.3.mlp.up_proj.weight"], base["model.layers.2.mlp.up_proj.weight"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_a_full_disk_in_the_last_merge_of_a_chain_leaves_no_intermediates_and_no_lock(tmp_path, inputs,
+                                                                                     monkeypatch):
+    from nbmerge.recipes import parse_recipe, run_recipe
+
+    first, second = inputs
+    recipe = parse_recipe(f"name: avg\nmethod: simple_average\nmodels: [{first}, {second}]\n---\n"
+                          f"method: simple_average\nmodels: [avg, {second}]\n")
+    out = tmp_path / "merged"
+    with monkeypatch.context() as patched:  # the first merge writes, the final one finds the disk full
+        patched.setattr(direct_write.DirectFile, "_open",
+                        nth_call_raises(direct_write.DirectFile._open, 2, OSError(errno.ENOSPC, "No space left")))
+        with pytest.raises(OutputWriteError, match=r"model\.safetensors: writing the output failed"):
+            run_recipe(recipe, out=out, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no .merged.intermediates-
+    run_recipe(recipe, out=out, progress=False)
+    merged = load_file(out / "model.safetensors")
+    a, b = (load_file(folder / "model.safetensors") for folder in inputs)
+    for name in a:
+        expected_value = ((a[name].double() + b[name].double()) / 2 + b[name].double()) / 2
+        assert torch.equal(merged[name], expected_value.float()), name
+    assert sorted(os.listdir(tmp_path)) == ["in", "merged"]
