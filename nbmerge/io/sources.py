@@ -146,7 +146,11 @@ class FileBackedSource(ModelSource):
         try:
             for path in [*files, *also, *self._folder_files()]:
                 self._watch.add(path)
-            self._files = {path: open(path, "rb") for path in files}
+            for path in files:
+                try:
+                    self._files[path] = open(path, "rb")
+                except OSError as exc:  # no permission, too many open files
+                    raise ModelInputError(f"{self.label}: {path}: cannot open it ({exc.strerror or exc})") from None
         except BaseException:
             self.close()
             raise
