@@ -11,14 +11,17 @@ whole:
   (a locked ``.partial-`` sibling: refused with OutputExistsError) or its installed output (refused unless
   ``overwrite``); an install checks again that ``out`` is still absent unless ``overwrite``. Two merges to one
   output can never both succeed, in threads of one process or in two processes.
-* Overwriting a folder is two renames: ``out`` into ``.<out>.replaced-XXXX/`` (the journal: its name says an old
-  output waits there), then the new folder to ``out`` (the commit point), then the old one is renamed to
-  ``.<out>.trash-XXXX`` and deleted. A process killed at any step leaves one of: the old output at ``out`` (plus
-  a complete or partial unlocked temporary), ``out`` absent with the old output in ``.replaced-`` (before the
-  commit), or the new output at ``out`` (plus the old in ``.replaced-``/``.trash-``). The next claim of ``out``
-  finishes or undoes it (``recover``): an old output in ``.replaced-`` goes back to ``out`` when ``out`` is
-  absent (undone: a killed merge reported no success), and is deleted when ``out`` is there (the overwrite had
-  committed); unlocked temporaries are deleted. A single ``.safetensors`` file is replaced by one atomic rename.
+* Overwriting a folder swaps the two names atomically where the file system can (Linux
+  ``renameat2(RENAME_EXCHANGE)``): ``out`` is the old or the new folder at every instant, and the old one, left
+  under the temporary's name, is renamed to ``.<out>.trash-XXXX`` and deleted. Elsewhere it is journaled: ``out``
+  into ``.<out>.replaced-XXXX/`` (the journal: its name says an old output waits there), then the new folder to
+  ``out`` (the commit point), then the old one to the trash. A process killed at any step leaves one of: the old
+  output at ``out`` (plus a complete or partial unlocked temporary), ``out`` absent with the old output whole in
+  ``.replaced-`` (journaled path, between its renames), or the new output at ``out`` (plus the old under an
+  unlocked temporary's name, in ``.replaced-`` or in ``.trash-``). The next claim of ``out`` finishes or undoes it
+  (``recover``): an old output in ``.replaced-`` goes back to ``out`` when ``out`` is absent (undone: a killed
+  merge reported no success), and is deleted when ``out`` is there (the overwrite had committed); unlocked
+  temporaries and trash are deleted. A single ``.safetensors`` file is replaced by one atomic rename.
 * ``release`` (any failure, any exception) deletes the temporary and closes its lock, so the next merge to ``out``
   in the same process is not refused.
 
@@ -28,6 +31,8 @@ The locks are advisory ``flock``s on folders (local file systems; on NFS, as the
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -43,7 +48,7 @@ TEMPORARY_KINDS = ("starting", "partial", "intermediates")  # locked by their wr
 
 def reached(step: str) -> None:
     """Called at each step of claiming and installing (a test replaces it to stop a process at ``step``):
-    "claimed", "written", "moved-aside", "installed", "trashed"."""
+    "claimed", "written", "installed", "trashed", and on the journaled path "moved-aside" between its renames."""
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:
@@ -121,7 +126,26 @@ class OutputClaim:
             shutil.rmtree(trash, ignore_errors=True)
 
     def _replace_folder(self) -> Path:
-        """The journaled overwrite (under the parent's lock): old ``out`` aside, new in place, old to the trash."""
+        """Overwrite a folder (under the parent's lock), leaving the old one under a name that ``recover`` clears;
+        returns where the old one now is, to be deleted. Where the file system can swap two names atomically
+        (Linux ``renameat2(RENAME_EXCHANGE)``: ext4, xfs, btrfs, tmpfs) ``out`` is the old or the new folder at
+        every instant; elsewhere, the journaled two renames."""
+        if _exchange(self.folder, self.out):  # out is the new folder; the old one sits unlocked under our name
+            old, self.folder = self.folder, None
+            reached("installed")
+        else:
+            old = self._journaled_replace()
+        trash = old.with_name(f".{self.out.name}.trash-{old.name.rsplit('-', 1)[1]}")
+        try:
+            os.rename(old, trash)
+        except OSError:  # committed all the same: the old output is deleted from where it is
+            return old
+        reached("trashed")
+        return trash
+
+    def _journaled_replace(self) -> Path:
+        """``out`` into ``.<out>.replaced-XXXX/`` (the journal), then the new folder to ``out`` (the commit); an
+        error or interrupt before the commit puts the old one back. Returns the journal folder."""
         aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
         committed = False
         try:
@@ -136,13 +160,7 @@ class OutputClaim:
                 if not os.path.lexists(self.out) and os.path.lexists(aside / self.out.name):
                     os.rename(aside / self.out.name, self.out)
                 shutil.rmtree(aside, ignore_errors=True)
-        trash = aside.with_name(aside.name.replace(".replaced-", ".trash-", 1))
-        try:
-            os.rename(aside, trash)
-        except OSError:  # committed all the same: the old output is deleted from where it is
-            return aside
-        reached("trashed")
-        return trash
+        return aside
 
     def release(self) -> None:
         """Delete the temporary folder (if still there) and close its lock; safe to call more than once."""
@@ -197,6 +215,31 @@ def _refuse_live_writer(out: Path, kind: str) -> None:
             raise OutputExistsError(f"another merge is writing {out} now (its temporary folder {path.name}); wait "
                                     f"for it, or choose another output")
         os.close(fd)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_renameat2 = None
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the platform, the C library
+    or the file system cannot (nothing changed then)."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).renameat2
+            function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+            _renameat2 = function
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not on this file system: the journaled renames instead
+    raise OSError(error, os.strerror(error), str(second))
 
 
 @contextlib.contextmanager

@@ -168,9 +168,9 @@ def in_child(work, timeout=60) -> int:
         time.sleep(0.01)
 
 
-def stopped_at(step, out, inputs) -> int:
+def stopped_at(step, out, inputs, journaled: bool) -> int:
     """A merge overwriting ``out`` that SIGKILLs itself (no handler, no cleanup, as a power cut or the OOM
-    killer) when it reaches ``step``."""
+    killer) when it reaches ``step``; ``journaled``: as on a file system that cannot swap two names atomically."""
     from nbmerge.io import output_claim
 
     def work():
@@ -179,13 +179,19 @@ def stopped_at(step, out, inputs) -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         output_claim.reached = stop_at  # in the child only
+        if journaled:
+            output_claim._exchange = lambda first, second: False
         nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
 
     return in_child(work)
 
 
-FOLDER_STEPS = {"claimed": "old", "written": "old", "moved-aside": "old", "installed": "new", "trashed": "new"}
+SWAPPED_STEPS = {"claimed": "old", "written": "old", "installed": "new", "trashed": "new"}
+JOURNALED_STEPS = {"claimed": "old", "written": "old", "moved-aside": "old", "installed": "new", "trashed": "new"}
 FILE_STEPS = {"claimed": "old", "written": "old", "installed": "new"}
+KILLS = ([("merged", "swapped", step, survivor) for step, survivor in SWAPPED_STEPS.items()]
+         + [("merged", "journaled", step, survivor) for step, survivor in JOURNALED_STEPS.items()]
+         + [("merged.safetensors", "swapped", step, survivor) for step, survivor in FILE_STEPS.items()])
 
 
 def snapshot(path):
@@ -195,10 +201,9 @@ def snapshot(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("out_name, step, survivor", [("merged", s, w) for s, w in FOLDER_STEPS.items()]
-                         + [("merged.safetensors", s, w) for s, w in FILE_STEPS.items()])
+@pytest.mark.parametrize("out_name, path, step, survivor", KILLS)
 def test_an_overwrite_killed_at_any_step_leaves_old_or_new_whole_and_the_next_merge_settles_it(
-        tmp_path, inputs, out_name, step, survivor):
+        tmp_path, inputs, out_name, path, step, survivor):
     out = tmp_path / out_name
     nbmerge.merge("simple_average", [inputs[0], inputs[0]], out=out, progress=False)
     old = snapshot(out)
@@ -207,11 +212,11 @@ def test_an_overwrite_killed_at_any_step_leaves_old_or_new_whole_and_the_next_me
     new = snapshot(reference)
     shutil.rmtree(tmp_path / "reference")
     assert old != new
-    assert stopped_at(step, out, inputs) == -signal.SIGKILL
+    assert stopped_at(step, out, inputs, journaled=path == "journaled") == -signal.SIGKILL
     if out.exists():  # right after the kill: old or new, whole
         assert snapshot(out) in (old, new)
-    else:  # only between the two renames: the old one whole in the journal folder
-        assert step == "moved-aside"
+    else:  # only between the two renames of the journaled path: the old one whole in the journal folder
+        assert (path, step) == ("journaled", "moved-aside")
         [aside] = tmp_path.glob(f".{out_name}.replaced-*")
         assert snapshot(aside / out_name) == old
     # the next merge to that output finishes or undoes the killed one before it looks at the output
