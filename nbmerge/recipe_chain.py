@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from nbmerge.errors import RecipeError
+from nbmerge.errors import OutputWriteError, RecipeError
 
 
 def chain_from_documents(documents: list, parse_one: Callable[[Mapping], Any]):
@@ -146,7 +146,11 @@ def _intermediate_folder(intermediate_dir, out, overwrite: bool) -> Iterator[Pat
     claim = OutputClaim(Path(out).expanduser(), overwrite, kind="intermediates")
     try:
         merges = claim.folder / "merges"
-        merges.mkdir()
+        try:
+            merges.mkdir()
+        except OSError as exc:
+            raise OutputWriteError(exc.errno, f"{merges}: cannot create the chain's intermediate folder "
+                                              f"({exc.strerror or exc})") from None
         yield merges
     finally:
         claim.release()
