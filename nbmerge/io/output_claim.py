@@ -123,7 +123,7 @@ class OutputClaim:
         finally:
             self.release()
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)
 
     def _replace_folder(self) -> Path:
         """Overwrite a folder (under the parent's lock), leaving the old one under a name that ``recover`` clears;
@@ -190,9 +190,11 @@ def recover(out: Path) -> None:
         if kind == "replaced":
             if not os.path.lexists(out) and os.path.lexists(path / out.name):
                 os.rename(path / out.name, out)  # undo: the overwrite never reached its commit
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
         elif kind == "trash":
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+        elif kind in TEMPORARY_KINDS and path.is_symlink():  # an output that was a link, swapped out: the link
+            _remove(path)
         elif kind in TEMPORARY_KINDS:
             try:
                 fd = _lock_folder(path, wait=False)
@@ -203,6 +205,15 @@ def recover(out: Path) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                 finally:
                     os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder with what it holds, or a file or link (an output that was a link: only the link)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _refuse_live_writer(out: Path, kind: str) -> None:

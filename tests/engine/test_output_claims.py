@@ -325,3 +325,23 @@ def test_the_claim_is_held_until_the_output_is_in_place(tmp_path, inputs, monkey
         nbmerge.merge("simple_average", inputs, out=out, progress=False)
     assert seen and os.listdir(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "someone else's"
     assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+
+
+@pytest.mark.parametrize("journaled", [False, True], ids=["swapped", "journaled"])
+def test_overwriting_an_output_that_is_a_link_replaces_the_link_not_what_it_points_to(tmp_path, inputs,
+                                                                                     monkeypatch, journaled):
+    from nbmerge.io import output_claim
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("theirs")
+    out = tmp_path / "merged"
+    out.symlink_to(elsewhere, target_is_directory=True)
+    if journaled:
+        monkeypatch.setattr(output_claim, "_exchange", lambda first, second: False)
+    nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+    assert not out.is_symlink() and os.listdir(elsewhere) == ["keep.txt"]
+    merged = load_file(out / "model.safetensors")
+    for name, value in expected_average(inputs).items():
+        assert torch.equal(merged[name], value), name
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "in0.safetensors", "in1.safetensors", "merged"]
