@@ -51,7 +51,7 @@ def _merge_recipe(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
                                      "(mergekit's format or nbmerge's)")
     parser.add_argument("--recipe", required=True, help="the recipe file (.yml, .yaml or .json)")
-    parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
+    parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
@@ -66,11 +66,10 @@ def _merge_recipe(argv: list[str]) -> int:
         print(f"nbmerge: error: --recipe {path}: cannot read it ({exc})", file=sys.stderr)
         return 1
     call = parse_recipe(text)
-    if args.out is None and "out" not in call.options:
-        print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR (the recipe has no 'out')",
-              file=sys.stderr)
+    if args.out is None:
+        print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR", file=sys.stderr)
         return 2
-    result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite or None,
+    result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite,
                         allow_nonfinite=args.allow_nonfinite or None, intermediate_dir=args.intermediate_dir,
                         progress=not args.quiet)
     print(result.report)

@@ -6,7 +6,12 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     models: [ft-math/, ft-code/]          # or {name: model}
     base: base/
     params: {density: 0.3, trim_scope: tensor}
-    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite
+    out_dtype: bfloat16                   # also: device, shard_size, allow_nonfinite
+
+Where the merge is written and whether an existing output may be replaced are the caller's choices (``--out``,
+``--overwrite``, ``run_recipe(out=..., overwrite=...)``), never a recipe's: a recipe comes from someone else, and
+``out: ../somewhere`` with ``overwrite: true`` would replace that folder. A recipe holding ``out`` or
+``overwrite`` is refused with a RecipeError that says so (mergekit's recipes have neither key either).
 
 mergekit's (``merge_method``, ``models`` or ``slices`` with per-model ``parameters``, ``base_model``,
 ``parameters``, ``dtype``, ``tokenizer_source``) maps onto nbmerge methods with mergekit's defaults and semantics.
@@ -57,8 +62,10 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
-               "pad_to_multiple_of", "chat_template")
+RUN_OPTIONS = ("out_dtype", "device", "shard_size", "allow_nonfinite", "tokenizer_source", "pad_to_multiple_of",
+               "chat_template")
+CALLER_OPTIONS = {"out": "--out DIR (nbmerge merge --recipe, %%merge) or out=... (run_recipe)",
+                  "overwrite": "--overwrite (nbmerge merge --recipe, %%merge) or overwrite=True (run_recipe)"}
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -99,7 +106,7 @@ class MergeCall:
     models: dict[str, Any]
     base: Any = None
     params: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # out, out_dtype, device, shard_size, overwrite
+    options: dict[str, Any] = field(default_factory=dict)  # RUN_OPTIONS: out_dtype, device, shard_size, ...
     layer_range: tuple[int, int] | None = None  # mergekit's one slice: every model's layers [start, end)
     source: str = "nbmerge"  # or "mergekit"
     slices: list[SliceCall] | None = None  # a layer stack (method "stack"): the slices in order
@@ -145,6 +152,10 @@ def parse_recipe(text: str) -> MergeCall:
 def _parse_one(config: Any) -> MergeCall:
     if not isinstance(config, Mapping):
         raise RecipeError("recipe: expected a mapping with 'merge_method' (mergekit) or 'method' (nbmerge) at the top")
+    for key, flag in CALLER_OPTIONS.items():
+        if key in config:
+            raise RecipeError(f"recipe: {key!r} is not taken from a recipe: where the merge is written and whether it "
+                              f"may replace an existing output are the caller's choice; remove it and pass {flag}")
     if "merge_method" in config:
         return from_mergekit(config)
     if "method" in config:

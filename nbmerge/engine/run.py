@@ -71,13 +71,23 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel,
                        lambda: leases_released([source for part in parts for source in part.sources]))
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
-    sink = MemorySink() if output.path is None else _folder_sink(output, output.path, layout, output.overwrite)
-    reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    sources = [source for part in parts for source in part.sources]
+
+    def check_inputs_unchanged() -> None:
+        for source in sources:
+            source.check_unchanged()
+
     stages: list[str] = []
     try:
+        sink = MemorySink() if output.path is None else _folder_sink(output, output.path, layout, output.overwrite)
+    except BaseException:
+        tracker.close()
+        raise
+    try:
+        reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
         for part in parts:
             engine = Engine(part.method, part.params, part.plan, part.models, part.base, device, tracker,
                             allow_nonfinite)
@@ -86,10 +96,8 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
                 engine.merge_into(lambda tensor_name, tensor, rename=part.rename: sink.put(rename(tensor_name),
                                                                                           tensor))
             stages += [stage for stage in engine.stage_results if stage not in stages]
-        for part in parts:
-            for source in part.sources:
-                source.check_unchanged()
-        sink.finish()
+        check_inputs_unchanged()
+        sink.finish(before_install=check_inputs_unchanged)  # again after the config files were copied
     except BaseException:
         sink.abort()
         raise

@@ -272,7 +272,7 @@ class MergeMagics(Magics):
 
         parser = _MagicParser(prog="%%merge", description="merge with the YAML recipe in the cell body")
         parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
-        parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
+        parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
         parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
         parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
