@@ -93,11 +93,11 @@ def learned_correction(task_vectors: list[torch.Tensor], weights: list[torch.Ten
     fixed_rows = [(task_vector * (task_vector - weighted_sum)).sum(1) for task_vector in task_vectors]
     delta = torch.zeros_like(task_vectors[0])
     adam = Adam(delta, lr)
-    gradient = torch.empty_like(delta)
+    gradient, products = torch.empty_like(delta), torch.empty_like(delta)
     for _ in range(iterations):
         gradient.zero_()
         for task_vector, fixed in zip(task_vectors, fixed_rows):
-            residual = fixed - total_weight * torch.einsum("rc,rc->r", task_vector, delta)
+            residual = fixed - total_weight * torch.mul(task_vector, delta, out=products).sum(1)
             gradient.addcmul_(task_vector, residual.unsqueeze(1))
         gradient.mul_(-2 * total_weight)
         gradient.sub_(basis @ (basis.T @ gradient))
