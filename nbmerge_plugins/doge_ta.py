@@ -106,8 +106,8 @@ def learned_correction(task_vectors: list[torch.Tensor], weights: list[torch.Ten
 
 
 def _doge_ta(job: TensorJob) -> torch.Tensor:
-    if not treated(job):
-        return job.base
+    if not treated(job):  # a norm or bias of the layer stack (small): the base's value
+        return job.base.clone()
     params, base = job.params, job.base
     task_vectors = [model - base for model in job.models]
     weights = task_weights(task_vectors, params["lambda_scale"])
