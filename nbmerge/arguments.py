@@ -38,8 +38,9 @@ def method_parser(method, prog: str, models_help: str,
         text = param.help
         if param.range_text():
             text += f"; {param.range_text()}"
+        help_text = f"{text} (default: {param.plain(param.default)})"
         group.add_argument(flag(param.name), dest=f"param_{param.name}", metavar="VALUE",
-                           help=f"{text} (default: {param.plain(param.default)})")
+                           help=help_text.replace("%", "%%"))  # plain text, not an argparse format string
     return parser
 
 

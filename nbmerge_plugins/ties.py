@@ -28,13 +28,10 @@ from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, Stage, TensorJob
 from nbmerge_plugins import native
 from nbmerge_plugins._selection import (
-    ModelSample,
-    bracket,
-    count_in_brackets,
     inside_fractions,
+    model_thresholds,
     order_statistic,
     per_model,
-    radix_global_thresholds,
     tensor_brackets,
     tensor_thresholds,
 )
@@ -103,41 +100,13 @@ def threshold_passes(params: dict, wide: bool) -> int:
 def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
 
-    The k-th largest |w_i τ_i| over the model, k = int(density · N) for N = the model's positions (or those
-    changed by any model, ``density_over="changed"``), exactly:
-    1. a strided sample of every |τ_i| (every 127th position of the concatenated model, thinned to at most
-       4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial spread);
-    2. one streamed pass counts the changed positions and, per task vector, the entries above hi, and collects
-       the entries inside [lo, hi] (a fraction of a percent of the model); the k-th largest is then the right
-       order statistic of that band. Should the bracket miss (the exact counts say so), a streaming radix
-       selection on the magnitudes' bit patterns (one pass per 16-bit digit) finds the value instead.
+    1-2. the k-th largest |w_i τ_i| over the model, k = int(density · N) for N = the model's positions (or those
+       changed by any model, ``density_over="changed"``), exactly: ``model_thresholds`` (a sampling pass brackets
+       it, a counting pass collects the entries inside the bracket);
     3. the last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
     (A model with float64 tensors is ranked in float64.)
     """
-    sampler = ModelSample()
-    stream(sampler.visit)
-    over_changed = params["density_over"] == "changed"
-    counted_fraction = sampler.changed_fraction() if over_changed else 1.0
-    densities = per_model(params["density"], sampler.rows().shape[0])
-    brackets = [bracket(row, d * counted_fraction) for row, d in zip(sampler.rows(), densities)]
-    fractions = inside_fractions(sampler.rows(), brackets)[0]
-    counted, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
-
-    def count(job: TensorJob) -> None:
-        job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
-        counted[0] += job_changed if over_changed else job.base.numel()
-        for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
-            above[i] += count_above
-            bands[i].append(band)
-
-    stream(count)
-    keeps = [int(d * counted[0]) for d in densities]
-    thresholds = native.map_in_threads(lambda args: order_statistic(torch.cat(args[0]), args[1], args[2])
-                                       if args[2] else float("inf"), zip(bands, above, keeps))
-    for keep in sorted({keeps[i] for i, threshold in enumerate(thresholds) if threshold is None}):
-        radix = radix_global_thresholds(stream, keep, len(thresholds), wide)
-        thresholds = [radix[i] if threshold is None and keeps[i] == keep else threshold
-                      for i, threshold in enumerate(thresholds)]
+    thresholds = model_thresholds(stream, params["density"], params["density_over"] == "changed", wide)
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:

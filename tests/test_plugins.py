@@ -14,9 +14,9 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "karcher", "linear", "model_stock",
-           "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "simple_average", "slerp",
-           "task_arithmetic", "ties", "we_moe", "weighted_average"}
+BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "doge_ta", "expo", "karcher", "linear",
+           "magmax", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce",
+           "simple_average", "slerp", "tall_mask", "task_arithmetic", "ties", "we_moe", "weighted_average", "wudi"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

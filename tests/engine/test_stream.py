@@ -315,7 +315,7 @@ def test_cli_lists_methods_as_json(capsys):
 
 
 @pytest.mark.parametrize("method", ["weighted_average", "simple_average", "linear", "task_arithmetic", "expo", "ties",
-                                    "dare", "slerp"])
+                                    "dare", "slerp", "magmax", "tall_mask", "wudi", "doge_ta"])
 def test_every_method_merges_folders_via_cli_and_modules_via_api_alike(method, llama_set, tmp_path):
     declared = nbmerge.methods()[method]
     count = min(declared.max_models or 3, 3)
