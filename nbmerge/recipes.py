@@ -57,7 +57,7 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
+RUN_OPTIONS = ("out", "out_dtype", "compute_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
@@ -253,8 +253,16 @@ def from_mergekit(config: Mapping) -> MergeCall:
         else:
             call = _mergekit_stack(name, spec, slices, base, top, config)
     references = {entry["model"] for entries, _ in slices for entry in entries} | ({base} if base else set())
-    call.options = _mergekit_options(config, base, references)
+    call.options = _mergekit_options(config, base, references, _has_mergekit_arithmetic(call))
     return call
+
+
+def _has_mergekit_arithmetic(call: MergeCall) -> bool:
+    """Whether every method of the call has mergekit's arithmetic (``MergeMethod.mergekit_tensor``)."""
+    from nbmerge.plugins import get_method
+
+    methods = {piece.method for piece in call.slices} if call.slices is not None else {call.method}
+    return all(get_method(method).mergekit_tensor is not None for method in methods)
 
 
 def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, given: dict,
@@ -566,11 +574,18 @@ def lora_parts(reference: Any) -> tuple[str, str] | None:
     return (chunks[0], chunks[1]) if len(chunks) == 2 and all(chunks) else None
 
 
-def _mergekit_options(config: Mapping, base, references: set) -> dict:
+def _mergekit_options(config: Mapping, base, references: set, exact: bool) -> dict:
+    """The run options of a mergekit recipe. mergekit 0.1.5 computes in ``dtype`` (absent: each tensor's inputs'
+    dtype) and stores in ``out_dtype`` (absent: the dtype computed in): where nbmerge has the method's mergekit
+    arithmetic (``exact``) they are compute_dtype and out_dtype; elsewhere nbmerge computes in float32 and stores
+    in out_dtype, else dtype."""
     options = {}
-    dtype = config.get("out_dtype") or config.get("dtype")
-    if dtype:
-        options["out_dtype"] = dtype
+    if exact:
+        options["compute_dtype"] = config.get("dtype") or "inputs"
+        if config.get("out_dtype"):
+            options["out_dtype"] = config["out_dtype"]
+    elif config.get("out_dtype") or config.get("dtype"):
+        options["out_dtype"] = config.get("out_dtype") or config.get("dtype")
     source = config.get("tokenizer_source")
     tokenizer = config.get("tokenizer")
     if tokenizer is not None:  # mergekit's newer spelling: tokenizer: {source: ..., pad_to_multiple_of: ...}

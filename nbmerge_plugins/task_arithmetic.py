@@ -6,6 +6,7 @@
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins._mergekit_arithmetic import task_vector_merge
 from nbmerge_plugins._task_vectors import WEIGHTS
 
 SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
@@ -34,6 +35,8 @@ TASK_ARITHMETIC = MergeMethod(
     elementwise=True,
     stored_inputs=True,
     fused=lambda job: native.accepts(job),
+    mergekit_tensor=lambda job: task_vector_merge(job, None, job.params["weights"] or [1.0] * len(job.models),
+                                                  None, False, job.params["scaling"]),
 )
 
 
