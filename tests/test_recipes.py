@@ -39,11 +39,21 @@ def test_mergekit_methods_map_with_mergekits_defaults(method, extra, expected_me
     assert call.base == (None if method == "linear" else "b")
 
 
-def test_top_level_parameters_are_per_model_defaults_and_dtype_is_the_output_dtype():
+def test_top_level_parameters_are_per_model_defaults_and_dtype_is_the_compute_dtype():
     call = parse_recipe(mergekit("ties", "  - model: x\n  - model: y\n    parameters: {weight: 2}\n",
                                  "parameters: {density: 0.3, weight: 0.5}\ndtype: bfloat16"))
     assert call.params["density"] == 0.3 and call.params["weights"] == [0.5, 2.0]
-    assert call.options == {"out_dtype": "bfloat16"}
+    assert call.options == {"compute_dtype": "bfloat16"}  # mergekit 0.1.5: the dtype its arithmetic runs in
+
+
+@pytest.mark.parametrize("method, extra, expected", [
+    ("ties", "dtype: float32\nout_dtype: bfloat16", {"compute_dtype": "float32", "out_dtype": "bfloat16"}),
+    ("ties", "", {"compute_dtype": "inputs"}),  # no dtype: mergekit computes in the inputs' own dtype
+    ("dare_ties", "dtype: bfloat16", {"out_dtype": "bfloat16"}),  # random masks: nbmerge's float32 arithmetic
+    ("dare_ties", "dtype: bfloat16\nout_dtype: float16", {"out_dtype": "float16"}),
+])
+def test_dtype_and_out_dtype_mean_what_they_mean_in_mergekit(method, extra, expected):
+    assert parse_recipe(mergekit(method, TWO, extra)).options == expected
 
 
 def test_slerp_takes_the_base_as_first_endpoint_and_a_slice_range():
