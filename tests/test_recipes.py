@@ -18,9 +18,9 @@ TWO = "  - model: x\n    parameters: {weight: 1}\n  - model: y\n    parameters: 
 @pytest.mark.parametrize("method, extra, expected_method, expected", [
     # mergekit's linear averages base_model too, with the top-level (default) weight
     ("linear", "parameters: {weight: 2}", "weighted_average", {"weights": [1.0, 3.0, 2.0], "normalize": True}),
-    ("task_arithmetic", "", "task_arithmetic", {"weights": [1.0, 3.0], "scaling": 1.0}),
+    ("task_arithmetic", "", "task_arithmetic", {"weights": [1.0, 3.0], "scaling": 1.0, "normalize": False}),
     ("task_arithmetic", "parameters: {normalize: true, lambda: 0.5}", "task_arithmetic",
-     {"weights": [0.25, 0.75], "scaling": 0.5}),
+     {"weights": [1.0, 3.0], "scaling": 0.5, "normalize": True}),
     ("ties", "parameters: {density: 0.5}", "ties", {"weights": [1.0, 3.0], "scaling": 1.0, "density": 0.5, "trim_scope": "tensor",
                           "sign": "sum", "merge_func": "mean", "rescale": False}),
     ("ties", "parameters: {normalize: false, density: 0.5, rescale: true}", "ties",

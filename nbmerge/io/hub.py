@@ -20,6 +20,14 @@ METADATA = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
+class HubModelUnavailable(ModelInputError):
+    """A Hub id that cannot be read; ``reason`` says why, without the reference's label."""
+
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.reason = reason
+
+
 def is_hub_id(reference) -> bool:
     """A string shaped like ``org/name`` (optionally ``@revision``) that is not an existing path."""
     return (isinstance(reference, str) and HUB_ID.match(reference) is not None
@@ -67,11 +75,11 @@ def hub_folder(reference: str, label: str) -> Path:
             folder = fetch(["*.bin", *METADATA])
     except LocalEntryNotFoundError:
         where = "HF_HUB_OFFLINE is set" if local_only else "the Hub could not be reached"
-        raise ModelInputError(f"{label}: {reference!r} is neither a path nor a Hugging Face Hub model in the local "
-                              f"cache ({cache}), and {where}; download it first (huggingface-cli download "
-                              f"{repo}) or fix the path") from None
+        raise HubModelUnavailable(label, f"{reference!r} is neither an existing file or folder nor a Hugging Face "
+                                  f"Hub model in the local cache ({cache}), and {where}; fix the path, or download "
+                                  f"the model first (huggingface-cli download {repo})") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         message = " ".join(str(exc).split())[:200]
-        raise ModelInputError(f"{label}: {reference!r} is not a path, and the Hugging Face Hub has no such model "
-                              f"that can be read ({type(exc).__name__}: {message})") from None
+        raise HubModelUnavailable(label, f"{reference!r} is neither an existing file or folder nor a Hugging Face "
+                                  f"Hub model that can be read ({type(exc).__name__}: {message})") from None
     return folder

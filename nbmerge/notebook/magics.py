@@ -404,11 +404,15 @@ class MergeMagics(Magics):
         path = Path(reference).expanduser()
         if path.exists():
             return path
-        from nbmerge.io.hub import hub_folder, is_hub_id
+        from nbmerge.io.hub import HubModelUnavailable, hub_folder, is_hub_id
 
         if is_hub_id(reference):  # org/name: the Hub's model, from the local cache or downloaded
-            with usage_errors():
+            try:
                 return hub_folder(reference, f"model {reference!r}")
+            except HubModelUnavailable as exc:
+                raise UsageError(one_line(f"model {reference!r} is neither a notebook variable nor an existing file "
+                                          f"or folder (define the variable or fix the path); as a Hugging Face Hub "
+                                          f"id: {exc.reason}")) from None
         raise UsageError(f"model {reference!r} is neither a notebook variable nor an existing file or folder; "
                          f"define the variable or fix the path")
 

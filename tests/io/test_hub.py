@@ -91,7 +91,8 @@ def test_a_hub_id_missing_from_the_cache_offline_is_one_clear_error(hub):
     with pytest.raises(ModelInputError) as error:
         nbmerge.merge("task_arithmetic", ["org/missing"], base="org/base", progress=False)
     message = str(error.value)
-    assert "'org/missing'" in message and "HF_HUB_OFFLINE" in message and str(hub) in message
+    assert "'org/missing' is neither an existing file or folder nor a Hugging Face Hub model" in message
+    assert "HF_HUB_OFFLINE is set" in message and str(hub) in message
     assert "\n" not in message
 
 
