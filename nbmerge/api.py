@@ -51,8 +51,9 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       compute_dtype: run mergekit 0.1.5's arithmetic instead, op for op in this dtype ("bfloat16", ...; "inputs":
       each tensor's inputs' dtype), for mergekit's tensors bit for bit (what a mergekit recipe's ``dtype`` means;
       linear/weighted_average, task_arithmetic, ties, breadcrumbs, slerp, passthrough); tensors are then stored in
-      it unless ``out_dtype`` is given. Less accurate than float32 for 16-bit dtypes, and not the fused kernels. Every check that headers
-      allow (method, parameters, keys, shapes, dtypes, output path) runs before any tensor data is read.
+      it unless ``out_dtype`` is given. Less accurate than float32 for 16-bit dtypes, and not the fused kernels.
+      Every check that headers allow (method, parameters, keys, shapes, dtypes, output path) runs before any
+      tensor data is read.
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.

@@ -62,8 +62,8 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "compute_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
-               "pad_to_multiple_of", "chat_template")
+RUN_OPTIONS = ("out", "out_dtype", "compute_dtype", "device", "shard_size", "overwrite", "allow_nonfinite",
+               "tokenizer_source", "pad_to_multiple_of", "chat_template")
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",

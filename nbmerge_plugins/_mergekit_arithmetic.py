@@ -9,8 +9,8 @@ dtype), and each kernel returns its result in c (linear: in c after float32 accu
 - ``task_vector_merge`` (task arithmetic, TIES, Breadcrumbs; mergekit's GeneralizedTaskArithmeticMerge):
   δ_i = S_i(θ_i − θ_0) in c, sparsified per model; δ_i ← δ_i · c(w_i); with a consensus, the mask
   m_i = [sign(δ_i) = γ], γ = +1 where Σ_i δ_i ≥ 0 else −1 (or by the count of signs), mixed = Σ_i δ_i m_i and
-  divisor = Σ_i w_i m_i (0 → 1); without, mixed = Σ_i δ_i and divisor = Σ_i w_i (|·| < 10⁻⁸ → 1); mixed /= divisor
-  when normalizing; mixed *= λ when λ ≠ 1; θ = θ_0 + mixed.
+  divisor = Σ_i w_i m_i (0 → 1); without, mixed = Σ_i δ_i and divisor = Σ_i w_i (|·| < 10⁻⁸ → 1);
+  mixed /= divisor when normalizing; mixed *= λ when λ ≠ 1; θ = θ_0 + mixed.
 - ``magnitude``: the k = max(1, int(d · N)) entries first in ``argsort(|τ| as float32, descending=True)`` (torch's
   order decides which of equal magnitudes are kept), and ``magnitude_outliers``: ascending ``sort`` positions
   [N − k − int(γ N), N − int(γ N)); each optionally rescaled to the L1 norm in c (left alone below 10⁻⁷).

@@ -1,6 +1,6 @@
 """Task arithmetic (Ilharco et al. 2023): add the scaled sum of task vectors to the base.
 
-θ = θ_0 + λ Σ_i w_i τ_i, with τ_i = θ_i − θ_0, λ = ``scaling`` (default 0.3) and w_i = ``weights`` (default 1);
+θ = θ_0 + λ Σ_i w_i τ_i, with τ_i = θ_i − θ_0, λ = ``scaling`` (default 0.3), w_i = ``weights`` (default 1);
 ``normalize`` (mergekit's, default false) divides by Σ_i w_i (unless |Σ w| < 10⁻⁸).
 """
 

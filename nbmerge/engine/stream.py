@@ -111,7 +111,8 @@ class Engine:
         """An elementwise method's kernel runs on slices of CHUNK positions on the CPU, unless it is fused for
         this job (its temporaries are then already small)."""
         return (self.method.elementwise and self._on_cpu and tensor.info.numel > CHUNK
-                and not self.plan.mergekit_arithmetic and not (self.method.fused is not None and self.method.fused(job)))
+                and not self.plan.mergekit_arithmetic
+                and not (self.method.fused is not None and self.method.fused(job)))
 
     def _merge_in_chunks(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
         """An elementwise kernel over 1-D slices of CHUNK positions, assembled in a pooled output tensor."""

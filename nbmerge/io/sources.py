@@ -270,7 +270,8 @@ def _open_folder(folder: Path, label: str) -> ModelSource:
 
 def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
-    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files)."""
+    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files; in a
+    Hugging Face cache snapshot a shard links into its repository's blobs/, where every cached file lives)."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
@@ -282,7 +283,8 @@ def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
         path = index_path.parent / shard
-        if Path(shard).is_absolute() or (path.resolve().parent != folder and not _hub_blob(index_path.parent, path)):
+        linked_in_hub_cache = _hub_blob(index_path.parent, path)
+        if Path(shard).is_absolute() or (path.resolve().parent != folder and not linked_in_hub_cache):
             raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
         shards[shard] = path
     missing = [name for name, path in shards.items() if not path.is_file()]

@@ -40,8 +40,9 @@ MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths
 .safetensors files / Hugging Face folders, or Hugging Face Hub ids (org/name: the local cache when HF_HUB_OFFLINE=1,
 else downloaded). METHOD is nbmerge's or mergekit's name, in any case: mergekit's names (dare_ties, della_linear,
 ...; linear with --weights) take mergekit's parameters (--weight/--weights, --density, --lambda, ...; per model:
-v1,v2,...) and --dtype, mapped as a mergekit recipe is. `{expr}` and `$name` expand in the line. The MergeResult lands in VAR
-(`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods` the table.
+v1,v2,...) and --dtype, mapped as a mergekit recipe is. `{expr}` and `$name` expand in the line. The MergeResult
+lands in VAR (`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods`
+the table.
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
 --shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --quiet (no progress bar),

@@ -86,7 +86,8 @@ def test_the_cli_runs_mergekit_ties_with_its_dtype_bit_for_bit(bf16_llama_set, t
                  "--lambda", "1.2", "--dtype", "bfloat16", "--out", str(tmp_path / "ours"), "--quiet"]) == 0
     theirs = run_mergekit({"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
                            "parameters": {"density": 0.4, "lambda": 1.2},
-                           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (0.3, 0.5, 0.2))]},
+                           "models": [{"model": m, "parameters": {"weight": w}}
+                                      for m, w in zip(models, (0.3, 0.5, 0.2))]},
                           tmp_path / "mk")
     assert_equal(load_folder(tmp_path / "ours"), theirs)
 

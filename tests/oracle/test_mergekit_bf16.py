@@ -92,10 +92,12 @@ def test_tied_set_ties_at_the_density_cut(tied_set):
 
 @pytest.mark.parametrize("method, parameters, per_model", [
     ("ties", {}, [{"weight": w, "density": 0.3} for w in WEIGHTS]),
-    ("ties", {"normalize": False, "lambda": 1.3}, [{"weight": w, "density": d} for w, d in zip(WEIGHTS, (0.2, 0.5, 0.9))]),
+    ("ties", {"normalize": False, "lambda": 1.3},
+     [{"weight": w, "density": d} for w, d in zip(WEIGHTS, (0.2, 0.5, 0.9))]),
     ("ties", {"rescale": True}, [{"weight": w, "density": 0.4} for w in WEIGHTS]),
     ("task_arithmetic", {"lambda": 0.7}, [{"weight": w} for w in WEIGHTS]),
-    ("task_arithmetic", {"normalize": True, "lambda": 0.9}, [{"weight": [0.2, 0.9]}, {"weight": 0.5}, {"weight": 0.3}]),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.9},
+     [{"weight": [0.2, 0.9]}, {"weight": 0.5}, {"weight": 0.3}]),
     ("breadcrumbs_ties", {}, [{"weight": w, "density": 0.5, "gamma": 0.05} for w in WEIGHTS]),
     ("breadcrumbs", {"rescale": True}, [{"weight": w, "density": 0.4, "gamma": 0.02} for w in WEIGHTS]),
 ])
