@@ -2,6 +2,7 @@
 
 ``method_parser(method, prog, models_help)`` builds the parser (``--base``, ``--out``, ``--device``, ... and one
 ``--<param>`` flag per declared ``Param``); ``params_from_args`` collects the parameters the user gave.
+``mergekit_parser`` / ``mergekit_values`` do the same for a mergekit method name (``nbmerge.method_names``).
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ def mergekit_parser(name: str, prog: str, models_help: str,
     parser = parser_class(prog=prog, description=f"mergekit's {name}, run as {mergekit_equivalent(name)} with "
                           f"mergekit's parameters and defaults (as a recipe with merge_method: {name})")
     _merge_arguments(parser, models_help)
-    parser.add_argument("--dtype", help="mergekit's dtype: the arithmetic runs in it, as mergekit's does (default: "
-                        "the inputs' own dtype)")
+    parser.add_argument("--dtype", help="mergekit's dtype, as in its recipe: the dtype the arithmetic runs in "
+                        "where nbmerge has the method's mergekit arithmetic (default: the inputs' own), else the "
+                        "output dtype unless --out-dtype is given")
     group = parser.add_argument_group(f"mergekit {name} parameters (per-model ones: one value, or one per model "
                                       f"separated by commas)")
     spec = MERGEKIT[name]
     for key in mergekit_flags(spec):
         default = {**spec.shared, **spec.per_model}.get(key)
+        text = "nbmerge's spelling of weight" if key == "weights" else f"mergekit's {key}"
         group.add_argument(flag(key), dest=f"mergekit_{key}", metavar="VALUE",
-                           help=f"mergekit's {key}" + ("" if default is None else f" (default: {default})"))
+                           help=text + ("" if default is None else f" (default: {default})"))
     return parser
 
 
