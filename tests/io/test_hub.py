@@ -87,6 +87,30 @@ def test_the_magics_take_hub_ids(hub, llama_set):
     assert_state_close(shell.user_ns["hub_merged"].state_dict, expected.state_dict, atol=0)
 
 
+def test_a_recipe_cell_names_hub_ids(hub, llama_set):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nbmerge")
+    shell.run_cell_magic("merge", "--quiet -o hub_recipe", "merge_method: slerp\nbase_model: org/base\n"
+                         "parameters: {t: 0.4}\nmodels:\n  - model: org/base\n  - model: org/ft1\n")
+    expected = nbmerge.merge("slerp", [llama_set.model_dirs[1]], base=llama_set.base_dir, t=0.4,
+                             compute_dtype="inputs", progress=False)
+    assert_state_close(shell.user_ns["hub_recipe"].state_dict, expected.state_dict, atol=0)
+
+
+def test_hf_home_locates_the_cache_too(hub, llama_set, monkeypatch, tmp_path):
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    shutil.move(str(hub), str(home / "hub"))
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(home))
+    merged = nbmerge.merge("task_arithmetic", ["org/ft1"], base="org/base", progress=False).state_dict
+    expected = nbmerge.merge("task_arithmetic", [llama_set.model_dirs[1]], base=llama_set.base_dir,
+                             progress=False).state_dict
+    assert_state_close(merged, expected, atol=0)
+
+
 def test_a_hub_id_missing_from_the_cache_offline_is_one_clear_error(hub):
     with pytest.raises(ModelInputError) as error:
         nbmerge.merge("task_arithmetic", ["org/missing"], base="org/base", progress=False)
