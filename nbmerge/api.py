@@ -15,6 +15,7 @@ from nbmerge.engine.run import (
     Output,
     check_chat_template_output,
     check_output_apart,
+    resolve_compute_dtype,
     resolve_device,
     resolve_dtype,
     run_parts,
@@ -38,7 +39,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
           pool: Any = None, split: str = "test", tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None, given_recipe: GivenRecipe | None = None, **params: Any) -> MergeResult:
+          chat_template: str | None = None, compute_dtype: str | torch.dtype | None = None,
+          given_recipe: GivenRecipe | None = None, **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -46,8 +48,13 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       methods that use one. out: a folder (sharded safetensors + index, config and tokenizer files copied from
       the base or first model, a recipe file) or a ``.safetensors`` file; None merges in memory and returns the
       state dict. device: "cpu", "cuda", "cuda:N" or "auto". Arithmetic is float32 (float64 stays float64);
-      tensors are stored in the reference model's dtype unless ``out_dtype`` is given. Every check that headers
-      allow (method, parameters, keys, shapes, dtypes, output path) runs before any tensor data is read.
+      tensors are stored in the reference model's dtype unless ``out_dtype`` is given.
+      compute_dtype: run mergekit 0.1.5's arithmetic instead, op for op in this dtype ("bfloat16", ...; "inputs":
+      each tensor's inputs' dtype), for mergekit's tensors bit for bit (what a mergekit recipe's ``dtype`` means;
+      linear/weighted_average, task_arithmetic, ties, breadcrumbs, slerp, passthrough); tensors are then stored in
+      it unless ``out_dtype`` is given. Less accurate than float32 for 16-bit dtypes, and not the fused kernels.
+      Every check that headers allow (method, parameters, keys, shapes, dtypes, output path) runs before any
+      tensor data is read.
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.
@@ -79,6 +86,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         raise ParameterError(f"{merge_method.name}: merges tensor by tensor and uses no task pool; drop pool=...")
     labelled = labelled_models(models)
     checked = merge_method.validate(params, len(labelled), base is not None)
+    compute = resolve_compute_dtype(compute_dtype, merge_method, checked)
     target_device = resolve_device(device)
     dtype = resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
@@ -102,10 +110,11 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         merged_sources = sources if vocabulary is None else vocabulary.sources
         model_sources = merged_sources[:len(labelled)]
         base_source = None if base_source is None else merged_sources[-1]
-        plan = make_plan(merge_method, checked, model_sources, base_source, dtype)
+        plan = make_plan(merge_method, checked, model_sources, base_source, dtype, compute)
         recipe = recipe_header(merge_method, checked, [label for label, _ in labelled],
                                None if base is None else model_label(base, "base"),
-                               out_dtype=None if dtype is None else str(dtype).removeprefix("torch."))
+                               out_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+                               **({} if compute is None else {"compute_dtype": str(compute).removeprefix("torch.")}))
         part = MergePart(merge_method, checked, plan, model_sources, base_source)
         output = Output(out_path, recipe, parse_size(shard_size), overwrite,
                         base_source.folder if base_source is not None else model_sources[0].folder,

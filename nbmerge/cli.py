@@ -8,8 +8,11 @@ import argparse
 import json
 import sys
 
-from nbmerge.arguments import method_parser, params_from_args
+from nbmerge.arguments import mergekit_parser, mergekit_values, method_parser, params_from_args
 from nbmerge.errors import NBMergeError
+from nbmerge.method_names import choose_method
+
+MODELS_HELP = "models: .safetensors files, Hugging Face folders, or Hugging Face Hub ids (org/name)"
 
 
 def _merge(argv: list[str]) -> int:
@@ -22,9 +25,11 @@ def _merge(argv: list[str]) -> int:
         print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
               "       nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]", file=sys.stderr)
         return 2
-    method = get_method(argv[0])
-    parser = method_parser(method, f"nbmerge merge {method.name}",
-                           "model paths: .safetensors files or Hugging Face folders")
+    choice = choose_method(argv[0], argv[1:])
+    if choice.mergekit:
+        return _merge_mergekit(choice.name, argv[1:])
+    method = get_method(choice.name)
+    parser = method_parser(method, f"nbmerge merge {method.name}", MODELS_HELP)
     args = parser.parse_args(argv[1:])
     params = params_from_args(method, args)
     if method.build_module is not None:
@@ -36,6 +41,24 @@ def _merge(argv: list[str]) -> int:
                    allow_nonfinite=args.allow_nonfinite, progress=not args.quiet, **params)
     if result.history is not None:
         print(result.history)
+    print(result.report)
+    if result.path is not None:
+        print(f"wrote {result.path}")
+    return 0
+
+
+def _merge_mergekit(name: str, argv: list[str]) -> int:
+    """``nbmerge merge NAME ...`` for a mergekit method name (``nbmerge.method_names``): its parameters as flags,
+    mapped and run as its recipe would be."""
+    from nbmerge.method_names import mergekit_line_call
+    from nbmerge.recipes import run_recipe
+
+    parser = mergekit_parser(name, f"nbmerge merge {name}", MODELS_HELP)
+    args = parser.parse_args(argv)
+    call = mergekit_line_call(name, args.models, args.base, mergekit_values(args), args.dtype, args.out_dtype)
+    result = run_recipe(call, out=args.out, device=args.device, shard_size=args.shard_size,
+                        overwrite=args.overwrite or None, allow_nonfinite=args.allow_nonfinite or None,
+                        progress=not args.quiet)
     print(result.report)
     if result.path is not None:
         print(f"wrote {result.path}")

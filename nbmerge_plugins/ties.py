@@ -27,6 +27,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, Stage, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins import _mergekit_arithmetic as mergekit
 from nbmerge_plugins._selection import (
     inside_fractions,
     model_thresholds,
@@ -162,6 +163,24 @@ def _l1_factors(job: TensorJob, thresholds: list[float], eps: float = 1e-7) -> t
     return factors.to(job.base.dtype).view(-1, 1)
 
 
+def _mergekit_ties(job: TensorJob) -> torch.Tensor:
+    """mergekit's ties: each τ_i trimmed to its top max(1, int(d_i · N)) by argsort (L1-rescaled with rescale),
+    then weighted, the sign elected, and the agreeing entries summed (÷ their weights with merge_func mean)."""
+    params, n = job.params, len(job.models)
+    densities = per_model(params["density"], n)
+    return mergekit.task_vector_merge(
+        job, lambda i, task_vector: mergekit.magnitude(task_vector, densities[i], params["rescale"]),
+        params["weights"] or [1.0] * n, params["sign"], params["merge_func"] == "mean", params["scaling"])
+
+
+def _mergekit_refuses(params: dict) -> str | None:
+    unlike = [f"{name}={params[name]!r}" for name, theirs in (("trim_scope", "tensor"), ("density_over", "all"))
+              if params[name] != theirs]
+    if params["merge_func"] == "max":
+        unlike.append("merge_func='max'")
+    return ", ".join(unlike) or None
+
+
 TIES = MergeMethod(
     name="ties",
     summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
@@ -173,6 +192,8 @@ TIES = MergeMethod(
     base=BASE_REQUIRED,
     stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,
                   applies=lambda params: params["trim_scope"] == "model"),),
+    mergekit_tensor=_mergekit_ties,
+    mergekit_refuses=_mergekit_refuses,
 )
 
 

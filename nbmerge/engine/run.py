@@ -197,7 +197,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return chosen
 
 
-def resolve_dtype(out_dtype) -> torch.dtype | None:
+def resolve_compute_dtype(compute_dtype, method, params: dict) -> torch.dtype | str | None:
+    """A merge's compute dtype: None (nbmerge's float32 arithmetic), "inputs" (each tensor's inputs' promoted dtype)
+    or a floating dtype, checked against the method: one given selects the method's mergekit kernel, so the method
+    needs one and parameters mergekit has."""
+    if compute_dtype is None:
+        return None
+    chosen = "inputs" if compute_dtype == "inputs" else resolve_dtype(compute_dtype, "compute_dtype")
+    if method.mergekit_tensor is None:
+        raise ParameterError(f"compute_dtype: {method.name} computes in float32 only (compute_dtype selects "
+                             f"mergekit's arithmetic, which nbmerge reproduces for linear/weighted_average, "
+                             f"task_arithmetic, ties, breadcrumbs, slerp and passthrough); drop compute_dtype")
+    reason = method.mergekit_refuses(params) if method.mergekit_refuses is not None else None
+    if reason:
+        raise ParameterError(f"compute_dtype: {method.name} with {reason} has no mergekit counterpart; drop "
+                             f"compute_dtype to compute in float32")
+    return chosen
+
+
+def resolve_dtype(out_dtype, what: str = "out_dtype") -> torch.dtype | None:
     """The output dtype from a torch dtype or a name (float32/fp32, float16/fp16/half, bfloat16/bf16, ...)."""
     if out_dtype is None or isinstance(out_dtype, torch.dtype):
         return out_dtype
@@ -206,4 +224,4 @@ def resolve_dtype(out_dtype) -> torch.dtype | None:
         return _DTYPE_ALIASES[name]
     if name.upper() in DTYPES and DTYPES[name.upper()].is_floating_point:
         return DTYPES[name.upper()]
-    raise ParameterError(f"out_dtype: expected one of {', '.join(_DTYPE_ALIASES)}, got {out_dtype!r}")
+    raise ParameterError(f"{what}: expected one of {', '.join(_DTYPE_ALIASES)}, got {out_dtype!r}")

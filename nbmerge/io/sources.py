@@ -267,7 +267,9 @@ def open_model(model: Any, label: str) -> ModelSource:
     if isinstance(model, Mapping):
         return StateDictSource(model, label)
     if isinstance(model, (str, os.PathLike)):
-        return _open_path(Path(model).expanduser(), label)
+        from nbmerge.io.hub import hub_folder, is_hub_id
+
+        return _open_path(hub_folder(model, label) if is_hub_id(model) else Path(model).expanduser(), label)
     raise ModelInputError(f"{label}: expected a path, a state dict, an nn.Module or a WithLora, got "
                           f"{type(model).__name__}")
 
@@ -307,7 +309,8 @@ def _open_folder(folder: Path, label: str) -> ModelSource:
 
 def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
-    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files)."""
+    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files; in a
+    Hugging Face cache snapshot a shard links into its repository's blobs/, where every cached file lives)."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
@@ -319,13 +322,22 @@ def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
         path = index_path.parent / shard
-        if Path(shard).is_absolute() or path.resolve().parent != folder:
+        linked_in_hub_cache = _hub_blob(index_path.parent, path)
+        if Path(shard).is_absolute() or (path.resolve().parent != folder and not linked_in_hub_cache):
             raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
         shards[shard] = path
     missing = [name for name, path in shards.items() if not path.is_file()]
     if missing:
         raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: {', '.join(missing)}")
     return {tensor: shards[shard] for tensor, shard in weight_map.items()}
+
+
+def _hub_blob(folder: Path, shard: Path) -> bool:
+    """A shard named directly in a Hugging Face cache snapshot (models--org--name/snapshots/<revision>/) that links
+    to a file of the same repository's blobs/ folder, as every cached file does."""
+    repository = folder.parent.parent
+    return (shard.parent == folder and folder.parent.name == "snapshots" and repository.name.startswith("models--")
+            and shard.resolve().is_relative_to((repository / "blobs").resolve()))
 
 
 def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -> None:

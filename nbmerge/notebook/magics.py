@@ -16,9 +16,16 @@ from typing import Any, Callable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-from nbmerge.arguments import method_parser, params_from_args, unknown_flag_message
+from nbmerge.arguments import (
+    mergekit_parser,
+    mergekit_values,
+    method_parser,
+    params_from_args,
+    unknown_flag_message,
+)
 from nbmerge.display import MethodTable, merge_summary
 from nbmerge.errors import NBMergeError
+from nbmerge.method_names import choose_method, mergekit_equivalent, mergekit_line_call
 from nbmerge.plugins import all_methods, all_task_pools, get_method, plugin_versions, task_pool
 from nbmerge.results import MergeResult, is_state_dict
 
@@ -29,9 +36,13 @@ Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--allow-nonfini
         <YAML recipe: mergekit's format (merge_method, models, base_model, parameters, dtype, slices)
          or nbmerge's (method, models, base, params, out_dtype)>
 
-MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths, or lists of them) or paths to
-.safetensors files / Hugging Face folders. `{expr}` and `$name` expand in the line. The MergeResult lands in VAR
-(`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods` the table.
+MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths, or lists of them), paths to
+.safetensors files / Hugging Face folders, or Hugging Face Hub ids (org/name: the local cache when HF_HUB_OFFLINE=1,
+else downloaded). METHOD is nbmerge's or mergekit's name, in any case: mergekit's names (dare_ties, della_linear,
+...; linear with --weights) take mergekit's parameters (--weight/--weights, --density, --lambda, ...; per model:
+v1,v2,...) and --dtype, mapped as a mergekit recipe is. `{expr}` and `$name` expand in the line. The MergeResult
+lands in VAR (`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods`
+the table.
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
 --shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --quiet (no progress bar),
@@ -106,7 +117,7 @@ class MergeMagics(Magics):
         except _Done:
             return None
         methods = all_methods()
-        chosen = [methods[self._method(name).name] for name in args.names] if args.names else list(methods.values())
+        chosen = [self._method(name) for name in args.names] if args.names else list(methods.values())
         table = MethodTable(chosen, plugin_versions())
         display(table)
         if args.var:
@@ -244,6 +255,13 @@ class MergeMagics(Magics):
         return method, args
 
     def _merge_line(self, line: str):
+        words = _split(line)
+        if words and not words[0].startswith("-"):
+            with usage_errors("; %merge_methods lists them"):
+                choice = choose_method(words[0], words[1:])
+            if choice.mergekit:
+                return self._merge_mergekit(choice.name, words[1:])
+
         def merge_arguments(parser) -> None:
             parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
 
@@ -265,6 +283,26 @@ class MergeMagics(Magics):
 
         return self._run(method.name, args.var, args.quiet,
                          lambda **progress: merge(method.name, models, base=base, **options, **params, **progress))
+
+    def _merge_mergekit(self, name: str, words: list[str]):
+        """``%merge NAME ...`` with a mergekit method name: its parameters as flags, run as its recipe would be."""
+        from nbmerge.recipes import run_recipe
+
+        parser = mergekit_parser(name, f"%merge {name}", "models: notebook variables, paths or Hub ids",
+                                 parser_class=_MagicParser)
+        parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
+        try:
+            args = parser.parse_args(words)
+        except _Done:
+            return None
+        with usage_errors():
+            call = mergekit_line_call(name, args.models, args.base, mergekit_values(args), args.dtype,
+                                      args.out_dtype)
+        resolved = {reference: self._model(reference) for reference in {*call.models.values(), call.base} - {None}}
+        options = dict(out=args.out, device=args.device, shard_size=args.shard_size,
+                       overwrite=args.overwrite or None, allow_nonfinite=args.allow_nonfinite or None)
+        return self._run(call.method, args.var, args.quiet,
+                         lambda **progress: run_recipe(call, resolved.__getitem__, **options, **progress))
 
     # -- %%merge -----------------------------------------------------------------------------------------------
     def _merge_recipe(self, line: str, cell: str):
@@ -355,8 +393,13 @@ class MergeMagics(Magics):
             return [param.check(part.strip(), method) for part in text.split(",") if part.strip()]
 
     def _method(self, name: str):
+        """nbmerge's method of that name (in any case); mergekit's names run only in %merge and %%merge."""
         with usage_errors("; %merge_methods lists them"):
-            return get_method(name)
+            choice = choose_method(name, [])
+            if choice.mergekit:
+                raise UsageError(f"{name!r} is mergekit's name for {mergekit_equivalent(choice.name)}: %merge "
+                                 f"{choice.name} takes it; here name nbmerge's method")
+            return get_method(choice.name)
 
     def _models(self, references: list[str]) -> dict[str, Any]:
         models: dict[str, Any] = {}
@@ -377,6 +420,15 @@ class MergeMagics(Magics):
         path = Path(reference).expanduser()
         if path.exists():
             return path
+        from nbmerge.io.hub import HubModelUnavailable, hub_folder, is_hub_id
+
+        if is_hub_id(reference):  # org/name: the Hub's model, from the local cache or downloaded
+            try:
+                return hub_folder(reference, f"model {reference!r}")
+            except HubModelUnavailable as exc:
+                raise UsageError(one_line(f"model {reference!r} is neither a notebook variable nor an existing file "
+                                          f"or folder (define the variable or fix the path); as a Hugging Face Hub "
+                                          f"id: {exc.reason}")) from None
         raise UsageError(f"model {reference!r} is neither a notebook variable nor an existing file or folder; "
                          f"define the variable or fix the path")
 

@@ -58,7 +58,8 @@ def test_line_merge_of_variables_lands_in_var(shell, ns, llama_set, capsys):
     assert_state_close(ns["merged"].state_dict,
                        task_arithmetic(llama_set.base, llama_set.models[:2], 0.5, [1.0, 0.5]))
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("merged = task_arithmetic(scaling=0.5, weights=[1.0, 0.5]) of 2 model")
+    assert len(out) == 1 and out[0].startswith(
+        "merged = task_arithmetic(scaling=0.5, weights=[1.0, 0.5], normalize=false) of 2 model")
 
 
 def test_paths_lists_modules_and_results_as_models(shell, ns, llama_set, tmp_path):

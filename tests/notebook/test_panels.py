@@ -28,7 +28,7 @@ def test_merge_button_merges_with_the_controls_values(llama_set):
     panel = MergePanel(llama_set.models[:2], base=llama_set.base)
     assert panel.method.value == "task_arithmetic"
     assert "simple_average" not in panel.method.options  # takes no base: not offered when one is given
-    assert set(panel.controls) == {"scaling", "weights"}
+    assert set(panel.controls) == {"scaling", "weights", "normalize"}
     panel.controls["scaling"].value = 0.7
     panel.controls["weights"].value = "1, 0.5"
     click(panel.merge_button, panel)
@@ -37,7 +37,8 @@ def test_merge_button_merges_with_the_controls_values(llama_set):
     total = input_bytes(llama_set.base, *llama_set.models[:2])
     assert (panel.progress.value, panel.progress.max, panel.progress.bar_style) == (total, total, "success")
     assert panel.progress_text.value == f"{nbmerge.display.human_bytes(total)} / {nbmerge.display.human_bytes(total)}"
-    assert "task_arithmetic(scaling=0.7, weights=[1.0, 0.5]) of 2 model(s) onto base" in panel.status.value
+    assert ("task_arithmetic(scaling=0.7, weights=[1.0, 0.5], normalize=false) of 2 model(s) onto base"
+            in panel.status.value)
 
 
 def test_switching_method_rebuilds_controls_from_its_declaration(llama_set):
