@@ -1,0 +1,29 @@
+"""Steps the singular-vector methods share (TSV-M, Iso-C, Iso-CTS), on one tensor's task vectors τ_i = θ_i − θ_0.
+
+- ``mean_task_vector``: (1/T) Σ_i w_i τ_i, what these methods give every tensor that is not a matrix;
+- ``thin_svd``: U, S, Vᵀ of a matrix, the thin (economy) decomposition, in the job's dtype on its device;
+- ``orthogonal_factor``: the nearest matrix with orthonormal columns (or rows), U Vᵀ of A = U S Vᵀ.
+"""
+
+import torch
+
+from nbmerge.method import TensorJob
+
+
+def mean_task_vector(job: TensorJob, weights: list[float]) -> torch.Tensor:
+    """(1/T) Σ_i w_i τ_i, summed in place into one new tensor."""
+    total = job.empty(job.base.shape, job.base.dtype).zero_()
+    for model, weight in zip(job.models, weights):
+        total.add_(model, alpha=weight).sub_(job.base, alpha=weight)
+    return total.div_(len(job.models))
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = U diag(S) Vᵀ with U [m, k], S [k] descending, Vᵀ [k, n], k = min(m, n) (no full square factors)."""
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def orthogonal_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ for A = U S Vᵀ: the orthonormal factor of A's polar decomposition (FusionBench's decorrelation)."""
+    u, _, vh = thin_svd(matrix)
+    return u @ vh

@@ -1,0 +1,92 @@
+"""Iso-CTS, isotropic merging in common and task-specific subspaces (Marczak et al. 2025), as FusionBench 0.2.33's
+``IsotropicMergingInCommonAndTaskSubspace`` (``isotropic_merging/iso_utils.py``, ``iso_cts``).
+
+For T task vectors τ_i = θ_i − θ_0, per matrix [m, n] (every 2-D tensor: projections, embeddings, the LM head),
+with k = min(m, n) and f = ``common_space_fraction``:
+1. sizes: c = k − round((k − int(k f)) / T) · T common directions and d = (k − c) / T per task
+   (Python's round, halves to even, as FusionBench), so that c + T d = k;
+2. common subspace: Σ_i τ_i = U diag(s) Vᵀ; keep U_c = U[:, :c], s[:c], V_cᵀ = Vᵀ[:c];
+3. task-specific subspaces: τ_i − U_c U_cᵀ τ_i = U_i diag(s_i) V_iᵀ; keep U_i[:, :d], s_i[:d], V_iᵀ[:d];
+4. U = [U_1[:, :d] … U_T[:, :d] U_c], Vᵀ = [V_1ᵀ[:d]; …; V_Tᵀ[:d]; V_cᵀ], both replaced by their orthonormal
+   polar factors P(A) = P Qᵀ for A = P Σ Qᵀ; s̄ = the mean of the k kept singular values;
+5. Δ = s̄ · P(U) P(Vᵀ).
+Every other tensor (norms, biases: anything not 2-D) gets Δ = (1/T) Σ_i τ_i, the mean task vector.
+θ = θ_0 + λ Δ, λ = ``scaling`` (FusionBench's ``scaling_factor``, default 1).
+
+nbmerge projects as U_c (U_cᵀ τ_i) where FusionBench forms the [m, m] projector (U_c U_cᵀ) τ_i: the same matrix
+without an m × m temporary (m is the vocabulary for the embeddings). Where the sizes leave no room (c < 0: a
+matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench fails on a shape mismatch;
+nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
+T + 3 thin SVDs per matrix, in float32 (float64 for float64 inputs) on the job's device, CPU or CUDA.
+"""
+
+import torch
+
+from nbmerge import hookimpl
+from nbmerge.errors import ParameterError
+from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
+from nbmerge_plugins._singular import mean_task_vector, orthogonal_factor, thin_svd
+from nbmerge_plugins.iso_c import SCALING
+
+COMMON_SPACE_FRACTION = Param("common_space_fraction", "float", 0.8, "f, the share of singular directions kept "
+                              "from the summed task vector (the rest is split evenly among the tasks)",
+                              low=0.0, high=1.0, grid=(0.6, 0.8, 0.9))
+
+
+def subspace_sizes(k: int, num_tasks: int, fraction: float) -> tuple[int, int]:
+    """(c, d): common directions and directions per task, c + T d = k, rounded as FusionBench rounds."""
+    common = int(k * fraction)
+    common = k - round((k - common) / num_tasks) * num_tasks
+    return common, int((k - common) / num_tasks)
+
+
+def _iso_cts(job: TensorJob) -> torch.Tensor:
+    job = job.upcast()
+    ones = [1.0] * len(job.models)
+    if job.base.dim() != 2:
+        return mean_task_vector(job, ones).mul_(job.params["scaling"]).add_(job.base)
+    common, per_task = subspace_sizes(min(job.base.shape), len(job.models), job.params["common_space_fraction"])
+    if common < 0:
+        raise ParameterError(f"iso_cts: tensor {job.name!r} of shape {tuple(job.base.shape)} has too few singular "
+                             f"directions to split among {len(job.models)} tasks at common_space_fraction="
+                             f"{job.params['common_space_fraction']}; raise common_space_fraction")
+    summed = mean_task_vector(job, ones).mul_(len(job.models))
+    u, s, vh = thin_svd(summed)
+    del summed
+    common_u, common_s, common_vh = u[:, :common].clone(), s[:common], vh[:common].clone()
+    del u, vh
+    left, values, right = [], [], []
+    for model in job.models:
+        task_vector = model - job.base
+        task_vector.sub_(common_u @ (common_u.T @ task_vector))
+        u, s, vh = thin_svd(task_vector)
+        del task_vector
+        left.append(u[:, :per_task].clone())
+        values.append(s[:per_task])
+        right.append(vh[:per_task].clone())
+        del u, vh
+    left_factor = orthogonal_factor(torch.cat(left + [common_u], dim=1))
+    del left
+    right_factor = orthogonal_factor(torch.cat(right + [common_vh], dim=0))
+    del right
+    mean_value = torch.cat(values + [common_s]).mean()
+    merged = left_factor @ right_factor
+    return merged.mul_(mean_value * job.params["scaling"]).add_(job.base)
+
+
+ISO_CTS = MergeMethod(
+    name="iso_cts",
+    summary="Iso-CTS: a common subspace of the summed task vector plus each task's own, with a flat spectrum",
+    formula="per matrix θ = θ_0 + λ s̄ P([U_1..U_T U_c]) P([V_1ᵀ; ..; V_Tᵀ; V_cᵀ]): U_c, V_c the top c directions "
+            "of Σ τ_i, U_i, V_i the top d of τ_i − U_c U_cᵀ τ_i, s̄ = mean kept singular value, P = polar factor; "
+            "other tensors θ = θ_0 + λ mean_i τ_i",
+    params=(SCALING, COMMON_SPACE_FRACTION),
+    merge_tensor=_iso_cts,
+    min_models=1,
+    base=BASE_REQUIRED,
+)
+
+
+@hookimpl
+def register_merge_methods(register):
+    register(ISO_CTS)
