@@ -36,7 +36,8 @@ def _iso_c(job: TensorJob) -> torch.Tensor:
 ISO_C = MergeMethod(
     name="iso_c",
     summary="Iso-C: the summed task vector with its singular values flattened to their mean",
-    formula="per matrix θ = θ_0 + λ s̄ U Vᵀ, Σ_i τ_i = U diag(s) Vᵀ, s̄ = mean(s); other tensors θ = θ_0 + λ mean_i τ_i",
+    formula="per matrix θ = θ_0 + λ s̄ U Vᵀ, Σ_i τ_i = U diag(s) Vᵀ, s̄ = mean(s); "
+            "other tensors θ = θ_0 + λ mean_i τ_i",
     params=(SCALING,),
     merge_tensor=_iso_c,
     min_models=1,

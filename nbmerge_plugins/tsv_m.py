@@ -12,7 +12,9 @@ Every other tensor (norms, biases: anything not 2-D) gets Δ = (1/T) Σ_i w_i τ
 
 FusionBench orthogonalises the zero-padded [m, k] concatenation; its polar factor restricted to the T·r filled
 columns is the polar factor of those columns alone (when they are linearly independent, as task vectors' leading
-singular vectors are), so nbmerge decomposes only the T·r columns. FusionBench's ``exclude_keys`` (none by
+singular vectors are), so nbmerge decomposes only the T·r columns. A task vector of rank below r (a frozen tensor,
+a low-rank fine-tune) contributes directions of singular value 0 that LAPACK picks arbitrarily; they still enter
+the polar factors, in FusionBench as here, so such merges agree with FusionBench only up to that choice. FusionBench's ``exclude_keys`` (none by
 default) is not offered. The SVDs run in float32 (float64 for float64 inputs) on the job's device, CPU or CUDA:
 T + 2 thin SVDs per matrix, the tensor's T task vectors in memory at most.
 """
