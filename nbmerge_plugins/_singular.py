@@ -3,11 +3,16 @@
 - ``mean_task_vector``: (1/T) Σ_i w_i τ_i, what these methods give every tensor that is not a matrix;
 - ``thin_svd``: U, S, Vᵀ of a matrix, the thin (economy) decomposition, in the job's dtype on its device;
 - ``orthogonal_factor``: the nearest matrix with orthonormal columns (or rows), U Vᵀ of A = U S Vᵀ.
+
+``SCALING`` is their λ, FusionBench's ``alpha`` (TSV-M) and ``scaling_factor`` (Iso-C, Iso-CTS), 1 in each.
 """
 
 import torch
 
-from nbmerge.method import TensorJob
+from nbmerge.method import Param, TensorJob
+
+SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector (FusionBench's alpha or "
+                "scaling_factor)", grid=(0.5, 1.0, 1.5))
 
 
 def mean_task_vector(job: TensorJob, weights: list[float]) -> torch.Tensor:

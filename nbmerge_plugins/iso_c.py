@@ -14,11 +14,8 @@ float64 inputs) on the job's device, CPU or CUDA.
 import torch
 
 from nbmerge import hookimpl
-from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
-from nbmerge_plugins._singular import mean_task_vector, thin_svd
-
-SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector (FusionBench's "
-                "scaling_factor)", grid=(0.5, 1.0, 1.5))
+from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
+from nbmerge_plugins._singular import SCALING, mean_task_vector, thin_svd
 
 
 def _iso_c(job: TensorJob) -> torch.Tensor:

@@ -25,8 +25,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
-from nbmerge_plugins._singular import mean_task_vector, orthogonal_factor, thin_svd
-from nbmerge_plugins.iso_c import SCALING
+from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, thin_svd
 
 COMMON_SPACE_FRACTION = Param("common_space_fraction", "float", 0.8, "f, the share of singular directions kept "
                               "from the summed task vector (the rest is split evenly among the tasks)",

@@ -22,12 +22,9 @@ T + 2 thin SVDs per matrix, the tensor's T task vectors in memory at most.
 import torch
 
 from nbmerge import hookimpl
-from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
-from nbmerge_plugins._singular import mean_task_vector, orthogonal_factor, thin_svd
+from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
+from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, thin_svd
 from nbmerge_plugins._task_vectors import WEIGHTS
-
-SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector (FusionBench's alpha)",
-                grid=(0.5, 1.0, 1.5))
 
 
 def kept_rank(k: int, num_tasks: int) -> int:
