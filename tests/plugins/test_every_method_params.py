@@ -38,6 +38,9 @@ class Unreadable(Mapping):
     ("expo", 1, {"fix_first_n_layers": "third"}, "fix_first_n_layers"),
     ("expo", 1, {"magnitude_sparsity_ratio": 1.0}, "magnitude_sparsity_ratio"),
     ("linear", 2, {"t": 1.5}, "'t'"),
+    ("tsv_m", 3, {"weights": [1.0, 2.0]}, "weights"),
+    ("iso_cts", 2, {"common_space_fraction": 1.5}, "common_space_fraction"),
+    ("iso_c", 2, {"scaling": "big"}, "scaling"),
 ])
 def test_invalid_parameters_are_rejected_before_reading_tensors(method, n_models, params, message):
     with pytest.raises(ParameterError, match=message):

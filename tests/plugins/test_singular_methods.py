@@ -159,6 +159,19 @@ def test_vectors_get_the_scaled_mean_task_vector(method):
         assert_matches(merged[name], f64(base[name]) + 0.5 * mean, atol=1e-12, name=name)
 
 
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_bf16_inputs_are_merged_in_float32_and_stored_as_bf16(method):
+    """The SVDs run on float32 copies (FusionBench fails on bfloat16 SVDs on the CPU); one rounding at the end."""
+    base32, models32 = float64_set()
+    base = {k: v.to(torch.bfloat16) for k, v in base32.items()}
+    models = [{k: v.to(torch.bfloat16) for k, v in m.items()} for m in models32]
+    merged = merge(method, models, base=base)
+    in_float32 = merge(method, [{k: v.float() for k, v in m.items()} for m in models],
+                       base={k: v.float() for k, v in base.items()})
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, in_float32[name].to(torch.bfloat16)), name
+
+
 def test_iso_cts_names_a_matrix_too_narrow_to_split_among_the_tasks():
     """k = 5, T = 3, f = 0: c = 5 − round(5/3)·3 = −1 (FusionBench fails on a shape mismatch)."""
     name = UP.format(0)
