@@ -14,7 +14,10 @@ Every other tensor (norms, biases: anything not 2-D) gets Δ = (1/T) Σ_i τ_i, 
 θ = θ_0 + λ Δ, λ = ``scaling`` (FusionBench's ``scaling_factor``, default 1).
 
 nbmerge projects as U_c (U_cᵀ τ_i) where FusionBench forms the [m, m] projector (U_c U_cᵀ) τ_i: the same matrix
-without an m × m temporary (m is the vocabulary for the embeddings). Where the sizes leave no room (c < 0: a
+without an m × m temporary (m is the vocabulary for the embeddings). Where m ≤ n the thin SVD of Σ τ_i gives a
+complete basis [U_c U_⊥] of R^m, so τ_i − U_c U_cᵀ τ_i = U_⊥ (U_⊥ᵀ τ_i) and its SVD is U_⊥ times that of the
+[m − c, n] matrix U_⊥ᵀ τ_i: the task SVDs shrink to a fraction 1 − f of the rows (the same triplets up to
+rounding; directions of singular value 0, never kept unless d exceeds the residual's rank, may differ). Where the sizes leave no room (c < 0: a
 matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench fails on a shape mismatch;
 nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
 T + 3 thin SVDs per matrix, in float32 (float64 for float64 inputs) on the job's device, CPU or CUDA.
@@ -53,12 +56,18 @@ def _iso_cts(job: TensorJob) -> torch.Tensor:
     u, s, vh = thin_svd(summed)
     del summed
     common_u, common_s, common_vh = u[:, :common].clone(), s[:common], vh[:common].clone()
+    # m ≤ n: the thin SVD's U is a complete basis of R^m, so the residual lives in the span of its last m − c
+    # columns and decomposes as an [m − c, n] matrix there (a fraction 1 − f of the rows)
+    complement = u[:, common:] if job.base.shape[0] <= job.base.shape[1] else None
     del u, vh
     left, values, right = [], [], []
     for model in job.models:
         task_vector = model - job.base
-        task_vector.sub_(common_u @ (common_u.T @ task_vector))
-        u, s, vh = thin_svd(task_vector)
+        if complement is not None:
+            inner_u, s, vh = thin_svd(complement.T @ task_vector)
+            u = complement @ inner_u[:, :per_task]
+        else:
+            u, s, vh = thin_svd(task_vector.sub_(common_u @ (common_u.T @ task_vector)))
         del task_vector
         left.append(u[:, :per_task].clone())
         values.append(s[:per_task])
