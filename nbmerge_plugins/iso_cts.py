@@ -17,10 +17,11 @@ nbmerge projects as U_c (U_cᵀ τ_i) where FusionBench forms the [m, m] project
 without an m × m temporary (m is the vocabulary for the embeddings). Where m ≤ n the thin SVD of Σ τ_i gives a
 complete basis [U_c U_⊥] of R^m, so τ_i − U_c U_cᵀ τ_i = U_⊥ (U_⊥ᵀ τ_i) and its SVD is U_⊥ times that of the
 [m − c, n] matrix U_⊥ᵀ τ_i: the task SVDs shrink to a fraction 1 − f of the rows (the same triplets up to
-rounding; directions of singular value 0, never kept unless d exceeds the residual's rank, may differ). Where the sizes leave no room (c < 0: a
-matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench fails on a shape mismatch;
-nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
-T + 3 thin SVDs per matrix, in float32 (float64 for float64 inputs) on the job's device, CPU or CUDA.
+rounding; directions of singular value 0, never kept unless d exceeds the residual's rank, may differ). Where the
+sizes leave no room (c < 0: a matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench
+fails on a shape mismatch; nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by
+default) is not offered. T + 3 thin SVDs per matrix (the T task ones on [m − c, n] where m ≤ n), in float32
+(float64 for float64 inputs) on the job's device, CPU or CUDA.
 """
 
 import torch

@@ -14,9 +14,10 @@ FusionBench orthogonalises the zero-padded [m, k] concatenation; its polar facto
 columns is the polar factor of those columns alone (when they are linearly independent, as task vectors' leading
 singular vectors are), so nbmerge decomposes only the T·r columns. A task vector of rank below r (a frozen tensor,
 a low-rank fine-tune) contributes directions of singular value 0 that LAPACK picks arbitrarily; they still enter
-the polar factors, in FusionBench as here, so such merges agree with FusionBench only up to that choice. FusionBench's ``exclude_keys`` (none by
-default) is not offered. The SVDs run in float32 (float64 for float64 inputs) on the job's device, CPU or CUDA:
-T + 2 thin SVDs per matrix, the tensor's T task vectors in memory at most.
+the polar factors, in FusionBench as here, so such merges agree with FusionBench only up to that choice.
+FusionBench's ``exclude_keys`` (none by default) is not offered. The SVDs run in float32 (float64 for float64
+inputs) on the job's device, CPU or CUDA: T + 2 thin SVDs per matrix, the tensor's T task vectors in memory at
+most. On the CPU these SVDs, not reading the files, set the merge's time (``benchmarks/speed.py --singular``).
 """
 
 import torch
