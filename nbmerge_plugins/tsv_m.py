@@ -15,7 +15,9 @@ columns is the polar factor of those columns alone (when they are linearly indep
 singular vectors are), so nbmerge decomposes only the T·r columns. A task vector of rank below r (a frozen tensor,
 a low-rank fine-tune) contributes directions of singular value 0 that LAPACK picks arbitrarily; they still enter
 the polar factors, in FusionBench as here, so such merges agree with FusionBench only up to that choice.
-FusionBench's ``exclude_keys`` (none by default) is not offered. The SVDs run in float32 (float64 for float64
+FusionBench's ``exclude_keys`` (none by default) is not offered. FusionBench's other TSV helpers (the "lossless"
+and eigen variants) average CLIP's ``text_projection`` instead of decomposing it; the path its class runs does not,
+and neither does nbmerge: every 2-D tensor is decomposed. The SVDs run in float32 (float64 for float64
 inputs) on the job's device, CPU or CUDA: T + 2 thin SVDs per matrix, the tensor's T task vectors in memory at
 most. On the CPU these SVDs, not reading the files, set the merge's time (``benchmarks/speed.py --singular``).
 """
