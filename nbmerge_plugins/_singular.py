@@ -9,6 +9,7 @@
 
 import torch
 
+from nbmerge.errors import ModelInputError
 from nbmerge.method import Param, TensorJob
 
 SCALING = Param("scaling", "float", 1.0, "λ, the factor applied to the merged task vector (FusionBench's alpha or "
@@ -23,12 +24,23 @@ def mean_task_vector(job: TensorJob, weights: list[float]) -> torch.Tensor:
     return total.div_(len(job.models))
 
 
-def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A = U diag(S) Vᵀ with U [m, k], S [k] descending, Vᵀ [k, n], k = min(m, n) (no full square factors)."""
-    return torch.linalg.svd(matrix, full_matrices=False)
+def thin_svd(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = U diag(S) Vᵀ with U [m, k], S [k] descending, Vᵀ [k, n], k = min(m, n) (no full square factors).
+
+    LAPACK's float32 divide-and-conquer SVD can fail to converge on matrices with many (nearly) equal singular
+    values; such a matrix is decomposed again in float64 (then rounded back), and one that fails there too is an
+    error naming the tensor.
+    """
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise ModelInputError(f"tensor {name!r}: the SVD of its task vectors did not converge (a matrix of "
+                                  f"shape {tuple(matrix.shape)} with non-finite or degenerate values)") from None
+    return tuple(part.to(matrix.dtype) for part in thin_svd(matrix.double(), name))
 
 
-def orthogonal_factor(matrix: torch.Tensor) -> torch.Tensor:
+def orthogonal_factor(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """U Vᵀ for A = U S Vᵀ: the orthonormal factor of A's polar decomposition (FusionBench's decorrelation)."""
-    u, _, vh = thin_svd(matrix)
+    u, _, vh = thin_svd(matrix, name)
     return u @ vh

@@ -24,7 +24,7 @@ def _iso_c(job: TensorJob) -> torch.Tensor:
     if job.base.dim() != 2:
         return mean_task_vector(job, ones).mul_(job.params["scaling"]).add_(job.base)
     summed = mean_task_vector(job, ones).mul_(len(job.models))
-    u, s, vh = thin_svd(summed)
+    u, s, vh = thin_svd(summed, job.name)
     del summed
     merged = u @ vh
     return merged.mul_(s.mean() * job.params["scaling"]).add_(job.base)

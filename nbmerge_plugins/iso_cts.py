@@ -16,12 +16,14 @@ Every other tensor (norms, biases: anything not 2-D) gets Δ = (1/T) Σ_i τ_i, 
 nbmerge projects as U_c (U_cᵀ τ_i) where FusionBench forms the [m, m] projector (U_c U_cᵀ) τ_i: the same matrix
 without an m × m temporary (m is the vocabulary for the embeddings). Where m ≤ n the thin SVD of Σ τ_i gives a
 complete basis [U_c U_⊥] of R^m, so τ_i − U_c U_cᵀ τ_i = U_⊥ (U_⊥ᵀ τ_i) and its SVD is U_⊥ times that of the
-[m − c, n] matrix U_⊥ᵀ τ_i: the task SVDs shrink to a fraction 1 − f of the rows (the same triplets up to
-rounding; directions of singular value 0, never kept unless d exceeds the residual's rank, may differ). Where the
-sizes leave no room (c < 0: a matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench
-fails on a shape mismatch; nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by
-default) is not offered. T + 3 thin SVDs per matrix (the T task ones on [m − c, n] where m ≤ n), in float32
-(float64 for float64 inputs) on the job's device, CPU or CUDA.
+[m − c, n] matrix U_⊥ᵀ τ_i (the same triplets up to rounding; directions of singular value 0, never kept unless
+d exceeds the residual's rank, may differ). The task directions A = [U_1[:, :d] … U_T[:, :d]] lie in the
+complement of U_c, so P([A U_c]) = [P(A) U_c]: only the [m, T d] block A is orthogonalised (FusionBench decomposes
+[A U_c], whose c singular values equal to 1 can stall LAPACK's float32 SVD). Where the sizes leave no room (c < 0:
+a matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench fails on a shape mismatch;
+nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
+Per matrix: the SVD of Σ τ_i, T task SVDs ([m − c, n] where m ≤ n), the SVDs of the [m, T d] and [k, n] blocks,
+in float32 (float64 for float64 inputs, or where float32 fails to converge) on the job's device, CPU or CUDA.
 """
 
 import torch
@@ -54,7 +56,7 @@ def _iso_cts(job: TensorJob) -> torch.Tensor:
                              f"directions to split among {len(job.models)} tasks at common_space_fraction="
                              f"{job.params['common_space_fraction']}; raise common_space_fraction")
     summed = mean_task_vector(job, ones).mul_(len(job.models))
-    u, s, vh = thin_svd(summed)
+    u, s, vh = thin_svd(summed, job.name)
     del summed
     common_u, common_s, common_vh = u[:, :common].clone(), s[:common], vh[:common].clone()
     # m ≤ n: the thin SVD's U is a complete basis of R^m, so the residual lives in the span of its last m − c
@@ -65,18 +67,20 @@ def _iso_cts(job: TensorJob) -> torch.Tensor:
     for model in job.models:
         task_vector = model - job.base
         if complement is not None:
-            inner_u, s, vh = thin_svd(complement.T @ task_vector)
+            inner_u, s, vh = thin_svd(complement.T @ task_vector, job.name)
             u = complement @ inner_u[:, :per_task]
         else:
-            u, s, vh = thin_svd(task_vector.sub_(common_u @ (common_u.T @ task_vector)))
+            u, s, vh = thin_svd(task_vector.sub_(common_u @ (common_u.T @ task_vector)), job.name)
         del task_vector
         left.append(u[:, :per_task].clone())
         values.append(s[:per_task])
         right.append(vh[:per_task].clone())
         del u, vh
-    left_factor = orthogonal_factor(torch.cat(left + [common_u], dim=1))
+    # the task directions lie in the complement of U_c, so P([A U_c]) = [P(A) U_c]: only A is decomposed (and the
+    # c singular values equal to 1 that would make LAPACK's SVD of the whole block struggle never arise)
+    left_factor = torch.cat([orthogonal_factor(torch.cat(left, dim=1), job.name), common_u], dim=1)
     del left
-    right_factor = orthogonal_factor(torch.cat(right + [common_vh], dim=0))
+    right_factor = orthogonal_factor(torch.cat(right + [common_vh], dim=0), job.name)
     del right
     mean_value = torch.cat(values + [common_s]).mean()
     merged = left_factor @ right_factor

@@ -48,15 +48,15 @@ def _tsv_m(job: TensorJob) -> torch.Tensor:
         task_vector = model - job.base
         if weight != 1.0:
             task_vector.mul_(weight)
-        u, s, vh = thin_svd(task_vector)
+        u, s, vh = thin_svd(task_vector, job.name)
         del task_vector
         left.append(u[:, :rank].clone())
         values.append(s[:rank])
         right.append(vh[:rank].clone())
         del u, vh
-    left_factor = orthogonal_factor(torch.cat(left, dim=1))
+    left_factor = orthogonal_factor(torch.cat(left, dim=1), job.name)
     del left
-    right_factor = orthogonal_factor(torch.cat(right, dim=0))
+    right_factor = orthogonal_factor(torch.cat(right, dim=0), job.name)
     del right
     merged = left_factor.mul_(torch.cat(values)) @ right_factor
     return merged.mul_(job.params["scaling"]).add_(job.base)

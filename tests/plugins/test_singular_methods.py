@@ -181,6 +181,17 @@ def test_iso_cts_names_a_matrix_too_narrow_to_split_among_the_tasks():
         merge("iso_cts", models, base=base, common_space_fraction=0.0)
 
 
+def test_an_svd_that_cannot_converge_is_an_error_naming_the_tensor():
+    """NaN merged on purpose (allow_nonfinite): float32 fails, the float64 retry fails, and the error says where."""
+    name = UP.format(0)
+    base = {name: torch.zeros(4, 3)}
+    broken = torch.ones(4, 3)
+    broken[1, 1] = float("nan")
+    with pytest.raises(nbmerge.ModelInputError, match=rf"tensor '{name}': the SVD of its task vectors did not "):
+        nbmerge.merge("iso_c", [{name: broken}, {name: torch.ones(4, 3)}], base=base, allow_nonfinite=True,
+                      progress=False)
+
+
 def test_cli_flags_of_the_singular_methods(llama_set, tmp_path, capsys):
     dirs, base_dir = [str(d) for d in llama_set.model_dirs], str(llama_set.base_dir)
     runs = [("tsv_m", ["--scaling", "0.8", "--weights", "1,0.5,2"], {"scaling": 0.8, "weights": [1, 0.5, 2]}),
