@@ -16,12 +16,14 @@ Every other tensor (norms, biases: anything not 2-D) gets Δ = (1/T) Σ_i τ_i, 
 nbmerge projects as U_c (U_cᵀ τ_i) where FusionBench forms the [m, m] projector (U_c U_cᵀ) τ_i: the same matrix
 without an m × m temporary (m is the vocabulary for the embeddings). Where m ≤ n the thin SVD of Σ τ_i gives a
 complete basis [U_c U_⊥] of R^m, so τ_i − U_c U_cᵀ τ_i = U_⊥ (U_⊥ᵀ τ_i) and its SVD is U_⊥ times that of the
-[m − c, n] matrix U_⊥ᵀ τ_i (the same triplets up to rounding; directions of singular value 0, never kept unless
-d exceeds the residual's rank, may differ). The task directions A = [U_1[:, :d] … U_T[:, :d]] lie in the
-complement of U_c, so P([A U_c]) = [P(A) U_c]: only the [m, T d] block A is orthogonalised (FusionBench decomposes
-[A U_c], whose c singular values equal to 1 can stall LAPACK's float32 SVD). Where the sizes leave no room (c < 0:
-a matrix with fewer than about T/2 singular directions beyond int(k f)), FusionBench fails on a shape mismatch;
-nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
+[m − c, n] matrix U_⊥ᵀ τ_i (the same triplets up to rounding). A residual of rank below d (a task vector that is
+zero on this matrix: frozen embeddings, say) brings directions of singular value 0, which LAPACK picks
+arbitrarily and step 4's flat spectrum weights by s̄ all the same: FusionBench adds e_1 … e_d (LAPACK's basis for
+a zero matrix), nbmerge directions orthogonal to U_c, so there the results differ by the merge's own size.
+The task directions A = [U_1[:, :d] … U_T[:, :d]] lie in the complement of U_c, so P([A U_c]) = [P(A) U_c]: only
+the [m, T d] block A is orthogonalised (FusionBench decomposes [A U_c], whose c singular values equal to 1 can
+stall LAPACK's float32 SVD). Where the sizes leave no room (c < 0: a matrix with fewer than about T/2 singular
+directions beyond int(k f)), FusionBench fails on a shape mismatch; nbmerge raises an error naming the tensor. FusionBench's ``exclude_keys`` (none by default) is not offered.
 Per matrix: the SVD of Σ τ_i, T task SVDs ([m − c, n] where m ≤ n), the SVDs of the [m, T d] and [k, n] blocks,
 in float32 (float64 for float64 inputs, or where float32 fails to converge) on the job's device, CPU or CUDA.
 """
