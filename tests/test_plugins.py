@@ -14,9 +14,10 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "doge_ta", "expo", "karcher", "linear",
-           "magmax", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce",
-           "simple_average", "slerp", "tall_mask", "task_arithmetic", "ties", "we_moe", "weighted_average", "wudi"}
+BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "doge_ta", "expo", "iso_c", "iso_cts",
+           "karcher", "linear", "magmax", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
+           "ramplus_tl", "sce", "simple_average", "slerp", "tall_mask", "task_arithmetic", "ties", "tsv_m", "we_moe",
+           "weighted_average", "wudi"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

@@ -96,6 +96,9 @@ def test_differing_integer_tensors_are_an_error_naming_the_tensor():
     ("tall_mask", True, {}),
     ("wudi", True, {"iterations": 3}),
     ("doge_ta", True, {"iterations": 3}),
+    ("tsv_m", True, {"weights": [0.5, 2.0]}),
+    ("iso_c", True, {}),
+    ("iso_cts", True, {}),
 ])
 def test_inputs_are_never_modified(method, uses_base, params):
     base = with_buffer(decoder_state(seed=0), 3)

@@ -46,6 +46,9 @@ class Unreadable(Mapping):
     ("doge_ta", 2, {"subspace": 0}, "subspace"),
     ("doge_ta", 2, {"density": [0.1, 0.5]}, "density"),
     ("magmax", 2, {"scale": 0.5}, "did you mean 'scaling'"),
+    ("tsv_m", 3, {"weights": [1.0, 2.0]}, "weights"),
+    ("iso_cts", 2, {"common_space_fraction": 1.5}, "common_space_fraction"),
+    ("iso_c", 2, {"scaling": "big"}, "scaling"),
 ])
 def test_invalid_parameters_are_rejected_before_reading_tensors(method, n_models, params, message):
     with pytest.raises(ParameterError, match=message):
