@@ -3,7 +3,7 @@
 # stage adds its rows to benchmarks/results/bench-ta8-seed<SEED>.json as soon as it finishes, and a finished stage
 # is skipped on a rerun (a marker in RUNDIR).
 #   1. static: zero_shot, individual, simple_average, task_arithmetic (grid 0.1 ... 1.0), ties (k × λ grid),
-#      best_static (chosen on validation) — the gate numbers;
+#      best_static (chosen on validation) — the gate numbers; then oracle_routing (benchmarks/ta8_oracle.py);
 #   2. adamerging_layer: FusionBench's layer-wise AdaMerging (one λ per task and tensor), λ₀ 0.3, lr 1e-3;
 #   3. we_moe_task_batches: WE-MoE routed by each single-task batch's mean, in adaptation and in use;
 #   4. we_moe: WE-MoE routed per sample, in adaptation and in use (the paper's);
@@ -33,6 +33,9 @@ stage() {  # stage NAME ARGS...: run once, then mark done
 }
 
 stage static --methods simple_average task_arithmetic ties --json "$RESULT"
+if [ ! -f "$RUN/seed$SEED-oracle.done" ]; then   # the oracle-routing ceiling row
+    "$PYTHON" benchmarks/ta8_oracle.py "$SEED" --pool "$POOL" --json "$RESULT" && touch "$RUN/seed$SEED-oracle.done"
+fi
 ADAPT=(--no-tune --add-to "$RESULT")
 stage adamerging_layer --methods adamerging "${ADAPT[@]}" --label adamerging=adamerging_layer \
     --set adamerging.granularity='"tensor"' --set adamerging.select_every=0 --set adamerging.steps="$STEPS"

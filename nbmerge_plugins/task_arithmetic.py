@@ -9,7 +9,7 @@ from nbmerge_plugins import native
 from nbmerge_plugins._task_vectors import WEIGHTS
 
 SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
-                grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
+                grid=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
 
 
 def _task_arithmetic(job: TensorJob):

@@ -13,8 +13,9 @@ For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench 
 - for a module-building method with a grid (the objective): one row per grid point, ``we_moe (objective=…)``,
   each built once, and the row ``we_moe``: the point with the best validation average.
 ``labels`` renames a method's rows (``{"we_moe": "we_moe_task_batches"}``: a second run of one method with other
-settings, added to the same table). Rows report the per-task mean and standard deviation over seeds (population), the average's mean ± standard
-deviation and the normalised average (accuracy / individual accuracy, mean over tasks and seeds).
+settings, added to the same table). Rows report the per-task mean and standard deviation over seeds
+(population), the average's mean ± standard deviation and the normalised average (accuracy / individual
+accuracy, mean over tasks and seeds).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_rows_and_skips(bench, tiny_zoo):
 def test_tuned_row_is_the_best_grid_point_on_validation(bench, tiny_zoo):
     pool = tiny_zoo.pool
     validation = {}
-    for scaling in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
+    for scaling in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
         merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False,
                                scaling=scaling)
         validation[scaling] = nbmerge.evaluate(merged, pool, split="validation", progress=False).average

@@ -32,9 +32,9 @@ from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import NBMergeError, ParameterError
 from nbmerge.workbench.models.cache import default_cache_dir
 from nbmerge.workbench.models.ta8data import PROMPT_NAMES, TASK_LOADERS
-from nbmerge.workbench.models.textpool import TextTaskPool
 from nbmerge.workbench.models.training import SPLITS, balanced_splits, batch_order
-from nbmerge.workbench.models.zeroshot import ZeroShotTextTask, sentence_embedding, zero_shot_head
+from nbmerge.workbench.models.zeroshot import (ZeroShotTextTask, ZeroShotTextTaskPool, sentence_embedding,
+                                                zero_shot_head)
 from nbmerge.workbench.models.zoo import Zoo, _load_heads, _save_encoder, minilm_folder
 
 ZOO_VERSION = 1
@@ -99,8 +99,8 @@ def load_ta8_zoo(root: str | Path) -> Zoo:
                                for split in SPLITS}, heads[name], tokenizer, profile.max_length)
              for name in manifest["tasks"]]
     models = {name: root / "models" / name for name in manifest["tasks"]}
-    pool = TextTaskPool(f"ta8-text-{profile.name}" if profile.name != "full" else "ta8-text", root / "base",
-                        tasks, models)
+    name = "ta8-text" if profile.name == "full" else f"ta8-text-{profile.name}"
+    pool = ZeroShotTextTaskPool(name, root / "base", tasks, models)
     return Zoo(root, profile, manifest["seed"], root / "base", models, pool)
 
 

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch.nn import functional as F
 
-from nbmerge.workbench.models.textpool import TextTask
+from nbmerge.workbench.models.textpool import TextTask, TextTaskPool
 
 SCALE = 20.0  # all-MiniLM-L6-v2's training scale (sentence-transformers' MultipleNegativesRankingLoss)
 TEMPLATES = ("{label}", "This text is about {label}.", "{label} text", "A text about {label}.")
@@ -51,3 +51,10 @@ class ZeroShotTextTask(TextTask):
 
     def features(self, encoder: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sentence_embedding(encoder, batch)
+
+
+class ZeroShotTextTaskPool(TextTaskPool):
+    """Text tasks with zero-shot heads: the base scored through them is the zero-shot model (bench row
+    ``zero_shot``)."""
+
+    base_label = "zero_shot"
