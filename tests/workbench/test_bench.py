@@ -135,11 +135,12 @@ def test_a_run_added_to_an_earlier_table_keeps_both(bench, tiny_zoo, tmp_path, c
     assert "cannot add a run on minilm-tiny seeds [1] to one on minilm-tiny seeds [0]" in capsys.readouterr().err
 
 
-def test_tables_of_single_seeds_combine_into_one_of_means_over_seeds(bench):
+def test_tables_of_single_seeds_combine_into_one_of_means_over_seeds(ta8_bench):
     import copy
 
     from nbmerge.workbench.bench import combine_seeds
 
+    bench = ta8_bench
     other = copy.deepcopy(bench)
     other.seeds = [7]
     for row in other.rows:
@@ -156,11 +157,16 @@ def test_tables_of_single_seeds_combine_into_one_of_means_over_seeds(bench):
         combine_seeds([bench, bench])
 
 
-def test_a_zero_shot_pool_names_its_base_row_and_rows_count_the_predicted_classes(tiny_ta8_zoo):
+@pytest.fixture(scope="module")
+def ta8_bench(tiny_ta8_zoo):
+    return run_bench("ta8-text-tiny", methods=["task_arithmetic"], seeds=[0], tune=False, progress=False,
+                     cache_dir=tiny_ta8_zoo.root.parent, labels={"task_arithmetic": "ta_default"})
+
+
+def test_a_zero_shot_pool_names_its_base_row_and_rows_count_the_predicted_classes(ta8_bench, tiny_ta8_zoo):
     """On ta8-text-tiny: the base row is ``zero_shot``, a method's row takes the name asked for, and each report
     holds per task how many test inputs were assigned to each class (recomputed here input by input)."""
-    table = run_bench("ta8-text-tiny", methods=["task_arithmetic"], seeds=[0], tune=False, progress=False,
-                      cache_dir=tiny_ta8_zoo.root.parent, labels={"task_arithmetic": "ta_default"})
+    table = ta8_bench
     assert [row.label for row in table.rows] == ["zero_shot", "individual", "ta_default"]
     report = table.row("ta_default").reports[0]
     pool = tiny_ta8_zoo.pool
