@@ -17,7 +17,7 @@ import torch
 
 import nbmerge
 from nbmerge.workbench.bench import BenchResult, BenchRow
-from nbmerge.workbench.evaluation import EvalReport, individual_accuracy, task_accuracy
+from nbmerge.workbench.evaluation import EvalReport, individual_accuracy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,15 +28,18 @@ def oracle_routing(pool, init_lambda: float = 0.3) -> EvalReport:
     models = pool.individual_models()
     result = nbmerge.merge("we_moe", models, base=pool.base, pool=pool, steps=0, init_lambda=init_lambda,
                            router_hidden_layers=0, progress=False)
-    accuracy, examples = {}, {}
+    accuracy, examples, predicted = {}, {}, {}
     for task in pool.tasks:
         index = list(models).index(task.name)
         with torch.no_grad():
             for block in routed_blocks(result.module).values():
                 block.router.constant.copy_(torch.nn.functional.one_hot(torch.tensor(index), len(models)))
-        accuracy[task.name], examples[task.name] = task_accuracy(result.module, task, "test")
+        labels, predictions = task.labels("test"), task.predict(result.module, "test")
+        accuracy[task.name] = 100.0 * (predictions == labels).double().mean().item()
+        examples[task.name] = len(labels)
+        predicted[task.name] = torch.bincount(predictions, minlength=len(task.classes)).tolist()
     return EvalReport("oracle_routing", pool.name, "test", accuracy, examples,
-                      individual_accuracy(pool, "test", list(accuracy)))
+                      individual_accuracy(pool, "test", list(accuracy)), predicted=predicted)
 
 
 def main() -> None:
