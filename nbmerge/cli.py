@@ -198,6 +198,8 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
                         help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
+    parser.add_argument("--label", action="append", default=[], metavar="METHOD=ROW",
+                        help="name METHOD's rows ROW (repeatable), e.g. --label we_moe=we_moe_task_batches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     pool = args.pool or f"minilm-{args.profile}"
@@ -209,7 +211,7 @@ def _bench(argv: list[str]) -> int:
         earlier.check_addable(pool, args.seeds)  # before the run, not after it
     result = run_bench(pool, methods=args.methods, seeds=args.seeds, tune=not args.no_tune,
                        cache_dir=args.cache_dir, progress=not args.quiet, threads=args.threads,
-                       overrides=_overrides(args.set))
+                       overrides=_overrides(args.set), labels=_labels(args.label))
     if earlier is not None:
         result = result.added_to(earlier)
         result.to_json(args.add_to)
@@ -219,6 +221,19 @@ def _bench(argv: list[str]) -> int:
         result.to_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _labels(settings: list[str]) -> dict[str, str]:
+    """``["we_moe=we_moe_task_batches"]`` -> ``{"we_moe": "we_moe_task_batches"}``."""
+    from nbmerge.errors import ParameterError
+
+    labels = {}
+    for setting in settings:
+        method, equals, row = setting.partition("=")
+        if not (equals and method and row):
+            raise ParameterError(f"bench: --label {setting!r}: expected METHOD=ROW, e.g. we_moe=we_moe_task_batches")
+        labels[method] = row
+    return labels
 
 
 def _overrides(settings: list[str]) -> dict[str, dict]:

@@ -42,6 +42,7 @@ class TaskPool:
     tasks: list[Task]
     base: Any = None  # the pretrained model the individual models were fine-tuned from
     any_depth: bool = False  # load_encoder takes a layer stack of another depth (a data-flow search needs it)
+    base_label: str = "pretrained"  # what a table calls the base scored on the tasks ("zero_shot" with zero-shot heads)
 
     def load_encoder(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError

@@ -14,7 +14,7 @@ from nbmerge_plugins._task_vectors import WEIGHTS
 from nbmerge_plugins._task_vectors import NORMALIZE as SUM_NORMALIZE
 
 SCALING = Param("scaling", "float", 0.3, "λ, the factor applied to the sum of task vectors",
-                grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
+                grid=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
 
 
 NORMALIZE = replace(SUM_NORMALIZE, help="divide by the summed weights (mergekit's normalize)")

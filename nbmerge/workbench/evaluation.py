@@ -2,7 +2,8 @@
 
 accuracy_t = 100 · mean(argmax logits_t(x) = y) over the split of task t; average = mean over tasks;
 normalized_t = accuracy_t / accuracy of task t's individual fine-tuned model on the same split (when the pool has
-individual models), normalized_average = mean over tasks.
+individual models), normalized_average = mean over tasks. predicted_t = how many of the split's examples the model
+assigned to each class of task t (in the task's class order): a collapse onto one class shows there.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class EvalReport:
     examples: dict[str, int]
     individual: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    predicted: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def average(self) -> float:
@@ -80,7 +82,7 @@ class EvalReport:
             text = Path(text_or_path).read_text()
         data = json.loads(text)
         return cls(**{key: data[key] for key in ("model", "pool", "split", "accuracy", "examples", "individual",
-                                                 "seconds")})
+                                                 "seconds")}, predicted=data.get("predicted", {}))
 
 
 def _fmt(value: float | None) -> str:
@@ -102,19 +104,24 @@ def evaluate(model: Any, pool: TaskPool | str, split: str = "test", tasks: Seque
     chosen = [pool.task(t) for t in tasks] if tasks else list(pool.tasks)
     started = time.perf_counter()
     encoder = pool.load_encoder(model)
-    accuracy, examples = {}, {}
+    accuracy, examples, predicted = {}, {}, {}
     for task in tqdm(chosen, desc=f"evaluate on {pool.name}", unit="task", disable=not progress, leave=False):
-        accuracy[task.name], examples[task.name] = task_accuracy(encoder, task, split)
+        labels, predictions = task.labels(split), task.predict(encoder, split)
+        accuracy[task.name], examples[task.name] = _accuracy(predictions, labels), len(labels)
+        predicted[task.name] = torch.bincount(predictions, minlength=len(task.classes)).tolist()
     return EvalReport(name or _model_name(model), pool.name, split, accuracy, examples,
                       individual_accuracy(pool, split, [t.name for t in chosen]),
-                      round(time.perf_counter() - started, 2))
+                      round(time.perf_counter() - started, 2), predicted)
+
+
+def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (predictions == labels).double().mean().item()
 
 
 def task_accuracy(encoder: torch.nn.Module, task, split: str) -> tuple[float, int]:
     """(100 · fraction of correct predictions, number of examples) of one task's split."""
     labels = task.labels(split)
-    predictions = task.predict(encoder, split)
-    return 100.0 * (predictions == labels).double().mean().item(), len(labels)
+    return _accuracy(task.predict(encoder, split), labels), len(labels)
 
 
 def individual_accuracy(pool: TaskPool, split: str, task_names: Sequence[str]) -> dict[str, float]:

@@ -38,7 +38,7 @@ def test_declared_like_every_method(capsys):
                                                      "batch_size", "batch_reduce", "objective", "select_every", "seed"]
     assert {p["name"]: p["default"] for p in listed["params"]} == {
         "init_lambda": 0.3, "router_hidden_layers": 2, "lr": 1e-4, "steps": 1000, "batch_size": 16,
-        "batch_reduce": True, "objective": "entropy", "select_every": 100, "seed": 0}
+        "batch_reduce": False, "objective": "entropy", "select_every": 100, "seed": 0}
     assert listed["builds_module"] and listed["base"] == "required"
 
 
