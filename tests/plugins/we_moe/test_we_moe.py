@@ -27,8 +27,11 @@ def tiny(tiny_zoo):
 
 @pytest.fixture(scope="module")
 def adapted(tiny):
+    # routed over each single-task batch: these tests are about the merge, the reload and the history, and the
+    # per-sample default costs a batch of weight matrices per layer and step (the routing modes have their own
+    # tests in test_we_moe_layers.py and test_we_moe_adapt.py)
     return nbmerge.merge("we_moe", tiny.models, base=tiny.base, pool=tiny.pool, steps=STEPS, lr=LR,
-                         batch_size=BATCH, progress=False)
+                         batch_size=BATCH, batch_reduce=True, progress=False)
 
 
 def test_declared_like_every_method(capsys):
