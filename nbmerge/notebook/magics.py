@@ -106,6 +106,7 @@ class MergeMagics(Magics):
         """Evaluate a model on a task pool: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]."""
         from IPython.display import display
 
+        from nbmerge.notebook.progress_bar import CellProgress
         from nbmerge.workbench import plots
         from nbmerge.workbench.evaluation import evaluate
 
@@ -119,14 +120,22 @@ class MergeMagics(Magics):
         var = None if args.var is None else _variable(args.var)
         model = self._model(args.model)
         pool = self._pool(args.pool)
-        with usage_errors():
-            # tqdm's notebook bar would be saved as a closed widget: the text bar only outside a kernel
-            report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
-                              progress=not args.quiet and not _in_kernel(self.shell))
+        # tqdm's notebook bar would be saved as a closed widget: in a kernel, a bar per task that the report
+        # replaces; outside one, tqdm's text bar
+        bar = CellProgress(f"evaluating {args.model}") if not args.quiet and _in_kernel(self.shell) else None
+        try:
+            with usage_errors():
+                report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
+                                  progress=not args.quiet and bar is None,
+                                  on_progress=None if bar is None else bar.update)
+        finally:
+            if bar is not None:
+                bar.finish()
         if var is not None:
             self.shell.user_ns[var] = report
         display(report)
-        display(plots.accuracy_bars({args.model: report}))
+        for figure in plots.report_figures({args.model: report}):
+            display(figure)
         return None
 
     @line_magic
