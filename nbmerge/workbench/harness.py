@@ -91,9 +91,11 @@ def evaluate_harness(model: Any, tasks: Sequence[str] | str, *, tokenizer: str |
     if not names:
         raise ParameterError("evaluate_harness: give one or more lm_eval task names")
     folder = Path(tokenizer) if tokenizer is not None else causal_lm.config_folder_of(model, "")
-    if not (folder / "config.json").is_file():
+    if str(folder) in ("", ".") or not (folder / "config.json").is_file():
         raise ParameterError("evaluate_harness: the model is not a folder with a config; pass tokenizer=FOLDER "
                              "(the base's folder)")
+    started = time.perf_counter()
+    module = causal_lm.load_causal_lm(model, folder).to(device)  # weights that do not fit fail before the tasks load
     includes = None if include_path is None else (
         [str(include_path)] if isinstance(include_path, (str, Path)) else [str(p) for p in include_path])
     # your own folders alone when they hold every task: lm_eval's own index takes about half a minute to build
@@ -102,10 +104,9 @@ def evaluate_harness(model: Any, tasks: Sequence[str] | str, *, tokenizer: str |
         manager = TaskManager(include_path=includes)
     unknown = [task for task in names if task not in manager.all_tasks]
     if unknown:
-        where = f" (nor in {', '.join(includes)})" if includes else "; your own task YAML folders go in include_path"
-        raise ParameterError(f"evaluate_harness: lm_eval knows no task {unknown[0]!r}{where}")
-    started = time.perf_counter()
-    module = causal_lm.load_causal_lm(model, folder).to(device)
+        where = f"lm_eval's own or in {', '.join(includes)}" if includes else \
+            "lm_eval's own; your own task YAML folders go in include_path"
+        raise ParameterError(f"evaluate_harness: no task named {unknown[0]!r} ({where})")
     wrapped = HFLM(pretrained=module, tokenizer=causal_lm.tokenizer_of(str(folder)), batch_size=batch_size,
                    device=device)
     output = lm_eval.simple_evaluate(model=wrapped, tasks=names, num_fewshot=num_fewshot, limit=limit,
