@@ -5,9 +5,10 @@ merges; ``nbmerge.stack(slices)`` stacks layers of several models (``LayerSlice`
 the registered methods; ``nbmerge.evaluate``, ``nbmerge.sweep``, ``nbmerge.search`` (CMA-ES over a method's
 parameters), ``nbmerge.search_data_flow`` (over which layers of which models), ``nbmerge.greedy_soup`` and
 ``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``); for causal LMs, ``nbmerge.lm_pool``
-(perplexity and multiple-choice tasks for ``evaluate``), ``nbmerge.compare_generations`` / ``nbmerge.generate``
-(the same prompts through several models) and ``nbmerge.evaluate_harness`` (lm-evaluation-harness tasks);
-``MergePanel``, ``SweepPanel``, ``SearchPanel`` and ``GenerationPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method``
+(perplexity and multiple-choice tasks for ``evaluate``; ``compare_reports`` tabulates several models),
+``nbmerge.compare_generations`` / ``nbmerge.generate`` (the same prompts through several models) and
+``nbmerge.evaluate_harness`` (lm-evaluation-harness tasks); ``MergePanel``, ``SweepPanel``, ``SearchPanel`` and
+``GenerationPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method``
 (``MergeMethod``, ``TensorJob``, ``Param``, ...). Every other module path is internal.
 
 Everything loads on first use, so ``import nbmerge`` stays cheap (no torch). In IPython/Jupyter, ``%load_ext
@@ -41,6 +42,7 @@ _LAZY = {
     "load_exported": "module_merge",
     "ProgressEvent": "engine.progress", "WithLora": "io.lora",
     "evaluate": "workbench.evaluation", "EvalReport": "workbench.evaluation",
+    "compare_reports": "workbench.evaluation", "ReportTable": "workbench.evaluation",
     "lm_pool": "workbench.models.lmpool", "CausalLMPool": "workbench.models.lmpool",
     "generate": "workbench.generation", "compare_generations": "workbench.generation",
     "GenerationTable": "workbench.generation",

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nbmerge.engine.progress import ProgressEvent, check_cancel
+from nbmerge.errors import ParameterError
 from nbmerge.taskpool import PerplexityTask, TaskPool
 
 
@@ -53,7 +54,7 @@ class EvalReport:
     @property
     def normalized_average(self) -> float | None:
         values = self.normalized
-        return sum(values.values()) / len(values) if len(values) == len(self.accuracy) else None
+        return sum(values.values()) / len(values) if values and len(values) == len(self.accuracy) else None
 
     def rows(self) -> list[tuple[str, int, float, float | None]]:
         """(task, examples, accuracy, normalized) of each classification task."""
@@ -180,3 +181,58 @@ def _model_name(model: Any) -> str:
     if recipe:
         return recipe.get("method", "layer stack")
     return type(model).__name__
+
+
+@dataclass
+class ReportTable:
+    """Several models' reports side by side, one row per model: perplexity per domain (``ppl DOMAIN``, lower is
+    better), accuracy per classification task, and their average. ``rows`` is what ``pandas.DataFrame`` takes."""
+
+    reports: dict[str, EvalReport]
+
+    @property
+    def columns(self) -> list[str]:
+        first = next(iter(self.reports.values()))
+        return ([f"ppl {domain}" for domain in first.perplexity] + list(first.accuracy)
+                + (["average"] if len(first.accuracy) > 1 else []))
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for label, report in self.reports.items():
+            row: dict[str, Any] = {"model": label}
+            row.update({f"ppl {domain}": value for domain, value in report.perplexity.items()})
+            row.update(report.accuracy)
+            if len(report.accuracy) > 1:
+                row["average"] = report.average
+            rows.append(row)
+        return rows
+
+    def __str__(self) -> str:
+        columns, width = self.columns, max(len(label) for label in self.reports) + 2
+        lines = [f"{'model':<{width}}" + "".join(f"{c[:18]:>20}" for c in columns)]
+        lines += [f"{row['model']:<{width}}" + "".join(f"{_cell(row.get(c)):>20}" for c in columns)
+                  for row in self.rows]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        first = next(iter(self.reports.values()))
+        head = "".join(f"<th>{escape(c)}{' ↓' if c.startswith('ppl ') else ''}</th>" for c in self.columns)
+        body = "".join(f"<tr><td>{escape(row['model'])}</td>"
+                       + "".join(f"<td>{_cell(row.get(c))}</td>" for c in self.columns) + "</tr>" for row in self.rows)
+        return (f"<table><caption>{escape(first.pool)} ({escape(first.split)}): perplexity (lower is better) and "
+                f"accuracy, %</caption><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def compare_reports(reports: dict[str, EvalReport]) -> ReportTable:
+    """A table of several models' reports on the same pool and split (e.g. base, fine-tunes and merges)."""
+    if not reports:
+        raise ParameterError("compare_reports: give {label: EvalReport} for one or more models")
+    where = {(report.pool, report.split) for report in reports.values()}
+    if len(where) > 1:
+        raise ParameterError(f"compare_reports: the reports come from different pools or splits: {sorted(where)}")
+    return ReportTable(dict(reports))

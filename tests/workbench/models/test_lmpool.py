@@ -125,3 +125,30 @@ def test_bad_pool_inputs_are_one_line_errors(smollm2):
         nbmerge.evaluate(smollm2, lm_pool(smollm2, texts=TEXTS["news"]), split="validation", progress=False)
     with pytest.raises(ParameterError, match="give texts"):
         lm_pool(smollm2)
+
+
+def test_bench_on_a_causal_lm_pool_reports_perplexity_per_domain(smollm2):
+    """nbmerge bench on a registered causal-LM pool: a perplexity column per domain, each row's values those of
+    nbmerge.evaluate on the same model; the individual row scores each domain with the model fine-tuned on it."""
+    from nbmerge.workbench.bench import run_bench
+
+    pool = lm_pool(smollm2, texts={"news": TEXTS["news"][:1], "chat": TEXTS["chat"]}, choices=ITEMS[:2],
+                   name="tiny-lm", individual={"news": smollm2, "chat": smollm2})  # stand-in fine-tunes
+
+    class Plugin:
+        @nbmerge.hookimpl
+        def register_task_pools(self, register):
+            register("tiny-lm", lambda seed=0, cache_dir=None, progress=True: pool, "a test pool")
+
+    nbmerge.register_plugin(Plugin(), name="tiny-lm")
+    try:
+        result = run_bench("tiny-lm", methods=["weighted_average"], seeds=[0], tune=False, progress=False)
+    finally:
+        nbmerge.unregister_plugin("tiny-lm")
+    base = nbmerge.evaluate(smollm2, pool, progress=False)
+    assert result.row("pretrained").tasks == ["choices", "news", "chat"]
+    assert result.row("pretrained").task_mean("news") == pytest.approx(base.perplexity["news"])
+    assert result.row("individual").task_mean("chat") == pytest.approx(base.perplexity["chat"])
+    assert math.isnan(result.row("individual").task_mean("choices"))  # no model was fine-tuned on it
+    assert result.row("weighted_average").task_mean("news") == pytest.approx(base.perplexity["news"], rel=1e-4)
+    assert "ppl news" in str(result) and "ppl chat" in result._repr_html_()
