@@ -32,8 +32,8 @@ class ProgressBar:
     def update(self, event) -> None:
         if event.total != self.bar.max:
             self.bar.max = max(event.total, 1)
-        if event.done != event.total and event.done - self.bar.value < event.total / 100:
-            return
+        if 0 < event.done != event.total and event.done - self.bar.value < event.total / 100:
+            return  # the first and the last event always show
         self.bar.value = event.done
         if event.phase in COUNTED:
             name = f": {html.escape(event.tensor)}" if event.tensor else ""
