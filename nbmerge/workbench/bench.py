@@ -85,6 +85,10 @@ class BenchRow:
                          for name in names)
 
 
+def _mean(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}"
+
+
 def _spread(values: list[float]) -> float:
     """Population standard deviation; NaN when a value is (a row without that task)."""
     return math.nan if any(math.isnan(v) for v in values) else statistics.pstdev(values)
@@ -114,11 +118,12 @@ class BenchResult:
         tasks = self.rows[0].tasks
         width = max(len(r.label) for r in self.rows) + 2
         header = f"{'model':<{width}}" + "".join(f"{self._column(t)[:13]:>14}" for t in tasks) + f"{'average':>16}{'norm.':>8}  params"
-        lines = [f"nbmerge bench on {self.pool}, seeds {', '.join(map(str, self.seeds))} (test accuracy, %)",
+        measures = "test accuracy, %; ppl: perplexity" if self.rows[0].reports[0].perplexity else "test accuracy, %"
+        lines = [f"nbmerge bench on {self.pool}, seeds {', '.join(map(str, self.seeds))} ({measures})",
                  header, "-" * len(header)]
         for row in self.rows:
             norm = "" if row.normalized is None else f"{row.normalized:.1f}"
-            lines.append(f"{row.label:<{width}}" + "".join(f"{row.task_mean(t):>14.1f}" for t in tasks)
+            lines.append(f"{row.label:<{width}}" + "".join(f"{_mean(row.task_mean(t)):>14}" for t in tasks)
                          + f"{row.average:>10.1f} ± {row.spread:<3.1f}{norm:>8}  {row.params_text()}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)

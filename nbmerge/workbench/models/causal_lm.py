@@ -131,11 +131,11 @@ def tokenizer_of(folder: str | Path):
 
 
 def text_nll(module: torch.nn.Module, ids: Sequence[int]) -> float:
-    """Σ_{i≥1} −log p(ids[i] | ids[:i]) in nats (float64 accumulation of float32 log-probabilities)."""
+    """Σ_{i≥1} −log p(ids[i] | ids[:i]) in nats (the model's logits; log-softmax and sum in float64)."""
     if len(ids) < 2:
         return 0.0
     tensor = torch.tensor([list(ids)])
-    logits = module(input_ids=tensor).logits[0, :-1].float()
+    logits = module(input_ids=tensor).logits[0, :-1].double()
     return torch.nn.functional.cross_entropy(logits, tensor[0, 1:], reduction="sum").double().item()
 
 
