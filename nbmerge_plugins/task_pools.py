@@ -6,7 +6,9 @@
 - ``ta8-text`` (and ``ta8-text-tiny``): all-MiniLM-L6-v2 fine-tuned on eight text tasks against frozen zero-shot
   heads shared by every model, FusionBench's CLIP TA8 protocol (``nbmerge.workbench.models.ta8zoo``);
 - ``vision-*``, the robustness pool: EfficientNet-Lite0 fine-tuned on eight image tasks of different domains and
-  label spaces (``nbmerge.workbench.models.vision_zoo``), where static merges lose much more.
+  label spaces (``nbmerge.workbench.models.vision_zoo``), where static merges lose much more;
+- ``smollm2-chat``: a causal LM, SmolLM2-135M-Instruct and two chat fine-tunes of it
+  (``nbmerge.workbench.models.lmpool``): perplexity per topic slice and multiple-choice prompt accuracy.
 """
 
 import nbmerge
@@ -24,6 +26,12 @@ def _pool_builder(zoo: str, profile: str):
         return build_the_zoo(profile, seed=seed, cache_dir=cache_dir, progress=progress).pool
 
     return build
+
+
+def _smollm2_chat(seed: int = 0, cache_dir=None, progress: bool = True, texts_per_domain: int = 16):
+    from nbmerge.workbench.models.lmpool import smollm2_chat_pool
+
+    return smollm2_chat_pool(texts_per_domain, seed=seed, cache_dir=cache_dir, progress=progress)
 
 
 @nbmerge.hookimpl
@@ -44,3 +52,6 @@ def register_task_pools(register):
              "emoji groups, emoji skin tones, letters, writing systems); 24 images per class, 25 steps")
     register("vision-full", _pool_builder("vision", "full"),
              "the same 8 tasks at benchmark size: 120 images per class, 300 fine-tuning steps per task")
+    register("smollm2-chat", _smollm2_chat,
+             "SmolLM2-135M-Instruct and two chat fine-tunes of it (sft, aligned): perplexity on held-out chat pairs "
+             "of each fine-tune's topics, accuracy on general-knowledge prompts")

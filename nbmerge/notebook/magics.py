@@ -129,6 +129,7 @@ class MergeMagics(Magics):
         """Evaluate a model on a task pool: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]."""
         from IPython.display import display
 
+        from nbmerge.notebook.progress_bar import CellProgress
         from nbmerge.workbench import plots
         from nbmerge.workbench.evaluation import evaluate
 
@@ -142,14 +143,24 @@ class MergeMagics(Magics):
         var = None if args.var is None else _variable(args.var)
         model = self._model(args.model)
         pool = self._pool(args.pool)
-        with usage_errors():
-            # tqdm's notebook bar would be saved as a closed widget: the text bar only outside a kernel
-            report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
-                              progress=not args.quiet and not _in_kernel(self.shell))
+        # tqdm's notebook bar would be saved as a closed widget: in a kernel, a bar per task that the report
+        # replaces; outside one, tqdm's text bar
+        bar = CellProgress(f"evaluating {args.model}") if not args.quiet and _in_kernel(self.shell) else None
+        summary = ""
+        try:
+            with usage_errors():
+                report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
+                                  progress=not args.quiet and bar is None,
+                                  on_progress=None if bar is None else bar.update)
+            summary = f"evaluated {args.model} on {pool.name} ({args.split}) in {report.seconds:.1f} s"
+        finally:
+            if bar is not None:
+                bar.finish(summary)
         if var is not None:
             self.shell.user_ns[var] = report
         display(report)
-        display(plots.accuracy_bars({args.model: report}))
+        for figure in plots.report_figures({args.model: report}):
+            display(figure)
         return None
 
     @line_magic
@@ -371,8 +382,15 @@ class MergeMagics(Magics):
         return None
 
     def _pool(self, name: str | None):
-        """The task pool by name, built once per session; without a name, the last one used (or the only one)."""
+        """A notebook variable holding a TaskPool (``nbmerge.lm_pool(...)``), else the registered task pool of that
+        name, built once per session; without a name, the last one used (or the only one registered)."""
+        from nbmerge.taskpool import TaskPool
+
         pools = self.__dict__.setdefault("_pools", {})
+        if name is not None and name.isidentifier() and isinstance(self.shell.user_ns.get(name), TaskPool):
+            pools[name] = self.shell.user_ns[name]
+            self.__dict__["_last_pool"] = name
+            return pools[name]
         if name is None:
             registered = sorted(all_task_pools())
             name = self.__dict__.get("_last_pool") or (registered[0] if len(registered) == 1 else None)
@@ -448,7 +466,8 @@ def model_input(value: Any, name: str, allow_list: bool = False) -> Any:
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
-    parser.add_argument("--pool", help="task pool name (default: the last one used, or the only one registered)")
+    parser.add_argument("--pool", help="a notebook variable holding a task pool, or a registered pool's name "
+                        "(default: the last one used, or the only one registered)")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the pool)")
     parser.add_argument("--split", default="test", help="train, validation or test (default: test)")
     if quiet:

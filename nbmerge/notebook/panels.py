@@ -251,16 +251,16 @@ class MergePanel(_BackgroundPanel):
         from nbmerge.workbench.evaluation import evaluate
 
         check_cancel(cancel, "before evaluating the merge")
-        self._set_status("evaluating…")
-        report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=_label(result),
-                          progress=False)
-        self.report = report
         label = _label(result)
+        self._set_status(f"evaluating {html.escape(label)}…")
+        self.progress_bar.reset()  # the bar now counts the pool's tasks, not the merge's bytes
+        report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=label,
+                          progress=False, on_progress=self.progress_bar.update, cancel=cancel)
+        self.report = report
         self.reports[label] = report
         while len(self.reports) > HISTORY:
             self.reports.pop(next(iter(self.reports)))
-        figure = plots.accuracy_bars(dict(self.reports))
-        self.output.outputs = (_output(report), _output(figure))
+        self.output.outputs = (_output(report), *(_output(f) for f in plots.report_figures(dict(self.reports))))
 
 
 def _resolve_pool(panel):

@@ -15,13 +15,16 @@ For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench 
 ``labels`` renames a method's rows (``{"we_moe": "we_moe_task_batches"}``: a second run of one method with other
 settings, added to the same table). Rows report the per-task mean and standard deviation over seeds
 (population), the average's mean ± standard deviation and the normalised average (accuracy / individual
-accuracy, mean over tasks and seeds).
+accuracy, mean over tasks and seeds). A causal-LM pool's domains add a perplexity column each (lower is better;
+the individual row: each domain under the model fine-tuned on it); the average, the tuning and ``best_static``
+use the classification tasks' accuracy.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +37,7 @@ from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import ParameterError
 from nbmerge.method.params import validate_params
 from nbmerge.plugins import all_methods, task_pool
-from nbmerge.taskpool import TaskPool
+from nbmerge.taskpool import PerplexityTask, TaskPool
 from nbmerge.workbench.evaluation import EvalReport, evaluate, individual_accuracy
 
 
@@ -49,13 +52,19 @@ class BenchRow:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.reports[0].accuracy)
+        """The classification tasks, then the language-modelling domains (their perplexity)."""
+        return list(self.reports[0].accuracy) + list(self.reports[0].perplexity)
+
+    def task_values(self, task: str) -> list[float]:
+        """Per seed: the task's accuracy, or its perplexity for a language-modelling domain (NaN where a report
+        lacks it: the individual row of a task no model was fine-tuned on)."""
+        return [r.accuracy[task] if task in r.accuracy else r.perplexity.get(task, math.nan) for r in self.reports]
 
     def task_mean(self, task: str) -> float:
-        return statistics.fmean(r.accuracy[task] for r in self.reports)
+        return statistics.fmean(self.task_values(task))
 
     def task_spread(self, task: str) -> float:
-        return statistics.pstdev(r.accuracy[task] for r in self.reports)
+        return _spread(self.task_values(task))
 
     @property
     def average(self) -> float:
@@ -63,7 +72,7 @@ class BenchRow:
 
     @property
     def spread(self) -> float:
-        return statistics.pstdev(r.average for r in self.reports)
+        return _spread([r.average for r in self.reports])
 
     @property
     def normalized(self) -> float | None:
@@ -77,6 +86,15 @@ class BenchRow:
         return ", ".join(f"{name}={'/'.join(_short(p[name]) for p in self.params)}"
                          if len({json.dumps(p[name]) for p in self.params}) > 1 else f"{name}={_short(self.params[0][name])}"
                          for name in names)
+
+
+def _mean(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}"
+
+
+def _spread(values: list[float]) -> float:
+    """Population standard deviation; NaN when a value is (a row without that task)."""
+    return math.nan if any(math.isnan(v) for v in values) else statistics.pstdev(values)
 
 
 def _short(value: Any) -> str:
@@ -102,19 +120,20 @@ class BenchResult:
     def __str__(self) -> str:
         tasks = self.rows[0].tasks
         width = max(len(r.label) for r in self.rows) + 2
-        header = f"{'model':<{width}}" + "".join(f"{t[:13]:>14}" for t in tasks) + f"{'average':>16}{'norm.':>8}  params"
-        lines = [f"nbmerge bench on {self.pool}, seeds {', '.join(map(str, self.seeds))} (test accuracy, %)",
+        header = f"{'model':<{width}}" + "".join(f"{self._column(t)[:13]:>14}" for t in tasks) + f"{'average':>16}{'norm.':>8}  params"
+        measures = "test accuracy, %; ppl: perplexity" if self.rows[0].reports[0].perplexity else "test accuracy, %"
+        lines = [f"nbmerge bench on {self.pool}, seeds {', '.join(map(str, self.seeds))} ({measures})",
                  header, "-" * len(header)]
         for row in self.rows:
             norm = "" if row.normalized is None else f"{row.normalized:.1f}"
-            lines.append(f"{row.label:<{width}}" + "".join(f"{row.task_mean(t):>14.1f}" for t in tasks)
+            lines.append(f"{row.label:<{width}}" + "".join(f"{_mean(row.task_mean(t)):>14}" for t in tasks)
                          + f"{row.average:>10.1f} ± {row.spread:<3.1f}{norm:>8}  {row.params_text()}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         tasks = self.rows[0].tasks
-        head = "".join(f"<th>{escape(t)}</th>" for t in tasks)
+        head = "".join(f"<th>{escape(self._column(t))}</th>" for t in tasks)
         body = "".join(
             f"<tr><td>{escape(r.label)}</td>" + "".join(f"<td>{r.task_mean(t):.1f}</td>" for t in tasks)
             + f"<td>{r.average:.1f} ± {r.spread:.1f}</td><td>{'' if r.normalized is None else f'{r.normalized:.1f}'}"
@@ -122,6 +141,9 @@ class BenchResult:
         return (f"<table><caption>nbmerge bench on {escape(self.pool)}, seeds {self.seeds}</caption><thead><tr>"
                 f"<th>model</th>{head}<th>average</th><th>normalized</th><th>params</th></tr></thead>"
                 f"<tbody>{body}</tbody></table>")
+
+    def _column(self, task: str) -> str:
+        return f"ppl {task}" if task in self.rows[0].reports[0].perplexity else task
 
     def to_json(self, path: str | Path | None = None) -> str:
         data = {"pool": self.pool, "seeds": self.seeds, "skipped": self.skipped, "seconds": self.seconds,
@@ -230,7 +252,8 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, label
         _add(rows, base_label, None, {}, evaluate(pools.base, pools, name=base_label, progress=False))
         individual = individual_accuracy(pools, "test", [t.name for t in pools.tasks])
         _add(rows, "individual", None, {}, EvalReport("individual", pools.name, "test", individual,
-                                                      _examples(pools), individual))
+                                                      _examples(pools), individual,
+                                                      perplexity=_individual_perplexity(pools)))
         bar.update(2)
         static_choices: list[tuple[float, str, dict, EvalReport]] = []  # (validation average, row, params, test)
         for name in runnable:
@@ -291,7 +314,15 @@ def _add(rows: dict[str, BenchRow], label: str, method: str | None, params: dict
 
 
 def _examples(pool: TaskPool) -> dict[str, int]:
-    return {task.name: len(task.labels("test")) for task in pool.tasks}
+    return {task.name: len(task.texts("test") if isinstance(task, PerplexityTask) else task.labels("test"))
+            for task in pool.tasks}
+
+
+def _individual_perplexity(pool: TaskPool) -> dict[str, float]:
+    """Each language-modelling domain's perplexity under the model fine-tuned on that domain (when there is one)."""
+    individual = pool.individual_models()
+    return {task.name: evaluate(individual[task.name], pool, tasks=[task.name], progress=False).perplexity[task.name]
+            for task in pool.tasks if isinstance(task, PerplexityTask) and task.name in individual}
 
 
 def _applicable(method, pool: TaskPool, skipped: dict[str, str]) -> bool:

@@ -372,5 +372,21 @@ def test_without_pool_the_magics_ask_for_one(monkeypatch, capsys):
     magics = ipython.magics_manager.registry["MergeMagics"]
     monkeypatch.setattr(magics, "__dict__", {k: v for k, v in magics.__dict__.items() if k != "_last_pool"})
     ipython.user_ns["lone"] = {"w": torch.zeros(2)}
-    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, vision-full, vision-tiny)" in \
+    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, smollm2-chat, vision-full, " \
+        "vision-tiny)" in \
         usage_error(ipython, capsys, "%merge_eval lone")
+
+
+def test_merge_eval_takes_a_causal_lm_pool_held_in_a_variable(shell, capsys):
+    from nbmerge.workbench.models.causal_lm import smollm2
+
+    folder = smollm2()
+    pool = nbmerge.lm_pool(folder, texts={"news": ["Rain is expected across the region tomorrow afternoon."]},
+                           choices=[("The capital of France is", [" Paris", " Berlin"], 0)])
+    shell.user_ns.update(lm=str(folder), lm_texts=pool)
+    capsys.readouterr()
+    run(shell, "%merge_eval lm --pool lm_texts --quiet -o lm_report")
+    report = shell.user_ns["lm_report"]
+    expected = nbmerge.evaluate(folder, pool, progress=False)
+    assert (report.perplexity, report.accuracy) == (expected.perplexity, expected.accuracy)
+    assert "perplexity" in capsys.readouterr().out
