@@ -23,6 +23,10 @@ What it does, in one run:
      sides) and nbmerge / floor, with each target. ``--scaling`` adds the scaling run (nbmerge alone): time and
      peak RSS of task_arithmetic and ties as the model doubles in layers (4, 8, 16) and as the number of
      models grows (2, 4, 8).
+  5. ``--singular`` runs only the singular-vector methods (tsv_m, iso_c, iso_cts at their FusionBench defaults)
+     beside TIES (the table's per-tensor row) on the small set, nbmerge alone, warm cache: seconds per GB of
+     input and the ratio to TIES. These decompose every matrix (T + 2, 1 and T + 3 thin SVDs), so their cost is
+     arithmetic where TIES's is reading the files.
 
 Like-for-like semantics (mergekit name -> nbmerge call):
   linear          -> weighted_average (equal weights, normalised)
@@ -37,6 +41,7 @@ Usage (with the project's venv):
   python benchmarks/speed.py                     # the README table: both sets, warm and cold, + scaling
   python benchmarks/speed.py --sets small --cache warm --no-mergekit   # a quick look while developing
   python benchmarks/speed.py --json benchmarks/out/speed.json
+  python benchmarks/speed.py --singular          # tsv_m, iso_c, iso_cts against ties, small set
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ METHODS = {
     "ties (model scope)": ("ties", ("ties", {"trim_scope": "model", "density": 0.2, "sign": "sum",
                                              "merge_func": "mean", "scaling": 1.0}), "base+models"),
 }
+# the singular-vector methods, timed against the "ties" row by ``--singular`` (no mergekit counterpart, no targets)
+SINGULAR = {name: (None, (name, {}), "base+models") for name in ("tsv_m", "iso_c", "iso_cts")}
 TARGETS = {"linear": (5, 1.5), "task_arithmetic": (5, 1.5), "slerp": (5, 1.5), "ties": (20, 3.0),
            "dare_ties": (5, 3.0), "ties (model scope)": (20, 3.0)}
 
@@ -327,11 +334,12 @@ def merge_inputs(data: dict, kind: str, n_models: int) -> tuple[str | None, list
 
 def run_method(row: str, data: dict, workdir: Path, cache: str, mergekit: Path | None, n_models: int,
                tools=TOOLS, repeat: int = REPEAT) -> dict:
-    mergekit_name, (method, params), kind = METHODS[row]
+    mergekit_name, (method, params), kind = {**METHODS, **SINGULAR}[row]
     base, models, inputs = merge_inputs(data, kind, n_models)
     spec = {"label": f"{row} on {data['name']} ({cache})", "models": models, "base": base,
             "nbmerge": [method, params], "shard_size": data["shard_size"],
-            "mergekit": mergekit_config(mergekit_name, data["base"], models, data["dtype"]), "inputs": inputs}
+            "mergekit": mergekit_config(mergekit_name, data["base"], models, data["dtype"]) if mergekit_name else None,
+            "inputs": inputs}
     measured = {"row": row, "set": data["name"], "cache": cache, "n_models": n_models,
                 "input_bytes": sum(f.stat().st_size for f in input_files(inputs))}
     pythons = {tool: mergekit if tool == "mergekit" else Path(sys.executable) for tool in TOOLS}
@@ -411,6 +419,37 @@ def scaling_table(results: list[dict]) -> str:
     return render(header, rows, {0, 1})
 
 
+def singular_table(results: list[dict]) -> str:
+    """Seconds per GB of input (base + fine-tunes) and the ratio to the TIES row's."""
+    ties = next(r for r in results if r["row"] == "ties")
+    per_gb = {r["row"]: r["nbmerge"]["seconds"] / (r["input_bytes"] / 1e9) for r in results}
+    header = ["method", "input GB", "nbmerge s", "s per GB", "x ties", "peak RSS MiB"]
+    rows = [[r["row"], f"{r['input_bytes'] / 1e9:.2f}", f"{r['nbmerge']['seconds']:.2f}", f"{per_gb[r['row']]:.2f}",
+             f"{per_gb[r['row']] / per_gb[ties['row']]:.1f}x", f"{r['nbmerge']['peak_rss'] / MIB:.0f}"]
+            for r in results]
+    return render(header, rows, {0})
+
+
+def run_singular(args) -> int:
+    """``--singular``: the singular-vector methods beside TIES, small set, warm cache, nbmerge only."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = build_sets(args.workdir, ["small"])["small"]
+    results = [run_method(row, data, args.workdir, "warm", None, TABLE_MODELS, tools=("nbmerge",),
+                          repeat=max(1, args.repeat)) for row in ("ties", *SINGULAR)]
+    from peak_memory import git_commit
+
+    print(f"nbmerge {git_commit()} on {machine()}, torch threads as the engine sets them")
+    print(f"  small: {data['layers']} layers, {data['dtype']}, {data['model_bytes'] / 1e9:.2f} GB per model, base + "
+          f"{TABLE_MODELS} fine-tunes; seconds: the merge in its own process, imports excluded, the fastest of up to "
+          f"{max(1, args.repeat)} runs (fewer once they took {REPEAT_BUDGET:.0f} s); ties: the table's per-tensor row")
+    print(singular_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(), "commit": git_commit(), "singular": results},
+                                        indent=1) + "\n")
+    return 0
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -436,11 +475,15 @@ def main(argv=None) -> int:
                         help=f"runs per tool and row, the fastest counts (default {REPEAT}; fewer once the runs "
                              f"took {REPEAT_BUDGET:.0f} s)")
     parser.add_argument("--json", type=Path, help="save every measurement here")
+    parser.add_argument("--singular", action="store_true",
+                        help="only tsv_m, iso_c and iso_cts against ties, small set, warm cache, nbmerge alone")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
         child_main(args._child)
         return 0
+    if args.singular:
+        return run_singular(args)
 
     set_names = [s for s in args.sets.split(",") if s]
     rows = [m.strip() for m in args.methods.split(",") if m.strip()]

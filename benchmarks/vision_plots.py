@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The hard workbench's plots, from ``benchmarks/results/bench-hard.json`` (written by ``nbmerge bench``):
+"""A bench table's plots, by default the hard workbench's from ``benchmarks/results/bench-hard.json`` (written by
+``nbmerge bench``; ``--json benchmarks/results/bench-ta8.json --name bench-ta8`` for the ta8-text pool):
 
 - ``docs/bench-hard-tasks.png``: per-task test accuracy of individual, pretrained, best_static, adamerging, we_moe
   (means over the seeds);
@@ -8,7 +9,10 @@
   test inputs, for a WE-MoE built on seed 0 with the parameters of the table's ``we_moe`` row (minutes: it
   adapts the routers again; ``--no-routing`` skips it).
 
-Usage: .venv/bin/python benchmarks/vision_plots.py [--json benchmarks/results/bench-hard.json] [--no-routing]
+(``bench-hard`` is ``--name``.)
+
+Usage: .venv/bin/python benchmarks/vision_plots.py [--json benchmarks/results/bench-hard.json] [--name bench-hard]
+       [--no-routing]
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from nbmerge.workbench import plots
 from nbmerge.workbench.bench import BenchResult
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOWN = ("individual", "pretrained", "best_static", "adamerging", "we_moe")
+SHOWN = ("individual", "pretrained", "zero_shot", "best_static", "adamerging", "adamerging_layer",
+         "we_moe_task_batches", "we_moe")
 
 
 def routing_by_task(pool, params: dict) -> tuple[dict, list[str], list[str]]:
@@ -46,24 +51,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench-hard.json"))
     parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--name", default="bench-hard", help="the plots' file-name prefix")
     parser.add_argument("--no-routing", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     bench = BenchResult.from_json(args.json)
     shown = BenchResult(bench.pool, bench.seeds, [row for row in bench.rows if row.label in SHOWN])
-    plots.accuracy_bars(shown).savefig(out / "bench-hard-tasks.png", dpi=90)
-    plots.normalized_accuracy(bench).savefig(out / "bench-hard-normalized.png", dpi=90)
-    print(f"wrote {out / 'bench-hard-tasks.png'} and {out / 'bench-hard-normalized.png'}")
+    name = args.name
+    plots.accuracy_bars(shown).savefig(out / f"{name}-tasks.png", dpi=90)
+    plots.normalized_accuracy(bench).savefig(out / f"{name}-normalized.png", dpi=90)
+    print(f"wrote {out / f'{name}-tasks.png'} and {out / f'{name}-normalized.png'}")
     if not args.no_routing:
         torch.set_num_threads(1)
         params = dict(bench.row("we_moe").params[0])
         pool = nbmerge.task_pool(bench.pool, seed=bench.seeds[0])
         weights, layers, experts = routing_by_task(pool, params)
-        plots.routing_heatmap(weights, layers, experts).savefig(out / "bench-hard-routing.png", dpi=80)
-        (out / "bench-hard-routing.json").write_text(json.dumps(
+        plots.routing_heatmap(weights, layers, experts).savefig(out / f"{name}-routing.png", dpi=80)
+        (out / f"{name}-routing.json").write_text(json.dumps(
             {"params": params, "layers": layers, "experts": experts,
              "weights": {task: w.tolist() for task, w in weights.items()}}))
-        print(f"wrote {out / 'bench-hard-routing.png'}")
+        print(f"wrote {out / f'{name}-routing.png'}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ The public surface, for users: ``nbmerge.merge(method, models, base=None, out=No
 merges; ``nbmerge.stack(slices)`` stacks layers of several models (``LayerSlice``); ``nbmerge.methods()`` lists
 the registered methods; ``nbmerge.evaluate``, ``nbmerge.sweep``, ``nbmerge.search`` (CMA-ES over a method's
 parameters), ``nbmerge.search_data_flow`` (over which layers of which models), ``nbmerge.greedy_soup`` and
-``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``); ``MergePanel``, ``SweepPanel`` and
-``SearchPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method``
+``nbmerge.task_pool`` are the workbench (more in ``nbmerge.workbench``); for causal LMs, ``nbmerge.lm_pool``
+(perplexity and multiple-choice tasks for ``evaluate``; ``compare_reports`` tabulates several models),
+``nbmerge.compare_generations`` / ``nbmerge.generate`` (the same prompts through several models) and
+``nbmerge.evaluate_harness`` (lm-evaluation-harness tasks); ``MergePanel``, ``SweepPanel``, ``SearchPanel`` and
+``GenerationPanel`` are the widget panels. For plugin authors: ``nbmerge.hookimpl`` and ``nbmerge.method``
 (``MergeMethod``, ``TensorJob``, ``Param``, ...). Every other module path is internal.
 
 Everything loads on first use, so ``import nbmerge`` stays cheap (no torch). In IPython/Jupyter, ``%load_ext
@@ -39,6 +42,11 @@ _LAZY = {
     "load_exported": "module_merge",
     "ProgressEvent": "engine.progress", "WithLora": "io.lora",
     "evaluate": "workbench.evaluation", "EvalReport": "workbench.evaluation",
+    "compare_reports": "workbench.evaluation", "ReportTable": "workbench.evaluation",
+    "lm_pool": "workbench.models.lmpool", "CausalLMPool": "workbench.models.lmpool",
+    "generate": "workbench.generation", "compare_generations": "workbench.generation",
+    "GenerationTable": "workbench.generation",
+    "evaluate_harness": "workbench.harness", "HarnessReport": "workbench.harness",
     "sweep": "workbench.sweep", "SweepResult": "workbench.sweep",
     "TaskPool": "taskpool", "Task": "taskpool",
     "task_pool": "plugins", "register_plugin": "plugins", "unregister_plugin": "plugins",
@@ -47,6 +55,7 @@ _LAZY = {
     "OutputExistsError": "errors", "OutputWriteError": "errors", "MergeCancelled": "errors",
     "RecipeError": "errors",
     "MergePanel": "notebook.panels", "SweepPanel": "notebook.panels", "SearchPanel": "notebook.panels",
+    "GenerationPanel": "notebook.generation_panel",
 }
 
 # module paths of nbmerge 0.1's flat layout that notebooks and plugins import, kept for one release

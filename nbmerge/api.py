@@ -15,6 +15,7 @@ from nbmerge.engine.run import (
     Output,
     check_chat_template_output,
     check_output_apart,
+    resolve_compute_dtype,
     resolve_device,
     resolve_dtype,
     run_parts,
@@ -25,6 +26,7 @@ from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
+from nbmerge.model_card import CardSource, GivenRecipe, method_line
 from nbmerge.plugins import all_methods, get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
 
@@ -37,7 +39,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False,
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
           pool: Any = None, split: str = "test", tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None, **params: Any) -> MergeResult:
+          chat_template: str | None = None, compute_dtype: str | torch.dtype | None = None,
+          given_recipe: GivenRecipe | None = None, **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -45,8 +48,13 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       methods that use one. out: a folder (sharded safetensors + index, config and tokenizer files copied from
       the base or first model, a recipe file) or a ``.safetensors`` file; None merges in memory and returns the
       state dict. device: "cpu", "cuda", "cuda:N" or "auto". Arithmetic is float32 (float64 stays float64);
-      tensors are stored in the reference model's dtype unless ``out_dtype`` is given. Every check that headers
-      allow (method, parameters, keys, shapes, dtypes, output path) runs before any tensor data is read.
+      tensors are stored in the reference model's dtype unless ``out_dtype`` is given.
+      compute_dtype: run mergekit 0.1.5's arithmetic instead, op for op in this dtype ("bfloat16", ...; "inputs":
+      each tensor's inputs' dtype), for mergekit's tensors bit for bit (what a mergekit recipe's ``dtype`` means;
+      linear/weighted_average, task_arithmetic, ties, breadcrumbs, slerp, passthrough); tensors are then stored in
+      it unless ``out_dtype`` is given. Less accurate than float32 for 16-bit dtypes, and not the fused kernels.
+      Every check that headers allow (method, parameters, keys, shapes, dtypes, output path) runs before any
+      tensor data is read.
       cancel: a ``threading.Event`` another thread may set (a panel's Stop button): the merge then stops after
       the tensor in hand (a module-building method: before its next training step), raises MergeCancelled and
       leaves no output behind.
@@ -58,6 +66,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       each model's extra rows the mean of its token rows (mergekit's ``tokenizer: {pad_to_multiple_of: ...}``).
       chat_template: the output folder's chat template: a built-in name (chatml, llama3, alpaca, mistral),
       "auto" (the most common among the models'), or Jinja text (``nbmerge.io.chat_templates``).
+      given_recipe: the recipe this merge runs as the user wrote it (``nbmerge.run_recipe`` passes it): the output
+      folder keeps it verbatim, in its README.md model card and as its own file (``nbmerge.model_card``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
       stops the merge with a NonFiniteError naming it (and its file), before anything is written.
 
@@ -76,6 +86,7 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         raise ParameterError(f"{merge_method.name}: merges tensor by tensor and uses no task pool; drop pool=...")
     labelled = labelled_models(models)
     checked = merge_method.validate(params, len(labelled), base is not None)
+    compute = resolve_compute_dtype(compute_dtype, merge_method, checked)
     target_device = resolve_device(device)
     dtype = resolve_dtype(out_dtype)
     out_path = None if out is None else Path(out).expanduser()
@@ -99,16 +110,18 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
         merged_sources = sources if vocabulary is None else vocabulary.sources
         model_sources = merged_sources[:len(labelled)]
         base_source = None if base_source is None else merged_sources[-1]
-        plan = make_plan(merge_method, checked, model_sources, base_source, dtype)
+        plan = make_plan(merge_method, checked, model_sources, base_source, dtype, compute)
         recipe = recipe_header(merge_method, checked, [label for label, _ in labelled],
                                None if base is None else model_label(base, "base"),
-                               out_dtype=None if dtype is None else str(dtype).removeprefix("torch."))
+                               out_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+                               **({} if compute is None else {"compute_dtype": str(compute).removeprefix("torch.")}))
         part = MergePart(merge_method, checked, plan, model_sources, base_source)
         output = Output(out_path, recipe, parse_size(shard_size), overwrite,
                         base_source.folder if base_source is not None else model_sources[0].folder,
                         None if vocabulary is None else vocabulary.tokenizer_folder,
                         None if vocabulary is None else vocabulary.config_edits,
-                        chat_template=choose_chat_template(chat_template, [source.folder for source in sources]))
+                        chat_template=choose_chat_template(chat_template, [source.folder for source in sources]),
+                        card=CardSource((method_line(merge_method),), given_recipe))
         return run_parts([part], output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in sources:

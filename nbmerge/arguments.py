@@ -2,6 +2,7 @@
 
 ``method_parser(method, prog, models_help)`` builds the parser (``--base``, ``--out``, ``--device``, ... and one
 ``--<param>`` flag per declared ``Param``); ``params_from_args`` collects the parameters the user gave.
+``mergekit_parser`` / ``mergekit_values`` do the same for a mergekit method name (``nbmerge.method_names``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,53 @@ def flag(param_name: str) -> str:
 def method_parser(method, prog: str, models_help: str,
                   parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser = parser_class(prog=prog, description=f"{method.summary}. {method.formula}")
+    _merge_arguments(parser, models_help)
+    if method.build_module is not None:
+        parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "
+                            "named after (model folder name = task name), e.g. minilm-tiny")
+        parser.add_argument("--split", default="test", help="the split whose unlabeled inputs adapt the model")
+    group = parser.add_argument_group(f"{method.name} parameters")
+    for param in method.params:
+        text = param.help
+        if param.range_text():
+            text += f"; {param.range_text()}"
+        help_text = f"{text} (default: {param.plain(param.default)})"
+        group.add_argument(flag(param.name), dest=f"param_{param.name}", metavar="VALUE",
+                           help=help_text.replace("%", "%%"))  # plain text, not an argparse format string
+    return parser
+
+
+def mergekit_parser(name: str, prog: str, models_help: str,
+                    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of mergekit's method ``name`` (``nbmerge.method_names``): the common ones, ``--dtype`` (the
+    compute dtype) and one per mergekit parameter, read by ``mergekit_values``."""
+    from nbmerge.method_names import mergekit_equivalent, mergekit_flags
+    from nbmerge.recipes import MERGEKIT
+
+    parser = parser_class(prog=prog, description=f"mergekit's {name}, run as {mergekit_equivalent(name)} with "
+                          f"mergekit's parameters and defaults (as a recipe with merge_method: {name})")
+    _merge_arguments(parser, models_help)
+    parser.add_argument("--dtype", help="mergekit's dtype, as in its recipe: the dtype the arithmetic runs in "
+                        "where nbmerge has the method's mergekit arithmetic (default: the inputs' own), else the "
+                        "output dtype unless --out-dtype is given")
+    group = parser.add_argument_group(f"mergekit {name} parameters (per-model ones: one value, or one per model "
+                                      f"separated by commas)")
+    spec = MERGEKIT[name]
+    for key in mergekit_flags(spec):
+        default = {**spec.shared, **spec.per_model}.get(key)
+        text = "nbmerge's spelling of weight" if key == "weights" else f"mergekit's {key}"
+        group.add_argument(flag(key), dest=f"mergekit_{key}", metavar="VALUE",
+                           help=text + ("" if default is None else f" (default: {default})"))
+    return parser
+
+
+def mergekit_values(args: argparse.Namespace) -> dict:
+    """The mergekit parameters given on the command line (name -> text)."""
+    return {key.removeprefix("mergekit_"): value for key, value in vars(args).items()
+            if key.startswith("mergekit_") and value is not None}
+
+
+def _merge_arguments(parser: argparse.ArgumentParser, models_help: str) -> None:
     parser.add_argument("models", nargs="+", help=models_help)
     parser.add_argument("--base", help="the base (pretrained) model")
     parser.add_argument("--out", help="output folder, or a .safetensors file (default: merge in memory)")
@@ -29,18 +77,6 @@ def method_parser(method, prog: str, models_help: str,
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="merge inputs holding NaN or Inf (refused by default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    if method.build_module is not None:
-        parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "
-                            "named after (model folder name = task name), e.g. minilm-tiny")
-        parser.add_argument("--split", default="test", help="the split whose unlabeled inputs adapt the model")
-    group = parser.add_argument_group(f"{method.name} parameters")
-    for param in method.params:
-        text = param.help
-        if param.range_text():
-            text += f"; {param.range_text()}"
-        group.add_argument(flag(param.name), dest=f"param_{param.name}", metavar="VALUE",
-                           help=f"{text} (default: {param.plain(param.default)})")
-    return parser
 
 
 def params_from_args(method, args: argparse.Namespace) -> dict:

@@ -8,8 +8,11 @@ import argparse
 import json
 import sys
 
-from nbmerge.arguments import method_parser, params_from_args
+from nbmerge.arguments import mergekit_parser, mergekit_values, method_parser, params_from_args
 from nbmerge.errors import NBMergeError
+from nbmerge.method_names import choose_method
+
+MODELS_HELP = "models: .safetensors files, Hugging Face folders, or Hugging Face Hub ids (org/name)"
 
 
 def _merge(argv: list[str]) -> int:
@@ -22,9 +25,11 @@ def _merge(argv: list[str]) -> int:
         print("usage: nbmerge merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]...\n"
               "       nbmerge merge --recipe FILE.yml [--out DIR] [--device D] [--overwrite]", file=sys.stderr)
         return 2
-    method = get_method(argv[0])
-    parser = method_parser(method, f"nbmerge merge {method.name}",
-                           "model paths: .safetensors files or Hugging Face folders")
+    choice = choose_method(argv[0], argv[1:])
+    if choice.mergekit:
+        return _merge_mergekit(choice.name, argv[1:])
+    method = get_method(choice.name)
+    parser = method_parser(method, f"nbmerge merge {method.name}", MODELS_HELP)
     args = parser.parse_args(argv[1:])
     params = params_from_args(method, args)
     if method.build_module is not None:
@@ -42,6 +47,24 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _merge_mergekit(name: str, argv: list[str]) -> int:
+    """``nbmerge merge NAME ...`` for a mergekit method name (``nbmerge.method_names``): its parameters as flags,
+    mapped and run as its recipe would be."""
+    from nbmerge.method_names import mergekit_line_call
+    from nbmerge.recipes import run_recipe
+
+    parser = mergekit_parser(name, f"nbmerge merge {name}", MODELS_HELP)
+    args = parser.parse_args(argv)
+    call = mergekit_line_call(name, args.models, args.base, mergekit_values(args), args.dtype, args.out_dtype)
+    result = run_recipe(call, out=args.out, device=args.device, shard_size=args.shard_size,
+                        overwrite=args.overwrite or None, allow_nonfinite=args.allow_nonfinite or None,
+                        progress=not args.quiet)
+    print(result.report)
+    if result.path is not None:
+        print(f"wrote {result.path}")
+    return 0
+
+
 def _merge_recipe(argv: list[str]) -> int:
     """``nbmerge merge --recipe FILE.yml``: a mergekit or nbmerge recipe (model references are paths)."""
     from pathlib import Path
@@ -51,7 +74,7 @@ def _merge_recipe(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
                                      "(mergekit's format or nbmerge's)")
     parser.add_argument("--recipe", required=True, help="the recipe file (.yml, .yaml or .json)")
-    parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
+    parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
@@ -66,11 +89,10 @@ def _merge_recipe(argv: list[str]) -> int:
         print(f"nbmerge: error: --recipe {path}: cannot read it ({exc})", file=sys.stderr)
         return 1
     call = parse_recipe(text)
-    if args.out is None and "out" not in call.options:
-        print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR (the recipe has no 'out')",
-              file=sys.stderr)
+    if args.out is None:
+        print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR", file=sys.stderr)
         return 2
-    result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite or None,
+    result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite,
                         allow_nonfinite=args.allow_nonfinite or None, intermediate_dir=args.intermediate_dir,
                         progress=not args.quiet)
     print(result.report)
@@ -176,6 +198,8 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
                         help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
+    parser.add_argument("--label", action="append", default=[], metavar="METHOD=ROW",
+                        help="name METHOD's rows ROW (repeatable), e.g. --label we_moe=we_moe_task_batches")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     pool = args.pool or f"minilm-{args.profile}"
@@ -187,7 +211,7 @@ def _bench(argv: list[str]) -> int:
         earlier.check_addable(pool, args.seeds)  # before the run, not after it
     result = run_bench(pool, methods=args.methods, seeds=args.seeds, tune=not args.no_tune,
                        cache_dir=args.cache_dir, progress=not args.quiet, threads=args.threads,
-                       overrides=_overrides(args.set))
+                       overrides=_overrides(args.set), labels=_labels(args.label))
     if earlier is not None:
         result = result.added_to(earlier)
         result.to_json(args.add_to)
@@ -197,6 +221,19 @@ def _bench(argv: list[str]) -> int:
         result.to_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _labels(settings: list[str]) -> dict[str, str]:
+    """``["we_moe=we_moe_task_batches"]`` -> ``{"we_moe": "we_moe_task_batches"}``."""
+    from nbmerge.errors import ParameterError
+
+    labels = {}
+    for setting in settings:
+        method, equals, row = setting.partition("=")
+        if not (equals and method and row):
+            raise ParameterError(f"bench: --label {setting!r}: expected METHOD=ROW, e.g. we_moe=we_moe_task_batches")
+        labels[method] = row
+    return labels
 
 
 def _overrides(settings: list[str]) -> dict[str, dict]:

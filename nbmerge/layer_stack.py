@@ -22,6 +22,7 @@ from nbmerge.engine.run import (
     MergePart,
     Output,
     check_chat_template_output,
+    resolve_compute_dtype,
     check_output_apart,
     resolve_device,
     resolve_dtype,
@@ -34,6 +35,7 @@ from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
+from nbmerge.model_card import CardSource, GivenRecipe, method_line
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
 from nbmerge.results import MergeResult, labelled_models, model_label, recipe_header
@@ -59,9 +61,10 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
           out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
           cancel: threading.Event | None = None, tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None) -> MergeResult:
-    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of`` and
-    ``chat_template`` as in ``nbmerge.merge`` (None: in memory)."""
+          chat_template: str | None = None, compute_dtype: str | None = None,
+          given_recipe: GivenRecipe | None = None) -> MergeResult:
+    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of``,
+    ``chat_template``, ``compute_dtype`` and ``given_recipe`` as in ``nbmerge.merge`` (None: in memory)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
@@ -90,18 +93,22 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
             per_slice = [dict(zip(keys, aligned)) for keys, aligned in zip(members, vocabulary.groups)]
         parts, recorded, offset = [], [], 0
         for i, layer_slice in enumerate(slices):
-            part, record, length = _plan_slice(layer_slice, i, len(slices), offset, per_slice[i], dtype)
+            part, record, length = _plan_slice(layer_slice, i, len(slices), offset, per_slice[i], dtype,
+                                               compute_dtype)
             parts.append(part)
             recorded.append(record)
             offset += length
         first = parts[0]
         config_folder = (first.base or first.models[0]).folder
         recipe = {"nbmerge_version": __version__, "slices": recorded,
-                  **({"out_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
+                  **({"out_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),
+                  **({"compute_dtype": str(compute_dtype).removeprefix("torch.")} if compute_dtype is not None
+                     else {})}
         edits = {**_config_edits(config_folder, parts, offset), **(vocabulary.config_edits if vocabulary else {})}
         output = Output(out_path, recipe, parse_size(shard_size), overwrite, config_folder,
                         None if vocabulary is None else vocabulary.tokenizer_folder, edits,
-                        choose_chat_template(chat_template, [source.folder for source in sources]))
+                        choose_chat_template(chat_template, [source.folder for source in sources]),
+                        CardSource(tuple(dict.fromkeys(method_line(part.method) for part in parts)), given_recipe))
         return run_parts(parts, output, target_device, progress, on_progress, cancel, allow_nonfinite)
     finally:
         for source in opened.values():
@@ -111,7 +118,7 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
 
 
 def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, opened: dict,
-                dtype) -> tuple[MergePart, dict, int]:
+                dtype, compute_dtype=None) -> tuple[MergePart, dict, int]:
     where = f"stack: slice {index}"
     method = get_method(layer_slice.method)
     if method.build_module is not None:
@@ -120,6 +127,7 @@ def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, op
     labelled = labelled_models(layer_slice.models)
     ranges = _ranges(layer_slice, [label for label, _ in labelled], where)
     checked = method.validate(layer_slice.params, len(labelled), layer_slice.base is not None)
+    compute = resolve_compute_dtype(compute_dtype, method, checked)
 
     def keeps_outside(name: str) -> bool:  # embeddings from the first slice, final norm and head from the last
         return (index == 0 and is_embedding(name)) or (index == count - 1 and not is_embedding(name))
@@ -138,7 +146,7 @@ def _plan_slice(layer_slice: LayerSlice, index: int, count: int, offset: int, op
     if len(lengths) != 1:
         raise ModelInputError(f"{where}: its layer ranges span different numbers of layers "
                               f"({', '.join(f'{label} {list(r)}' for label, r in ranges.items())})")
-    plan = make_plan(method, checked, windows, base_window, dtype)
+    plan = make_plan(method, checked, windows, base_window, dtype, compute)
 
     def renumbered(name: str) -> str:
         layer = layer_index(name)

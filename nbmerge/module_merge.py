@@ -75,10 +75,19 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
     report = module_report(method.name, recipe, len(state), seconds, peak_rss_bytes(),
                            str(next(iter(state.values())).device), "build_module")
     result = MergeResult(report, recipe, module=built.module, history=built.history, trained=built.trained)
+    result.writer = lambda path, overwrite=False, evaluation=None, shard_size=None: _save_built(result, path, overwrite,
+                                                                                              shard_size)
     if out_path is not None:
         save_trained(result, out_path, overwrite=overwrite)
         result.path = out_path
     return result
+
+
+def _save_built(result, path: Path, overwrite: bool, shard_size) -> Path:
+    """``MergeResult.save`` of a built module: its trained tensors (an evaluation is not kept in the file)."""
+    if shard_size is not None:
+        raise ParameterError("save: a built module's trained tensors are one .safetensors file; drop shard_size")
+    return save_trained(result, path, overwrite)
 
 
 def save_trained(result, path: str | Path, overwrite: bool = False) -> Path:

@@ -123,11 +123,15 @@ def _collect_methods(pm: pluggy.PluginManager) -> dict[str, MergeMethod]:
 
 
 def get_method(name: str) -> MergeMethod:
+    """The registered method of that name (or of that name lower-cased); an unknown name is a ParameterError
+    with a "did you mean" (the CLI and the magics also know mergekit's names: ``nbmerge.method_names``)."""
     methods = all_methods()
-    if name not in methods:
-        raise ParameterError(unknown_parameter_message("nbmerge", name, sorted(methods), noun="merge method",
-                                                       listed_as="registered methods"))
-    return methods[name]
+    if name in methods:
+        return methods[name]
+    if isinstance(name, str) and name.lower() in methods:
+        return methods[name.lower()]
+    raise ParameterError(unknown_parameter_message("nbmerge", name, sorted(methods), noun="merge method",
+                                                   listed_as="registered methods"))
 
 
 def plugin_versions() -> dict[str, str]:

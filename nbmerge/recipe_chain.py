@@ -6,23 +6,23 @@ twice or two unnamed documents are refused). The final merge is the document wit
 document has one, the one merge no other uses; a named merge that feeds nothing else is refused (mergekit-multi
 would write it to its intermediate folder; nbmerge writes one output per recipe).
 
-When run, each intermediate merge is written to a folder (``intermediate_dir/<name>``, kept; otherwise a
-temporary folder beside the output, ``.<out>.intermediates-XXXX``, locked while the chain runs and removed after
-it, or by the next chain to the same output if this one was killed) and its name resolves to that folder in the
-merges after it.
+When run, each intermediate merge is written to a folder (``intermediate_dir/<name>``, kept; otherwise
+``.<out>.intermediates-XXXX/merges/<name>``, a temporary folder beside the output claimed with
+``nbmerge.io.output_claim``, locked while the chain runs and removed after it, or by the next merge to the same
+output if this one was killed) and its name resolves to that folder in the merges after it. Where the output
+goes and whether it may be replaced are the caller's options, never the recipe's (``nbmerge.recipes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from nbmerge.errors import RecipeError
+from nbmerge.errors import OutputWriteError, RecipeError
 
 
 def chain_from_documents(documents: list, parse_one: Callable[[Mapping], Any]):
@@ -114,12 +114,13 @@ def run_chain(call, resolve: Callable[[Any], Any], run_one: Callable[..., Any], 
     def chained(reference):
         return folders[reference] if isinstance(reference, str) and reference in folders else resolve(reference)
 
-    out = options.get("out") or call.options.get("out")
+    out = options.get("out")
+    overwrite = bool(options.get("overwrite"))
     if out is not None:  # before any intermediate merge runs
-        from nbmerge.engine.sinks import check_output_free
+        from nbmerge.io.output_claim import check_output_free
 
-        check_output_free(Path(out).expanduser(), bool(options.get("overwrite") or call.options.get("overwrite")))
-    with _intermediate_folder(intermediate_dir, out) as root:
+        check_output_free(Path(out).expanduser(), overwrite)
+    with _intermediate_folder(intermediate_dir, out, overwrite) as root:
         for name, step in call.intermediates:
             result = run_one(step, chained, **run_wide, out=root / name)
             folders[name] = Path(result.path)
@@ -127,9 +128,10 @@ def run_chain(call, resolve: Callable[[Any], Any], run_one: Callable[..., Any], 
 
 
 @contextlib.contextmanager
-def _intermediate_folder(intermediate_dir, out) -> Iterator[Path]:
-    """``intermediate_dir`` (created, kept), else a locked temporary sibling of ``out`` removed afterwards (a
-    system temporary folder when the final merge stays in memory)."""
+def _intermediate_folder(intermediate_dir, out, overwrite: bool) -> Iterator[Path]:
+    """``intermediate_dir`` (created, kept), else a folder in a locked temporary sibling of ``out`` removed
+    afterwards (a system temporary folder when the final merge stays in memory). The merges go one level down
+    (``merges/``): each merge's claim locks its output's parent folder, which must not be the locked sibling."""
     if intermediate_dir is not None:
         folder = Path(intermediate_dir).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,13 +141,16 @@ def _intermediate_folder(intermediate_dir, out) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="nbmerge-intermediates-") as scratch:
             yield Path(scratch)
         return
-    from nbmerge.engine.sinks import claim_partial
+    from nbmerge.io.output_claim import OutputClaim
 
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder, lock = claim_partial(out, kind="intermediates")
+    claim = OutputClaim(Path(out).expanduser(), overwrite, kind="intermediates")
     try:
-        yield folder
+        merges = claim.folder / "merges"
+        try:
+            merges.mkdir()
+        except OSError as exc:
+            raise OutputWriteError(exc.errno, f"{merges}: cannot create the chain's intermediate folder "
+                                              f"({exc.strerror or exc})") from None
+        yield merges
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.close(lock)
+        claim.release()

@@ -6,7 +6,12 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     models: [ft-math/, ft-code/]          # or {name: model}
     base: base/
     params: {density: 0.3, trim_scope: tensor}
-    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite
+    out_dtype: bfloat16                   # also: device, shard_size, allow_nonfinite
+
+Where the merge is written and whether an existing output may be replaced are the caller's choices (``--out``,
+``--overwrite``, ``run_recipe(out=..., overwrite=...)``), never a recipe's: a recipe comes from someone else, and
+``out: ../somewhere`` with ``overwrite: true`` would replace that folder. A recipe holding ``out`` or
+``overwrite`` is refused with a RecipeError that says so (mergekit's recipes have neither key either).
 
 mergekit's (``merge_method``, ``models`` or ``slices`` with per-model ``parameters``, ``base_model``,
 ``parameters``, ``dtype``, ``tokenizer_source``) maps onto nbmerge methods with mergekit's defaults and semantics.
@@ -18,7 +23,7 @@ are mergekit-multi's chain: named merges that later ones use as models (``nbmerg
 ================ ===================================================================================
 linear           weighted_average: weights = per-model weight, normalize (default true); a base_model
                  is averaged too, with the top-level (default) weight, as mergekit does
-task_arithmetic  task_arithmetic: weights = weight (÷ Σ weight when normalize), scaling = lambda
+task_arithmetic  task_arithmetic: weights = weight, normalize (÷ Σ weight), scaling = lambda
 ties             ties with trim_scope=tensor, sign=sum: density (per model, default 1), weights,
                  merge_func = mean when normalize (default true) else sum, scaling = lambda
 dare_linear      dare with combine=linear: drop_rate = 1 − density (per model), rescale true → "l1"
@@ -40,6 +45,11 @@ ram, ramplus_tl  ram (epsilon), ramplus_tl (r, alpha, epsilon): base_model and t
 passthrough      passthrough: one model per slice, scale (per model, default none)
 ================ ===================================================================================
 
+``dtype`` and ``out_dtype`` mean what they mean to mergekit 0.1.5: the dtype the arithmetic runs in (absent: each
+tensor's inputs' dtype) and the output's (absent: the compute dtype). Where nbmerge has the method's mergekit
+arithmetic (``MergeMethod.mergekit_tensor``: linear, task_arithmetic, ties, breadcrumbs, slerp, passthrough) they
+become the merge's ``compute_dtype`` and ``out_dtype``, and the result is mergekit's bit for bit; elsewhere nbmerge
+computes in float32 and stores in ``out_dtype``, else ``dtype``.
 DARE's and DELLA's masks are nbmerge's own seeded draws, so those merges equal mergekit's in distribution, not
 bit for bit. tokenizer_source (base, a model, or union) picks the tokenizer the output gets; models whose
 vocabularies differ from it have their embedding rows permuted and filled as mergekit does (nbmerge.io.vocabularies;
@@ -57,8 +67,10 @@ from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
+RUN_OPTIONS = ("out_dtype", "compute_dtype", "device", "shard_size", "allow_nonfinite", "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
+CALLER_OPTIONS = {"out": "--out DIR (nbmerge merge --recipe, %%merge) or out=... (run_recipe)",
+                  "overwrite": "--overwrite (nbmerge merge --recipe, %%merge) or overwrite=True (run_recipe)"}
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
 MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -99,13 +111,14 @@ class MergeCall:
     models: dict[str, Any]
     base: Any = None
     params: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # out, out_dtype, device, shard_size, overwrite
+    options: dict[str, Any] = field(default_factory=dict)  # RUN_OPTIONS: out_dtype, device, shard_size, ...
     layer_range: tuple[int, int] | None = None  # mergekit's one slice: every model's layers [start, end)
     source: str = "nbmerge"  # or "mergekit"
     slices: list[SliceCall] | None = None  # a layer stack (method "stack"): the slices in order
     # a chain (mergekit-multi): named merges run first, in this order; each name is a model reference in the
     # merges after it (nbmerge.recipe_chain)
     intermediates: list[tuple[str, MergeCall]] = field(default_factory=list)
+    text: str | None = None  # the recipe as the user wrote it (the output's model card keeps it verbatim)
 
 
 @dataclass
@@ -134,13 +147,20 @@ def parse_recipe(text: str) -> MergeCall:
     if len(documents) > 1:  # mergekit-multi: a chain of named merges
         from nbmerge.recipe_chain import chain_from_documents
 
-        return chain_from_documents(documents, _parse_one)
-    return _parse_one(documents[0] if documents else None)
+        call = chain_from_documents(documents, _parse_one)
+    else:
+        call = _parse_one(documents[0] if documents else None)
+    call.text = text
+    return call
 
 
 def _parse_one(config: Any) -> MergeCall:
     if not isinstance(config, Mapping):
         raise RecipeError("recipe: expected a mapping with 'merge_method' (mergekit) or 'method' (nbmerge) at the top")
+    for key, flag in CALLER_OPTIONS.items():
+        if key in config:
+            raise RecipeError(f"recipe: {key!r} is not taken from a recipe: where the merge is written and whether it "
+                              f"may replace an existing output are the caller's choice; remove it and pass {flag}")
     if "merge_method" in config:
         return from_mergekit(config)
     if "method" in config:
@@ -253,8 +273,16 @@ def from_mergekit(config: Mapping) -> MergeCall:
         else:
             call = _mergekit_stack(name, spec, slices, base, top, config)
     references = {entry["model"] for entries, _ in slices for entry in entries} | ({base} if base else set())
-    call.options = _mergekit_options(config, base, references)
+    call.options = _mergekit_options(config, base, references, _has_mergekit_arithmetic(call))
     return call
+
+
+def _has_mergekit_arithmetic(call: MergeCall) -> bool:
+    """Whether every method of the call has mergekit's arithmetic (``MergeMethod.mergekit_tensor``)."""
+    from nbmerge.plugins import get_method
+
+    methods = {piece.method for piece in call.slices} if call.slices is not None else {call.method}
+    return all(get_method(method).mergekit_tensor is not None for method in methods)
 
 
 def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, given: dict,
@@ -404,21 +432,10 @@ def _linear(settings: dict, per_model: dict, n: int) -> dict:
     return {"weights": _weights(per_model, "linear"), "normalize": _flag(settings["normalize"], "linear normalize")}
 
 
-def _task_vector_sum(method: str, settings: dict, per_model: dict, n: int) -> dict:
-    """weights and scaling of a method that sums weighted task vectors; mergekit's normalize divides by Σ weight."""
-    weights = _weights(per_model, method)
-    if _flag(settings["normalize"], f"{method} normalize"):
-        raw = weights or [1.0] * n
-        if not all(_is_number(w) for w in raw):
-            raise RecipeError(f"recipe: {method} with normalize: true and weights that vary over layers or tensors "
-                              f"is not supported; give numbers or set normalize: false")
-        total = sum(raw)
-        weights = [w / total for w in raw] if abs(total) >= 1e-8 else raw
-    return {"scaling": settings["lambda"], "weights": weights}
-
-
 def _task_arithmetic(settings: dict, per_model: dict, n: int) -> dict:
-    return _task_vector_sum("task_arithmetic", settings, per_model, n)
+    """weights, scaling = lambda and normalize, as task_arithmetic takes them (it divides by Σ w as mergekit)."""
+    return {"scaling": settings["lambda"], "weights": _weights(per_model, "task_arithmetic"),
+            "normalize": _flag(settings["normalize"], "task_arithmetic normalize")}
 
 
 def _ties(settings: dict, per_model: dict, n: int) -> dict:
@@ -566,11 +583,18 @@ def lora_parts(reference: Any) -> tuple[str, str] | None:
     return (chunks[0], chunks[1]) if len(chunks) == 2 and all(chunks) else None
 
 
-def _mergekit_options(config: Mapping, base, references: set) -> dict:
+def _mergekit_options(config: Mapping, base, references: set, exact: bool) -> dict:
+    """The run options of a mergekit recipe. mergekit 0.1.5 computes in ``dtype`` (absent: each tensor's inputs'
+    dtype) and stores in ``out_dtype`` (absent: the dtype computed in): where nbmerge has the method's mergekit
+    arithmetic (``exact``) they are compute_dtype and out_dtype; elsewhere nbmerge computes in float32 and stores
+    in out_dtype, else dtype."""
     options = {}
-    dtype = config.get("out_dtype") or config.get("dtype")
-    if dtype:
-        options["out_dtype"] = dtype
+    if exact:
+        options["compute_dtype"] = config.get("dtype") or "inputs"
+        if config.get("out_dtype"):
+            options["out_dtype"] = config["out_dtype"]
+    elif config.get("out_dtype") or config.get("dtype"):
+        options["out_dtype"] = config.get("out_dtype") or config.get("dtype")
     source = config.get("tokenizer_source")
     tokenizer = config.get("tokenizer")
     if tokenizer is not None:  # mergekit's newer spelling: tokenizer: {source: ..., pad_to_multiple_of: ...}
@@ -654,6 +678,7 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
     recipe's own, None leaving them as they are."""
     from nbmerge.api import merge
     from nbmerge.layer_stack import LayerSlice, stack
+    from nbmerge.model_card import GivenRecipe
 
     if call.intermediates:
         from nbmerge.recipe_chain import run_chain
@@ -666,6 +691,8 @@ def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference
     source = options.get("tokenizer_source")
     if source is not None and source != "union":
         options["tokenizer_source"] = resolve(source)
+    if call.text is not None:
+        options["given_recipe"] = GivenRecipe(call.text, call.source)
     slices = call.slices
     if slices is None:
         models = {label: resolve(reference) for label, reference in call.models.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,11 @@ from nbmerge.version import __version__
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What one merge did: tensors produced, bytes read and written, seconds, peak memory."""
+    """What one merge did: tensors produced, bytes read and written, seconds, peak memory.
+
+    ``bytes_read`` counts every pass over the inputs (TIES with a model-wide threshold reads them more than
+    once); ``input_bytes`` is the inputs' size, read once (0 where unknown), so ``passes`` = bytes_read /
+    input_bytes."""
 
     method: str
     params: dict
@@ -32,11 +36,20 @@ class MergeReport:
     peak_device_bytes: int | None
     device: str
     stages: list[str] = field(default_factory=list)
+    input_bytes: int = 0
+
+    @property
+    def passes(self) -> float | None:
+        """How many times the inputs were read (None where their size is unknown)."""
+        return self.bytes_read / self.input_bytes if self.input_bytes else None
 
     def __str__(self) -> str:
         gib = 1024**3
         device_peak = "" if self.peak_device_bytes is None else f", peak {self.device} {self.peak_device_bytes / gib:.2f} GiB"
-        return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / gib:.2f} GiB, wrote "
+        passes = self.passes
+        reads = (f" ({self.input_bytes / gib:.2f} GiB of inputs, {passes:.3g} passes)"
+                 if passes is not None and round(passes, 2) != 1 else "")
+        return (f"{self.method}: {self.tensors} tensors, read {self.bytes_read / gib:.2f} GiB{reads}, wrote "
                 f"{self.bytes_written / gib:.2f} GiB in {self.seconds:.2f} s on {self.device} "
                 f"(peak RSS {self.peak_rss_bytes / gib:.2f} GiB{device_peak})")
 
@@ -57,6 +70,23 @@ class MergeResult:
     module: torch.nn.Module | None = None
     trained: dict[str, torch.Tensor] | None = None
     history: Any = None
+    # how this result writes itself to a path (set by the merge that made it): ``save`` calls it
+    writer: Callable[..., Path] | None = field(default=None, repr=False, compare=False)
+
+    def save(self, path: str | Path, *, overwrite: bool = False, evaluation: Any = None,
+             shard_size: int | str | None = None) -> Path:
+        """Write this result to ``path`` and return it: an in-memory merge as the folder ``out=`` would have
+        written (shards, config and tokenizer files, nbmerge_recipe.json, a README.md model card); a written one
+        copied there (``path`` its own folder: only its card is rewritten); a module-building merge's trained
+        tensors to a ``.safetensors`` file (``nbmerge.load_trained``). ``evaluation``: one or a list of evaluation
+        reports (``nbmerge.evaluate``) put into the model card. Atomic: a failure leaves nothing at ``path``."""
+        if self.writer is None:
+            raise ParameterError("this result has no model to save (it was built without its merge)")
+        written = self.writer(Path(path).expanduser(), overwrite=overwrite, evaluation=evaluation,
+                              shard_size=shard_size)
+        if self.path is None:
+            self.path = written
+        return written
 
     def __repr__(self) -> str:
         if self.module is not None:

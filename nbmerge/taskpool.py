@@ -1,6 +1,9 @@
 """What an evaluator plugin provides: a task pool — tasks with labelled splits, a way to turn any model the user
 holds into the module the tasks run, and (optionally) the individual fine-tuned model of each task.
 
+A task is either a ``Task`` (classification, scored by accuracy: higher is better) or a ``PerplexityTask``
+(language modelling, scored by perplexity = exp(Σ NLL / Σ predicted tokens): lower is better).
+
 Pools are registered through the ``register_task_pools(register)`` hook; ``nbmerge.task_pool(name)`` builds one.
 ``nbmerge.evaluate`` needs nothing else from a pool than what this module declares.
 """
@@ -35,13 +38,27 @@ class Task:
             return self.logits(model, self.inputs(split)).argmax(-1)
 
 
+class PerplexityTask:
+    """One language-modelling task (a domain of texts): scored by perplexity, lower is better."""
+
+    name: str
+
+    def texts(self, split: str) -> Sequence[str]:
+        raise NotImplementedError
+
+    def negative_log_likelihood(self, model: torch.nn.Module, split: str) -> tuple[float, int]:
+        """(Σ next-token negative log-likelihood in nats, number of predicted tokens) over ``split``'s texts."""
+        raise NotImplementedError
+
+
 class TaskPool:
     """A named set of tasks. ``load_encoder`` turns a path, state dict, MergeResult or module into a module."""
 
     name: str
-    tasks: list[Task]
+    tasks: list[Task | PerplexityTask]
     base: Any = None  # the pretrained model the individual models were fine-tuned from
     any_depth: bool = False  # load_encoder takes a layer stack of another depth (a data-flow search needs it)
+    base_label: str = "pretrained"  # what a table calls the base scored on the tasks ("zero_shot" with zero-shot heads)
 
     def load_encoder(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError

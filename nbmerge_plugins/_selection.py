@@ -214,6 +214,44 @@ class ModelSample:
         return float((rows != 0).any(0).double().mean()) if rows.numel() else 1.0
 
 
+def model_thresholds(stream, density, over_changed: bool, wide: bool) -> list[float]:
+    """Per task vector: the k-th largest |w_i τ_i| over every tensor ``stream(visit)`` visits, exactly, k =
+    int(density · N) (``density``: one fraction, or one per task vector) for N = the positions visited (or, with
+    ``over_changed``, those some model changed); +inf where k = 0. Two passes:
+    1. a strided sample of every |τ_i| (``ModelSample``: every 127th position of the tensors taken end to end,
+       thinned to at most 4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial
+       spread);
+    2. one pass counts the changed positions and, per task vector, the entries above hi, and collects the entries
+       inside [lo, hi] (a fraction of a percent of the model); the k-th largest is then the right order statistic
+       of that band. Should the bracket miss (the exact counts say so), ``radix_global_thresholds`` (one pass per
+       16-bit digit) finds the value instead.
+    """
+    sampler = ModelSample()
+    stream(sampler.visit)
+    counted_fraction = sampler.changed_fraction() if over_changed else 1.0
+    densities = per_model(density, sampler.rows().shape[0])
+    brackets = [bracket(row, d * counted_fraction) for row, d in zip(sampler.rows(), densities)]
+    fractions = inside_fractions(sampler.rows(), brackets)[0]
+    counted, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
+
+    def count(job: TensorJob) -> None:
+        job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
+        counted[0] += job_changed if over_changed else job.base.numel()
+        for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
+            above[i] += count_above
+            bands[i].append(band)
+
+    stream(count)
+    keeps = [int(d * counted[0]) for d in densities]
+    thresholds = native.map_in_threads(lambda args: order_statistic(torch.cat(args[0]), args[1], args[2])
+                                       if args[2] else float("inf"), zip(bands, above, keeps))
+    for keep in sorted({keeps[i] for i, threshold in enumerate(thresholds) if threshold is None}):
+        radix = radix_global_thresholds(stream, keep, len(thresholds), wide)
+        thresholds = [radix[i] if threshold is None and keeps[i] == keep else threshold
+                      for i, threshold in enumerate(thresholds)]
+    return thresholds
+
+
 def radix_global_thresholds(stream, keep: int, n: int, wide: bool) -> list[float]:
     """The keep-th largest |w_i τ_i| over the model for each of the n task vectors, by streaming radix
     selection: a histogram of the top 16-bit digit of the bit patterns, then of the next digit among the entries

@@ -11,7 +11,8 @@ one coefficient λ_k^g per task and group: ``granularity="task"`` (task-wise Ada
 predictions on ``batch_size`` unlabeled inputs of that task per step (``nbmerge_plugins._test_time``, the
 machinery WE-MoE uses), through the merged weights; every ``select_every`` steps the merge is scored on the pool's
 validation split and the best step's λ is kept. With ``clamp`` each λ is kept in [0, 1] after every step
-(FusionBench's ``clamp_weights``). Tensors no model changed stay θ_0.
+(FusionBench's ``clamp_weights``). Only parameters are merged, as FusionBench does: buffers (BatchNorm running
+statistics) and tensors no model changed stay θ_0.
 
 The result is a plain module of the base's architecture holding the merged weights: a static merge, found on
 the unlabeled test inputs. What is saved and reloaded (``BuiltModule.trained``) is λ alone, [K tasks, G groups].
@@ -60,7 +61,9 @@ class AdaMergedModule(nn.Module):
         self.template = copy.deepcopy(base).eval().requires_grad_(False)
         base_state = {name: tensor.detach() for name, tensor in base.state_dict().items()}
         model_states = {name: _state_of(name, model, base_state) for name, model in models.items()}
-        self.merged_names = [name for name, tensor in base_state.items() if tensor.is_floating_point()
+        parameters = {name for name, _ in base.named_parameters(remove_duplicate=False)}
+        self.merged_names = [name for name, tensor in base_state.items() if name in parameters
+                             and tensor.is_floating_point()
                              and any(not torch.equal(state[name], tensor) for state in model_states.values())]
         self.base_tensors = {name: base_state[name] for name in self.merged_names}
         self.task_vectors = {name: torch.stack([state[name] - base_state[name] for state in model_states.values()])

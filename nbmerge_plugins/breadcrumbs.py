@@ -12,6 +12,8 @@ order statistics; entries tied with a band edge are all kept (mergekit's sort ke
 
 import torch
 
+from nbmerge_plugins import _mergekit_arithmetic as mergekit
+
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge_plugins._selection import kth_largest, per_model
@@ -59,6 +61,18 @@ def _breadcrumbs(job: TensorJob) -> torch.Tensor:
     return sparsified_merge(job, sparsify)
 
 
+def _mergekit_breadcrumbs(job: TensorJob) -> torch.Tensor:
+    """mergekit's breadcrumbs (breadcrumbs_ties: combine="ties"): each band from torch's ascending sort, so ties at a
+    band edge are broken as mergekit breaks them."""
+    params, n = job.params, len(job.models)
+    densities, gammas = per_model(params["density"], n), per_model(params["gamma"], n)
+    return mergekit.task_vector_merge(
+        job, lambda i, task_vector: mergekit.magnitude_outliers(task_vector, densities[i], gammas[i],
+                                                                params["rescale"]),
+        params["weights"] or [1.0] * n, "sum" if params["combine"] == "ties" else None, params["normalize"],
+        params["scaling"])
+
+
 BREADCRUMBS = MergeMethod(
     name="breadcrumbs",
     summary="Model Breadcrumbs: drop each task vector's smallest entries and largest outliers, then combine",
@@ -67,6 +81,7 @@ BREADCRUMBS = MergeMethod(
     merge_tensor=_breadcrumbs,
     min_models=1,
     base=BASE_REQUIRED,
+    mergekit_tensor=_mergekit_breadcrumbs,
 )
 
 

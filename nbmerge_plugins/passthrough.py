@@ -9,6 +9,7 @@ import torch
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_UNUSED, MergeMethod, Param, TensorJob
+from nbmerge_plugins._mergekit_arithmetic import passthrough as mergekit_passthrough
 
 SCALE = Param("scale", "float", 1.0, "s, the factor applied to every tensor (a number, anchors over depth or "
               "per-filter entries)")
@@ -30,6 +31,7 @@ PASSTHROUGH = MergeMethod(
     base=BASE_UNUSED,
     elementwise=True,
     stored_inputs=True,
+    mergekit_tensor=lambda job: mergekit_passthrough(job.models[0], job.params["scale"]),
 )
 
 

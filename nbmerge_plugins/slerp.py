@@ -15,6 +15,7 @@ from dataclasses import replace
 from nbmerge import hookimpl
 from nbmerge.method import BASE_OPTIONAL, MergeMethod, Param, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins import _mergekit_arithmetic as mergekit
 from nbmerge_plugins._endpoints import check_two_endpoints, endpoints, interpolate
 
 DOT_THRESHOLD = 0.9995
@@ -66,6 +67,7 @@ SLERP = MergeMethod(
     max_models=2,
     base=BASE_OPTIONAL,
     check=check_two_endpoints("slerp"),
+    mergekit_tensor=lambda job: mergekit.slerp(*endpoints(job), job.params["t"], job.params["eps"]),
 )
 
 

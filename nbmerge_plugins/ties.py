@@ -27,14 +27,12 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, Stage, TensorJob
 from nbmerge_plugins import native
+from nbmerge_plugins import _mergekit_arithmetic as mergekit
 from nbmerge_plugins._selection import (
-    ModelSample,
-    bracket,
-    count_in_brackets,
     inside_fractions,
+    model_thresholds,
     order_statistic,
     per_model,
-    radix_global_thresholds,
     tensor_brackets,
     tensor_thresholds,
 )
@@ -103,41 +101,13 @@ def threshold_passes(params: dict, wide: bool) -> int:
 def global_thresholds(stream, params: dict, wide: bool) -> dict:
     """One threshold per task vector over the whole model, and the model-wide majority sign for exact ties.
 
-    The k-th largest |w_i τ_i| over the model, k = int(density · N) for N = the model's positions (or those
-    changed by any model, ``density_over="changed"``), exactly:
-    1. a strided sample of every |τ_i| (every 127th position of the concatenated model, thinned to at most
-       4M values) brackets the k-th largest value in [lo, hi] (±6σ of the rank's binomial spread);
-    2. one streamed pass counts the changed positions and, per task vector, the entries above hi, and collects
-       the entries inside [lo, hi] (a fraction of a percent of the model); the k-th largest is then the right
-       order statistic of that band. Should the bracket miss (the exact counts say so), a streaming radix
-       selection on the magnitudes' bit patterns (one pass per 16-bit digit) finds the value instead.
+    1-2. the k-th largest |w_i τ_i| over the model, k = int(density · N) for N = the model's positions (or those
+       changed by any model, ``density_over="changed"``), exactly: ``model_thresholds`` (a sampling pass brackets
+       it, a counting pass collects the entries inside the bracket);
     3. the last pass counts elected signs after trimming, for the majority sign given to exact ties (γ = 0).
     (A model with float64 tensors is ranked in float64.)
     """
-    sampler = ModelSample()
-    stream(sampler.visit)
-    over_changed = params["density_over"] == "changed"
-    counted_fraction = sampler.changed_fraction() if over_changed else 1.0
-    densities = per_model(params["density"], sampler.rows().shape[0])
-    brackets = [bracket(row, d * counted_fraction) for row, d in zip(sampler.rows(), densities)]
-    fractions = inside_fractions(sampler.rows(), brackets)[0]
-    counted, above, bands = [0], [0] * len(brackets), [[] for _ in brackets]
-
-    def count(job: TensorJob) -> None:
-        job_changed, job_above, job_bands = count_in_brackets(job, brackets, fractions, wide)
-        counted[0] += job_changed if over_changed else job.base.numel()
-        for i, (count_above, band) in enumerate(zip(job_above, job_bands)):
-            above[i] += count_above
-            bands[i].append(band)
-
-    stream(count)
-    keeps = [int(d * counted[0]) for d in densities]
-    thresholds = native.map_in_threads(lambda args: order_statistic(torch.cat(args[0]), args[1], args[2])
-                                       if args[2] else float("inf"), zip(bands, above, keeps))
-    for keep in sorted({keeps[i] for i, threshold in enumerate(thresholds) if threshold is None}):
-        radix = radix_global_thresholds(stream, keep, len(thresholds), wide)
-        thresholds = [radix[i] if threshold is None and keeps[i] == keep else threshold
-                      for i, threshold in enumerate(thresholds)]
+    thresholds = model_thresholds(stream, params["density"], params["density_over"] == "changed", wide)
     balance = [0]
 
     def count_signs(job: TensorJob) -> None:
@@ -193,6 +163,24 @@ def _l1_factors(job: TensorJob, thresholds: list[float], eps: float = 1e-7) -> t
     return factors.to(job.base.dtype).view(-1, 1)
 
 
+def _mergekit_ties(job: TensorJob) -> torch.Tensor:
+    """mergekit's ties: each τ_i trimmed to its top max(1, int(d_i · N)) by argsort (L1-rescaled with rescale),
+    then weighted, the sign elected, and the agreeing entries summed (÷ their weights with merge_func mean)."""
+    params, n = job.params, len(job.models)
+    densities = per_model(params["density"], n)
+    return mergekit.task_vector_merge(
+        job, lambda i, task_vector: mergekit.magnitude(task_vector, densities[i], params["rescale"]),
+        params["weights"] or [1.0] * n, params["sign"], params["merge_func"] == "mean", params["scaling"])
+
+
+def _mergekit_refuses(params: dict) -> str | None:
+    unlike = [f"{name}={params[name]!r}" for name, theirs in (("trim_scope", "tensor"), ("density_over", "all"))
+              if params[name] != theirs]
+    if params["merge_func"] == "max":
+        unlike.append("merge_func='max'")
+    return ", ".join(unlike) or None
+
+
 TIES = MergeMethod(
     name="ties",
     summary="TIES: trim task vectors by magnitude, elect a sign per entry, merge the agreeing entries",
@@ -204,6 +192,8 @@ TIES = MergeMethod(
     base=BASE_REQUIRED,
     stages=(Stage(GLOBAL_THRESHOLD, global_thresholds, passes=threshold_passes,
                   applies=lambda params: params["trim_scope"] == "model"),),
+    mergekit_tensor=_mergekit_ties,
+    mergekit_refuses=_mergekit_refuses,
 )
 
 

@@ -13,6 +13,7 @@ from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_OPTIONAL, MergeMethod, Param, TensorJob
 from nbmerge.method.tensor_names import is_backbone
 from nbmerge_plugins import native
+from nbmerge_plugins._mergekit_arithmetic import linear
 
 WEIGHTS = Param("weights", "floats", None, "one weight per model (default: equal weights)", per_model=True)
 NORMALIZE = Param("normalize", "bool", True, "divide the weights by their sum")
@@ -57,6 +58,11 @@ def _outside_backbone(name: str, params: dict) -> bool:
     return params["backbone_only"] and not is_backbone(name)
 
 
+def _mergekit_linear(job: TensorJob) -> torch.Tensor:
+    """mergekit's linear: the raw weights, divided by their sum after the float32 accumulation."""
+    return linear(job.models, list(job.params["weights"] or [1.0] * len(job.models)), job.params["normalize"])
+
+
 WEIGHTED_AVERAGE = MergeMethod(
     name="weighted_average",
     summary="Weighted average of the models' parameters",
@@ -70,6 +76,8 @@ WEIGHTED_AVERAGE = MergeMethod(
     stored_inputs=True,
     fused=lambda job: native.accepts(job, needs_base=False),
     check=_check,
+    mergekit_tensor=_mergekit_linear,
+    mergekit_refuses=lambda params: "backbone_only" if params["backbone_only"] else None,
 )
 
 SIMPLE_AVERAGE = MergeMethod(

@@ -112,3 +112,12 @@ def tiny_vision_zoo():
     from nbmerge.workbench.models.vision_zoo import build_vision_zoo
 
     return build_vision_zoo("tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_ta8_zoo():
+    """The ta8-text zoo's tiny profile (8 tasks, 3 fine-tuning steps each: under a minute, then cached in
+    $NBMERGE_CACHE)."""
+    from nbmerge.workbench.models.ta8zoo import build_ta8_zoo
+
+    return build_ta8_zoo("tiny", seed=0, progress=False)

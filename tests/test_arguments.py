@@ -15,6 +15,8 @@ def test_every_declared_parameter_has_its_flag(name):
     flags = {option for action in parser._actions for option in action.option_strings}
     assert {flag(p.name) for p in method.params} <= flags
     assert {"--base", "--out", "--device", "--out-dtype", "--shard-size", "--overwrite", "--quiet"} <= flags
+    shown = " ".join(parser.format_help().split())  # --help: a help text is plain text ("30 %" is no format)
+    assert all(" ".join(p.help.split()) in shown for p in method.params)
 
 
 def test_given_flags_become_params_as_text():

@@ -20,8 +20,8 @@ def test_merge_summary_is_one_line_with_params_models_base_and_bytes(tmp_path):
     result = nbmerge.merge("task_arithmetic", models, base=base, scaling=0.5, progress=False)
     summary = merge_summary(result, "merged")
     assert "\n" not in summary
-    assert summary.startswith("merged = task_arithmetic(scaling=0.5, weights=null) of 2 model(s) onto base: "
-                              "1 tensors in memory; read 192 B in ")  # 3 tensors of 16 float32
+    assert summary.startswith("merged = task_arithmetic(scaling=0.5, weights=null, normalize=false) of 2 model(s) "
+                              "onto base: 1 tensors in memory; read 192 B in ")  # 3 tensors of 16 float32
     written = nbmerge.merge("weighted_average", models, out=tmp_path / "soup.safetensors", progress=False)
     assert f"-> {tmp_path / 'soup.safetensors'}" in merge_summary(written)
 

@@ -14,10 +14,10 @@ import nbmerge
 from nbmerge import plugins
 from nbmerge.errors import PluginError
 
-BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "expo", "fisher_merging", "karcher", "linear",
-           "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "regmean",
-           "regmean_plusplus", "sce", "simple_average", "slerp", "task_arithmetic", "ties", "we_moe",
-           "weighted_average"}
+BUILTIN = {"adamerging", "arcee_fusion", "breadcrumbs", "dare", "della", "doge_ta", "expo", "fisher_merging", "iso_c",
+           "iso_cts", "karcher", "linear", "magmax", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
+           "ram", "ramplus_tl", "regmean", "regmean_plusplus", "sce", "simple_average", "slerp", "tall_mask",
+           "task_arithmetic", "ties", "tsv_m", "we_moe", "weighted_average", "wudi"}
 
 PLUGIN_SOURCE = textwrap.dedent('''
     """A third-party plugin: the elementwise median of the models."""

@@ -18,9 +18,9 @@ TWO = "  - model: x\n    parameters: {weight: 1}\n  - model: y\n    parameters: 
 @pytest.mark.parametrize("method, extra, expected_method, expected", [
     # mergekit's linear averages base_model too, with the top-level (default) weight
     ("linear", "parameters: {weight: 2}", "weighted_average", {"weights": [1.0, 3.0, 2.0], "normalize": True}),
-    ("task_arithmetic", "", "task_arithmetic", {"weights": [1.0, 3.0], "scaling": 1.0}),
+    ("task_arithmetic", "", "task_arithmetic", {"weights": [1.0, 3.0], "scaling": 1.0, "normalize": False}),
     ("task_arithmetic", "parameters: {normalize: true, lambda: 0.5}", "task_arithmetic",
-     {"weights": [0.25, 0.75], "scaling": 0.5}),
+     {"weights": [1.0, 3.0], "scaling": 0.5, "normalize": True}),
     ("ties", "parameters: {density: 0.5}", "ties", {"weights": [1.0, 3.0], "scaling": 1.0, "density": 0.5, "trim_scope": "tensor",
                           "sign": "sum", "merge_func": "mean", "rescale": False}),
     ("ties", "parameters: {normalize: false, density: 0.5, rescale: true}", "ties",
@@ -39,11 +39,21 @@ def test_mergekit_methods_map_with_mergekits_defaults(method, extra, expected_me
     assert call.base == (None if method == "linear" else "b")
 
 
-def test_top_level_parameters_are_per_model_defaults_and_dtype_is_the_output_dtype():
+def test_top_level_parameters_are_per_model_defaults_and_dtype_is_the_compute_dtype():
     call = parse_recipe(mergekit("ties", "  - model: x\n  - model: y\n    parameters: {weight: 2}\n",
                                  "parameters: {density: 0.3, weight: 0.5}\ndtype: bfloat16"))
     assert call.params["density"] == 0.3 and call.params["weights"] == [0.5, 2.0]
-    assert call.options == {"out_dtype": "bfloat16"}
+    assert call.options == {"compute_dtype": "bfloat16"}  # mergekit 0.1.5: the dtype its arithmetic runs in
+
+
+@pytest.mark.parametrize("method, extra, expected", [
+    ("ties", "dtype: float32\nout_dtype: bfloat16", {"compute_dtype": "float32", "out_dtype": "bfloat16"}),
+    ("ties", "", {"compute_dtype": "inputs"}),  # no dtype: mergekit computes in the inputs' own dtype
+    ("dare_ties", "dtype: bfloat16", {"out_dtype": "bfloat16"}),  # random masks: nbmerge's float32 arithmetic
+    ("dare_ties", "dtype: bfloat16\nout_dtype: float16", {"out_dtype": "float16"}),
+])
+def test_dtype_and_out_dtype_mean_what_they_mean_in_mergekit(method, extra, expected):
+    assert parse_recipe(mergekit(method, TWO, extra)).options == expected
 
 
 def test_slerp_takes_the_base_as_first_endpoint_and_a_slice_range():

@@ -28,7 +28,7 @@ class TensorPlan:
     route: str
     info: TensorInfo  # of the reference model (base, else first model)
     out_dtype: torch.dtype
-    compute_dtype: torch.dtype  # float32, or float64 when an input is float64
+    compute_dtype: torch.dtype  # float32, or float64 when an input is float64; or the merge's given compute dtype
     layer: int | None
     read_bytes: int  # bytes read from all inputs to produce this tensor
 
@@ -37,6 +37,7 @@ class TensorPlan:
 class MergePlan:
     tensors: list[TensorPlan]
     num_layers: int
+    mergekit_arithmetic: bool = False  # a compute dtype was given: the method's mergekit_tensor runs
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -61,7 +62,10 @@ class MergePlan:
 
 
 def make_plan(method: MergeMethod, params: dict, models: list[ModelSource], base: ModelSource | None,
-              out_dtype: torch.dtype | None) -> MergePlan:
+              out_dtype: torch.dtype | None, compute_dtype: torch.dtype | str | None = None) -> MergePlan:
+    """The plan; ``compute_dtype`` (a dtype, or "inputs": each tensor's inputs' promoted dtype, as mergekit computes
+    a recipe without ``dtype``) selects mergekit's arithmetic, and is then also the output dtype unless
+    ``out_dtype`` is given."""
     reference = base if base is not None else models[0]
     _check_same_keys(method, params, models, base, reference)
     names = list(reference.infos)
@@ -76,10 +80,21 @@ def make_plan(method: MergeMethod, params: dict, models: list[ModelSource], base
             inputs = models + ([base] if base is not None else [])
         read_bytes = sum(src.infos[name].nbytes for src in inputs)
         wide = any(src.infos[name].dtype == torch.float64 for src in inputs)
-        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-        tensors.append(TensorPlan(name, route, info, dtype, torch.float64 if wide else torch.float32,
-                                  layer_index(name), read_bytes))
-    return MergePlan(tensors, count_layers(names))
+        compute = torch.float64 if wide else torch.float32
+        if compute_dtype is not None and route == MERGE:
+            compute = _promoted([src.infos[name].dtype for src in inputs]) if compute_dtype == "inputs" \
+                else compute_dtype
+        stored = out_dtype or (compute if compute_dtype is not None and route == MERGE else None)
+        dtype = stored if (stored is not None and info.dtype.is_floating_point) else info.dtype
+        tensors.append(TensorPlan(name, route, info, dtype, compute, layer_index(name), read_bytes))
+    return MergePlan(tensors, count_layers(names), compute_dtype is not None)
+
+
+def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+    promoted = dtypes[0]
+    for dtype in dtypes[1:]:
+        promoted = torch.promote_types(promoted, dtype)
+    return promoted
 
 
 def _check_same_keys(method, params, models, base, reference) -> None:

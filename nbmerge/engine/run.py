@@ -14,11 +14,12 @@ import torch
 
 from nbmerge.engine.memory import peak_rss_bytes, reset_peak_rss
 from nbmerge.engine.progress import Progress
-from nbmerge.engine.sinks import FolderSink, MemorySink
+from nbmerge.engine.sinks import FolderSink, MemorySink, copy_model_folder, parse_size
 from nbmerge.engine.stream import Engine, collector_paused, compute_threads
 from nbmerge.errors import ParameterError
 from nbmerge.io.safetensors import DTYPES
 from nbmerge.io.sources import ModelSource
+from nbmerge.model_card import CardSource, read_config
 from nbmerge.results import MergeReport, MergeResult
 
 _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -57,6 +58,7 @@ class Output:
     tokenizer_folder: Path | None = None
     config_edits: dict | None = None
     chat_template: str | None = None  # the template text the tokenizer gets
+    card: CardSource | None = None  # what the folder's README.md model card says beyond the recipe
 
 
 def run_parts(parts: list[MergePart], output: Output, device, progress, on_progress, cancel,
@@ -69,16 +71,23 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel,
                        lambda: leases_released([source for part in parts for source in part.sources]))
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
-    sink = (MemorySink() if output.path is None
-            else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
-                            output.config_folder, output.tokenizer_folder, output.config_edits,
-                            output.chat_template))
-    reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    sources = [source for part in parts for source in part.sources]
+
+    def check_inputs_unchanged() -> None:
+        for source in sources:
+            source.check_unchanged()
+
     stages: list[str] = []
     try:
+        sink = MemorySink() if output.path is None else _folder_sink(output, output.path, layout, output.overwrite)
+    except BaseException:
+        tracker.close()
+        raise
+    try:
+        reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
         for part in parts:
             engine = Engine(part.method, part.params, part.plan, part.models, part.base, device, tracker,
                             allow_nonfinite)
@@ -87,10 +96,8 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
                 engine.merge_into(lambda tensor_name, tensor, rename=part.rename: sink.put(rename(tensor_name),
                                                                                           tensor))
             stages += [stage for stage in engine.stage_results if stage not in stages]
-        for part in parts:
-            for source in part.sources:
-                source.check_unchanged()
-        sink.finish()
+        check_inputs_unchanged()
+        sink.finish(before_install=check_inputs_unchanged)  # again after the config files were copied
     except BaseException:
         sink.abort()
         raise
@@ -101,10 +108,47 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
         method=name, params=output.recipe.get("params", {}), tensors=len(layout), bytes_read=tracker.done,
         bytes_written=sum(part.plan.out_bytes for part in parts), seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        device=str(device), stages=stages)
+        device=str(device), stages=stages, input_bytes=sum(part.plan.bytes_for() for part in parts))
     if output.path is None:
-        return MergeResult(report, output.recipe, state_dict=sink.state_dict)
-    return MergeResult(report, output.recipe, path=output.path)
+        return MergeResult(report, output.recipe, state_dict=sink.state_dict,
+                           writer=lambda path, **options: write_state_dict(sink.state_dict, output, path, **options))
+    return MergeResult(report, output.recipe, path=output.path,
+                       writer=lambda path, **options: copy_output(output, path, **options))
+
+
+def _folder_sink(output: Output, path: Path, layout: list, overwrite: bool, shard_size: int | None = None,
+                 evaluation: Any = None) -> FolderSink:
+    return FolderSink(path, layout, output.recipe, shard_size or output.shard_size, overwrite, output.config_folder,
+                      output.tokenizer_folder, output.config_edits, output.chat_template, output.card, evaluation)
+
+
+def write_state_dict(state_dict: dict[str, torch.Tensor], output: Output, path: Path, overwrite: bool = False,
+                     evaluation: Any = None, shard_size: int | str | None = None) -> Path:
+    """Write an in-memory merge to ``path`` as its merge would have (``MergeResult.save``): the same folder with
+    config, tokenizer and model card (``evaluation`` in the card when given), atomically."""
+    layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state_dict.items()]
+    sink = _folder_sink(output, path, layout, overwrite, None if shard_size is None else parse_size(shard_size),
+                        evaluation)
+    try:
+        for name, tensor in state_dict.items():
+            sink.put(name, tensor)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return path
+
+
+def copy_output(output: Output, path: Path, overwrite: bool = False, evaluation: Any = None,
+                shard_size: int | str | None = None) -> Path:
+    """A written merge saved again (``MergeResult.save``): ``output``'s folder copied to ``path`` (atomically), its
+    model card rewritten with ``evaluation`` when given; ``path`` its own folder: only the card is rewritten."""
+    if shard_size is not None:
+        raise ParameterError("save: a merge written to a folder keeps its shards; shard_size applies to in-memory "
+                             "results only")
+    return copy_model_folder(output.path, path, overwrite,
+                             output.card.files(output.recipe, read_config(output.path), path.name, evaluation)
+                             if output.card is not None and output.path.is_dir() else {})
 
 
 @contextmanager
@@ -153,7 +197,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return chosen
 
 
-def resolve_dtype(out_dtype) -> torch.dtype | None:
+def resolve_compute_dtype(compute_dtype, method, params: dict) -> torch.dtype | str | None:
+    """A merge's compute dtype: None (nbmerge's float32 arithmetic), "inputs" (each tensor's inputs' promoted dtype)
+    or a floating dtype, checked against the method: one given selects the method's mergekit kernel, so the method
+    needs one and parameters mergekit has."""
+    if compute_dtype is None:
+        return None
+    chosen = "inputs" if compute_dtype == "inputs" else resolve_dtype(compute_dtype, "compute_dtype")
+    if method.mergekit_tensor is None:
+        raise ParameterError(f"compute_dtype: {method.name} computes in float32 only (compute_dtype selects "
+                             f"mergekit's arithmetic, which nbmerge reproduces for linear/weighted_average, "
+                             f"task_arithmetic, ties, breadcrumbs, slerp and passthrough); drop compute_dtype")
+    reason = method.mergekit_refuses(params) if method.mergekit_refuses is not None else None
+    if reason:
+        raise ParameterError(f"compute_dtype: {method.name} with {reason} has no mergekit counterpart; drop "
+                             f"compute_dtype to compute in float32")
+    return chosen
+
+
+def resolve_dtype(out_dtype, what: str = "out_dtype") -> torch.dtype | None:
     """The output dtype from a torch dtype or a name (float32/fp32, float16/fp16/half, bfloat16/bf16, ...)."""
     if out_dtype is None or isinstance(out_dtype, torch.dtype):
         return out_dtype
@@ -162,4 +224,4 @@ def resolve_dtype(out_dtype) -> torch.dtype | None:
         return _DTYPE_ALIASES[name]
     if name.upper() in DTYPES and DTYPES[name.upper()].is_floating_point:
         return DTYPES[name.upper()]
-    raise ParameterError(f"out_dtype: expected one of {', '.join(_DTYPE_ALIASES)}, got {out_dtype!r}")
+    raise ParameterError(f"{what}: expected one of {', '.join(_DTYPE_ALIASES)}, got {out_dtype!r}")

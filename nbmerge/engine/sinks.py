@@ -5,33 +5,30 @@ interrupted or failed merge never leaves a half-written output that looks finish
 from the plan (``shard_size`` bytes at most each, a larger tensor alone in its shard), each shard's header is
 written before its data, and tensors stream to disk from a writer thread as they are merged.
 
-The temporary sibling, ``.<out>.partial-XXXX``, is held under an exclusive ``flock`` while its merge runs. A
-merge to ``out`` first looks at the siblings of that name: a locked one means another merge is writing ``out``
-now (refused: two merges to one output at once); an unlocked one was left by a merge that was killed (SIGKILL,
-power loss) and is removed.
+The temporary sibling, ``.<out>.partial-XXXX``, is claimed, locked through the final rename and installed by
+``nbmerge.io.output_claim`` (two merges to one output at once: the second is refused; an overwrite is journaled,
+so a killed merge leaves the old or the new output whole, and the next merge to ``out`` finishes or undoes it).
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from nbmerge.errors import OutputExistsError, OutputWriteError, ParameterError
-from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
+from nbmerge.errors import OutputWriteError, ParameterError
+from nbmerge.io.output_claim import OutputClaim
+from nbmerge.io.safetensors import (CONFIG_FILES, INDEX_FILE, TOKENIZER_FILES, ShardWriter, shard_names,
+                                    split_layout)
+from nbmerge.model_card import CardSource, read_config
 
-CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 RECIPE_FILE = "nbmerge_recipe.json"
 PENDING_WRITES = 2
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -61,8 +58,8 @@ class MemorySink:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         self.state_dict[name] = tensor
 
-    def finish(self) -> None:
-        pass
+    def finish(self, before_install=lambda: None) -> None:
+        before_install()
 
     def abort(self) -> None:
         self.state_dict.clear()
@@ -73,75 +70,104 @@ class FolderSink:
     output tensor as (name, dtype, shape) in the order ``put`` receives them. A folder gets the config files of
     ``config_folder`` (config.json with ``config_edits`` applied, and the output dtype) and the tokenizer files of
     ``tokenizer_folder`` (default: the config folder), with ``chat_template`` (text) as its chat template when
-    given (chat_template.jinja; any other copy of a template removed, so that one is read)."""
+    given (chat_template.jinja; any other copy of a template removed, so that one is read). ``card`` (a
+    ``nbmerge.model_card.CardSource``) gives the folder its README.md model card (with ``evaluation`` when given)
+    and the recipe as the user wrote it.
+
+    The output is claimed (``nbmerge.io.output_claim``) when the sink is made and installed by ``finish``; any
+    exception, in the constructor, ``put`` or ``finish``, and ``abort`` release the claim (the temporary folder
+    deleted, its lock closed), and an OSError while writing is an OutputWriteError naming the file."""
 
     def __init__(self, out: Path, layout: list[tuple[str, torch.dtype, tuple]], recipe: dict, shard_size: int,
                  overwrite: bool, config_folder: Path | None, tokenizer_folder: Path | None = None,
-                 config_edits: dict | None = None, chat_template: str | None = None):
+                 config_edits: dict | None = None, chat_template: str | None = None, card: CardSource | None = None,
+                 evaluation: Any = None):
         self.out = out
         self.single_file = out.suffix == ".safetensors"
-        check_output_free(out, overwrite)
         self.recipe, self.config_folder = recipe, config_folder
         self.tokenizer_folder = tokenizer_folder or config_folder
         self.config_edits = dict(config_edits or {})
         self.chat_template = chat_template
+        self.card, self.evaluation = card, evaluation
         self.bytes_written = 0
+        self._writers: list[ShardWriter] = []
+        self._thread: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future, Path]] = deque()
+        self._claim = OutputClaim(out, overwrite)
+        self.partial = self._claim.folder
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.partial, self._lock = claim_partial(out)
-        except OutputExistsError:
+            metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
+            shards = [layout] if self.single_file else split_layout(layout, shard_size)
+            for name, shard in zip(shard_names(len(shards)), shards):
+                with writing(self.partial / name):
+                    self._writers.append(ShardWriter(self.partial / name, shard, metadata))
+            self._writer_of = {entry[0]: writer for writer in self._writers for entry in writer.layout}
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-write")
+        except BaseException:
+            self.abort()
             raise
-        except OSError as exc:  # a read-only or full file system, a missing permission
-            raise OutputWriteError(f"{out}: cannot create the output there ({exc.strerror or exc})") from None
-        metadata = {"format": "pt", "nbmerge_recipe": json.dumps(recipe, sort_keys=True)}
-        shards = [layout] if self.single_file else split_layout(layout, shard_size)
-        self._writers = [ShardWriter(self.partial / name, shard, metadata)
-                         for name, shard in zip(shard_names(len(shards)), shards)]
-        self._writer_of = {entry[0]: writer for writer in self._writers for entry in writer.layout}
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbmerge-write")
-        self._pending: deque[Future] = deque()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        self._pending.append(self._thread.submit(self._writer_of[name].write, name, tensor))
+        writer = self._writer_of[name]
+        self._pending.append((self._thread.submit(writer.write, name, tensor), writer.path))
         self.bytes_written += tensor.numel() * tensor.element_size()
         while len(self._pending) > PENDING_WRITES:
-            self._pending.popleft().result()
+            self._wait_oldest()
 
-    def finish(self) -> None:
+    def _wait_oldest(self) -> None:
+        future, path = self._pending.popleft()
+        with writing(path):
+            future.result()
+
+    def finish(self, before_install=lambda: None) -> None:
+        """Wait for every write, add the index, config, tokenizer and recipe files, call ``before_install`` (which
+        may still refuse the output by raising: the inputs' last check), and move the folder into place."""
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
         self._thread.shutdown()
         for writer in self._writers:
-            writer.close()
-        if self.single_file:
-            os.replace(self._writers[0].path, self.out)
-            shutil.rmtree(self.partial)
-            os.close(self._lock)
-            return
-        if len(self._writers) > 1:
-            weight_map = {entry[0]: w.path.name for w in self._writers for entry in w.layout}
-            index = {"metadata": {"total_size": sum(w.data_bytes for w in self._writers)}, "weight_map": weight_map}
-            (self.partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        self._copy_config_files()
-        (self.partial / RECIPE_FILE).write_text(json.dumps(self.recipe, indent=2) + "\n")
-        _move_into_place(self.partial, self.out)
-        os.close(self._lock)
+            with writing(writer.path):
+                writer.close()
+        if not self.single_file:
+            if len(self._writers) > 1:
+                weight_map = {entry[0]: w.path.name for w in self._writers for entry in w.layout}
+                index = {"metadata": {"total_size": sum(w.data_bytes for w in self._writers)},
+                         "weight_map": weight_map}
+                self._write_text(INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            self._copy_config_files()
+            self._write_text(RECIPE_FILE, json.dumps(self.recipe, indent=2) + "\n")
+            if self.card is not None:
+                card_files = self.card.files(self.recipe, read_config(self.partial), self.out.name, self.evaluation)
+                for name, text in card_files.items():
+                    self._write_text(name, text)
+        before_install()
+        self._claim.install(self._writers[0].path.name if self.single_file else None)
 
     def abort(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        self._thread.shutdown(wait=True)
-        for writer in self._writers:
-            writer.abort()
-        shutil.rmtree(self.partial, ignore_errors=True)
-        os.close(self._lock)
+        """Stop writing and delete the temporary folder; the claim is released whatever fails on the way."""
+        try:
+            for future, _ in self._pending:
+                future.cancel()
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+            for writer in self._writers:
+                with contextlib.suppress(Exception):
+                    writer.abort()
+        finally:
+            self._pending.clear()
+            self._claim.release()
+
+    def _write_text(self, name: str, text: str) -> None:
+        with writing(self.partial / name):
+            (self.partial / name).write_text(text)
 
     def _copy_config_files(self) -> None:
         for folder, names in ((self.config_folder, CONFIG_FILES), (self.tokenizer_folder, TOKENIZER_FILES)):
             for name in names if folder is not None else ():
                 source = folder / name
                 if source.is_file():
-                    shutil.copy2(source, self.partial / name)
+                    with writing(self.partial / name):
+                        shutil.copy2(source, self.partial / name)
         if self.chat_template is not None:
             self._write_chat_template()
         edits = dict(self.config_edits)
@@ -153,7 +179,7 @@ class FolderSink:
         if out_dtype:
             edits.update({key: out_dtype for key in ("torch_dtype", "dtype") if key in config})
         config.update(edits)
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self._write_text("config.json", json.dumps(config, indent=2) + "\n")
 
 
     def _write_chat_template(self) -> None:
@@ -162,60 +188,49 @@ class FolderSink:
         if tokenizer_config.exists():
             settings = json.loads(tokenizer_config.read_text())
             if settings.pop("chat_template", None) is not None:
-                tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
-        (self.partial / "chat_template.jinja").write_text(self.chat_template)
+                self._write_text("tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
+        self._write_text("chat_template.jinja", self.chat_template)
 
 
-def check_output_free(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and out.is_dir() != (out.suffix != ".safetensors"):
-        raise OutputExistsError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
-                                f"it cannot be replaced by a merged {'file' if out.is_dir() else 'folder'}")
-
-
-def claim_partial(out: Path, kind: str = "partial") -> tuple[Path, int]:
-    """A new temporary sibling of ``out``, ``.<out>.<kind>-XXXX``, locked (its descriptor is returned), after the
-    siblings of that kind left by killed merges to ``out`` are removed; OutputExistsError if another merge is
-    writing ``out`` now. (kind "intermediates": a recipe chain's intermediate merges, nbmerge.recipe_chain.)
-
-    The folder is created and locked under a ``.starting-`` name and only then renamed to ``.<kind>-``, so a
-    merge that scans the ``.<kind>-`` siblings never sees one whose writer has not locked it yet."""
-    prefix = f".{out.name}.{kind}-"  # matched by name: an output name may hold glob characters
-    for sibling in sorted(out.parent / name for name in os.listdir(out.parent) if name.startswith(prefix)):
-        try:
-            fd = _lock_dir(sibling, wait=False)
-        except FileNotFoundError:  # its merge just finished and moved it into place
-            continue
-        if fd is None:
-            raise OutputExistsError(f"another merge is writing {out} now (its temporary folder {sibling.name}); "
-                                    f"wait for it, or choose another output")
-        shutil.rmtree(sibling, ignore_errors=True)  # left by a merge that was killed
-        os.close(fd)
-    starting = Path(tempfile.mkdtemp(prefix=f".{out.name}.starting-", dir=out.parent))
-    fd = _lock_dir(starting, wait=True)
-    partial = starting.with_name(starting.name.replace(".starting-", f".{kind}-", 1))
-    os.rename(starting, partial)
-    return partial, fd
-
-
-def _lock_dir(folder: Path, wait: bool) -> int | None:
-    """An exclusive flock on ``folder`` (its descriptor), or None if another holder has it and ``wait`` is false."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` (full disk, no inode left, too many open files, an I/O error) becomes an
+    OutputWriteError naming it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"{path}: writing the output failed ({exc.strerror or exc}); nothing "
+                                          f"was left in place of the output") from None
 
 
-def _move_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.replace(out, aside / out.name)
-        os.replace(partial, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+def copy_model_folder(folder: Path, out: Path, overwrite: bool, files: dict[str, str]) -> Path:
+    """Copy a written model (a folder, or one .safetensors file) to ``out`` as an output is written (claimed,
+    installed atomically), with ``files`` (name -> text) written over the copy's; ``out`` the model itself: only
+    ``files`` are replaced, each atomically."""
+    if out.resolve() == folder.resolve():
+        for name, text in files.items():
+            staged = out / f".{name}.partial"
+            with writing(staged):
+                staged.write_text(text)
+                os.replace(staged, out / name)
+        return out
+    claim = OutputClaim(out, overwrite)
+    try:
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    with writing(claim.folder / entry.name):
+                        shutil.copy2(entry, claim.folder / entry.name)
+            for name, text in files.items():
+                with writing(claim.folder / name):
+                    (claim.folder / name).write_text(text)
+            claim.install()
+        else:
+            with writing(claim.folder / out.name):
+                shutil.copy2(folder, claim.folder / out.name)
+            claim.install(out.name)
+    finally:
+        claim.release()
+    return out

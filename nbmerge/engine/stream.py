@@ -95,7 +95,8 @@ class Engine:
             if self._in_slices(tensor, job):
                 produced = self._merge_in_chunks(tensor, loaded)
             else:
-                merged = self.method.merge_tensor(job)
+                kernel = self.method.mergekit_tensor if self.plan.mergekit_arithmetic else self.method.merge_tensor
+                merged = kernel(job)
                 self._check_shape(tensor, merged, tensor.info.shape)
                 produced = self._to_output(merged, tensor.out_dtype)
             if not self.allow_nonfinite and not finite(produced):
@@ -110,6 +111,7 @@ class Engine:
         """An elementwise method's kernel runs on slices of CHUNK positions on the CPU, unless it is fused for
         this job (its temporaries are then already small)."""
         return (self.method.elementwise and self._on_cpu and tensor.info.numel > CHUNK
+                and not self.plan.mergekit_arithmetic
                 and not (self.method.fused is not None and self.method.fused(job)))
 
     def _merge_in_chunks(self, tensor: TensorPlan, loaded: dict) -> torch.Tensor:
@@ -144,7 +146,8 @@ class Engine:
 
     def _job(self, tensor: TensorPlan, loaded: dict, stage_results: dict) -> TensorJob:
         compute = tensor.compute_dtype
-        as_stored = self.method.stored_inputs and self._on_cpu and compute == torch.float32
+        mergekit = self.plan.mergekit_arithmetic
+        as_stored = self.method.stored_inputs and self._on_cpu and compute == torch.float32 and not mergekit
         params = dict(self.params)
         for name in self._varying:
             params[name] = resolved(params[name], tensor.name, tensor.layer, self.plan.num_layers)
@@ -158,6 +161,7 @@ class Engine:
             stage_results=stage_results,
             empty=self.pool.empty if self._on_cpu else None,
             out_dtype=tensor.out_dtype,
+            arithmetic_dtype=compute if mergekit else None,
         )
 
     def _on_device(self, tensor: torch.Tensor, dtype: torch.dtype, as_stored: bool = False) -> torch.Tensor:

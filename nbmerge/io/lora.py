@@ -167,7 +167,7 @@ class LoraSource(ModelSource):
 
 def open_with_lora(model: WithLora, label: str) -> LoraSource:
     """Open ``model.model`` and the adapter folder ``model.adapter`` (adapter_config.json and its weights)."""
-    from nbmerge.io.sources import open_model
+    from nbmerge.io.sources import PickleSource, SafetensorsSource, open_model
 
     folder = Path(model.adapter).expanduser()
     config_path = folder / ADAPTER_CONFIG
@@ -184,8 +184,9 @@ def open_with_lora(model: WithLora, label: str) -> LoraSource:
     if weights is None:
         raise ModelInputError(f"{label}: the LoRA adapter {folder} holds neither {' nor '.join(ADAPTER_WEIGHTS)}")
     base = open_model(model.model, label)
-    try:
-        adapter = open_model(weights, f"{label} (LoRA adapter)")
+    try:  # the adapter's weights and its config are watched for change as the model's files are
+        opener = SafetensorsSource if weights.suffix == ".safetensors" else PickleSource
+        adapter = opener([weights], f"{label} (LoRA adapter)", None, (config_path,))
     except BaseException:
         base.close()
         raise

@@ -35,6 +35,12 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
+# the files of a model folder that a merge copies to its output folder (nbmerge.engine.sinks)
+CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
 
 
 @dataclass(frozen=True)

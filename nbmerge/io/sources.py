@@ -3,8 +3,11 @@
 Accepted inputs: a ``.safetensors`` file; a Hugging Face model folder (``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``); a pickle checkpoint (``.bin``/``.pt``/``.pth`` or a folder holding
 ``pytorch_model.bin``), loaded with ``weights_only=True`` and memory-mapped; an in-memory state dict; an
-``nn.Module``; any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never modified. Files are opened anew for every merge and checked for change when it
-ends, so a notebook that rewrites a checkpoint between merges never gets stale tensors.
+``nn.Module``; any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never
+modified. Files are opened anew for every merge, and every file a merge reads or copies (weights of any format, a
+shard index, config and tokenizer files, an adapter's files) is watched from before it is read and checked
+unchanged before the output is installed, so a notebook that rewrites a checkpoint between merges never gets
+stale tensors, and one rewritten during a merge fails it with nothing written.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 from nbmerge.errors import ModelInputError
 from nbmerge.io import leases
 from nbmerge.io.buffers import BufferPool
+from nbmerge.io.file_watch import FileWatch
 from nbmerge.io.mapping import map_tensor, page_cached
-from nbmerge.io.safetensors import INDEX_FILE, TensorEntry, read_header, read_tensor
+from nbmerge.io.safetensors import (CONFIG_FILES, INDEX_FILE, TOKENIZER_FILES, TensorEntry, read_header,
+                                    read_tensor)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -126,61 +131,44 @@ class SourceView(ModelSource):
         self.source.take_leases()
 
 
-class SafetensorsSource(ModelSource):
-    def __init__(self, files: list[Path], label: str, folder: Path | None):
-        self.label, self.folder = label, folder
-        self._entries: dict[str, TensorEntry] = {}
-        self._stamps = {path: _stamp(path) for path in files}
-        for path in files:
-            entries, _ = read_header(path)
-            for name, entry in entries.items():
-                if name in self._entries:
-                    raise ModelInputError(f"{label}: tensor {name!r} appears in both {self._entries[name].path.name} "
-                                          f"and {path.name}")
-                self._entries[name] = entry
-        self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
-        self._files = {path: open(path, "rb") for path in files}
+class FileBackedSource(ModelSource):
+    """A model read from files: each is watched for change (``nbmerge.io.file_watch``) from before its first byte
+    is read, kept open and read-leased (``nbmerge.io.leases``); so are the files of its folder that a merge copies
+    to its output (config and tokenizer files) and a shard index. ``check_unchanged`` names the first that
+    changed."""
+
+    def _watch_files(self, files: list[Path], also: list[Path]) -> None:
+        """Watch ``files`` (opened and leased) and ``also`` (their index, adapter config, ...), then the folder's
+        config and tokenizer files that exist."""
+        self._watch = FileWatch()
+        self._files: dict[Path, Any] = {}
         self._leased: list = []
+        try:
+            for path in [*files, *also, *self._folder_files()]:
+                self._watch.add(path)
+            for path in files:
+                try:
+                    self._files[path] = open(path, "rb")
+                except OSError as exc:  # no permission, too many open files
+                    raise ModelInputError(f"{self.label}: {path}: cannot open it ({exc.strerror or exc})") from None
+        except BaseException:
+            self.close()
+            raise
         self.take_leases()
-        self._mappable = True
 
-    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        entry = self._entries[name]
-        if self._mappable:
-            try:
-                return map_tensor(self._files[entry.path], entry)
-            except OSError:  # a file system that cannot map: read from now on
-                self._mappable = False
-        return read_tensor(self._files[entry.path], entry, pool)
-
-    def where(self, name: str) -> str:
-        return f"{self.label} ({self._entries[name].path})"
-
-    def file_of(self, name: str) -> Path | None:
-        return self._entries[name].path
+    def _folder_files(self) -> list[Path]:
+        if self.folder is None:
+            return []
+        return [self.folder / name for name in (*CONFIG_FILES, *TOKENIZER_FILES) if (self.folder / name).is_file()]
 
     def paths(self) -> list[Path]:
-        return list(self._stamps) + ([] if self.folder is None else [self.folder])
-
-    def advise(self, name: str) -> None:
-        """posix_fadvise(WILLNEED) on the tensor's bytes, unless its last byte is already in the page cache.
-
-        The advice walks the page cache over its range in the calling (engine's) thread: ~0.1 ms a tensor even
-        when every page is cached, once per input, tensor and pass (a model-scope TIES merge of the large speed
-        set, warm: 3200 calls, 0.3 s of the thread that merges). ``mincore`` on the page of the tensor's last
-        byte tells (~10 µs, reading nothing); the last byte, because the readahead of the tensor before often
-        reaches into the start of this one."""
-        entry = self._entries[name]
-        if not entry.nbytes or not hasattr(os, "posix_fadvise"):
-            return
-        file = self._files[entry.path]
-        if not page_cached(file, entry.end - 1):
-            os.posix_fadvise(file.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
+        return list(self._files) + ([] if self.folder is None else [self.folder])
 
     def check_unchanged(self) -> None:
-        for path, stamp in self._stamps.items():
-            if _stamp(path) != stamp:
-                raise ModelInputError(f"{path}: the file changed while it was being merged; merge again")
+        changed = self._watch.changed()
+        if changed is not None:
+            raise ModelInputError(f"{changed}: the file changed while it was being merged ({self.label}); nothing "
+                                  f"was written; merge again")
 
     def check_no_writer(self) -> None:
         for f in self._leased:
@@ -202,6 +190,57 @@ class SafetensorsSource(ModelSource):
         self.release_leases()
         for f in self._files.values():
             f.close()
+        self._watch.close()
+
+
+class SafetensorsSource(FileBackedSource):
+    def __init__(self, files: list[Path], label: str, folder: Path | None, also_watch: tuple[Path, ...] = ()):
+        self.label, self.folder = label, folder
+        self._entries: dict[str, TensorEntry] = {}
+        self._watch_files(files, list(also_watch))
+        try:
+            for path in files:
+                entries, _ = read_header(path)
+                for name, entry in entries.items():
+                    if name in self._entries:
+                        raise ModelInputError(f"{label}: tensor {name!r} appears in both "
+                                              f"{self._entries[name].path.name} and {path.name}")
+                    self._entries[name] = entry
+        except BaseException:
+            self.close()
+            raise
+        self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
+        self._mappable = True
+
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        entry = self._entries[name]
+        if self._mappable:
+            try:
+                return map_tensor(self._files[entry.path], entry)
+            except OSError:  # a file system that cannot map: read from now on
+                self._mappable = False
+        return read_tensor(self._files[entry.path], entry, pool)
+
+    def where(self, name: str) -> str:
+        return f"{self.label} ({self._entries[name].path})"
+
+    def file_of(self, name: str) -> Path | None:
+        return self._entries[name].path
+
+    def advise(self, name: str) -> None:
+        """posix_fadvise(WILLNEED) on the tensor's bytes, unless its last byte is already in the page cache.
+
+        The advice walks the page cache over its range in the calling (engine's) thread: ~0.1 ms a tensor even
+        when every page is cached, once per input, tensor and pass (a model-scope TIES merge of the large speed
+        set, warm: 3200 calls, 0.3 s of the thread that merges). ``mincore`` on the page of the tensor's last
+        byte tells (~10 µs, reading nothing); the last byte, because the readahead of the tensor before often
+        reaches into the start of this one."""
+        entry = self._entries[name]
+        if not entry.nbytes or not hasattr(os, "posix_fadvise"):
+            return
+        file = self._files[entry.path]
+        if not page_cached(file, entry.end - 1):
+            os.posix_fadvise(file.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 class StateDictSource(ModelSource):
@@ -228,7 +267,9 @@ def open_model(model: Any, label: str) -> ModelSource:
     if isinstance(model, Mapping):
         return StateDictSource(model, label)
     if isinstance(model, (str, os.PathLike)):
-        return _open_path(Path(model).expanduser(), label)
+        from nbmerge.io.hub import hub_folder, is_hub_id
+
+        return _open_path(hub_folder(model, label) if is_hub_id(model) else Path(model).expanduser(), label)
     raise ModelInputError(f"{label}: expected a path, a state dict, an nn.Module or a WithLora, got "
                           f"{type(model).__name__}")
 
@@ -241,24 +282,24 @@ def _open_path(path: Path, label: str) -> ModelSource:
     if path.suffix == ".safetensors":
         return SafetensorsSource([path], label, None)
     if path.suffix in PICKLE_SUFFIXES:
-        return _open_pickle([path], label, None)
+        return PickleSource([path], label, None)
     raise ModelInputError(f"{label}: {path} is neither a .safetensors file, a pickle checkpoint "
                           f"({', '.join(PICKLE_SUFFIXES)}) nor a model folder")
 
 
 def _open_folder(folder: Path, label: str) -> ModelSource:
     for index_name, opener in ((INDEX_FILE, SafetensorsSource),
-                               ("pytorch_model.bin.index.json", _open_pickle)):
+                               ("pytorch_model.bin.index.json", PickleSource)):
         index_path = folder / index_name
         if index_path.exists():
             weight_map = _index_weight_map(index_path, label)
-            source = opener(list(dict.fromkeys(weight_map.values())), label, folder)
+            source = opener(list(dict.fromkeys(weight_map.values())), label, folder, (index_path,))
             _check_index(source, weight_map, f"{label}: {index_path}")
             return source
     if (folder / "model.safetensors").exists():
         return SafetensorsSource([folder / "model.safetensors"], label, folder)
     if (folder / "pytorch_model.bin").exists():
-        return _open_pickle([folder / "pytorch_model.bin"], label, folder)
+        return PickleSource([folder / "pytorch_model.bin"], label, folder)
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return SafetensorsSource(found, label, folder)
@@ -268,7 +309,8 @@ def _open_folder(folder: Path, label: str) -> ModelSource:
 
 def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
-    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files)."""
+    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files; in a
+    Hugging Face cache snapshot a shard links into its repository's blobs/, where every cached file lives)."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
@@ -280,13 +322,22 @@ def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
         path = index_path.parent / shard
-        if Path(shard).is_absolute() or path.resolve().parent != folder:
+        linked_in_hub_cache = _hub_blob(index_path.parent, path)
+        if Path(shard).is_absolute() or (path.resolve().parent != folder and not linked_in_hub_cache):
             raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
         shards[shard] = path
     missing = [name for name, path in shards.items() if not path.is_file()]
     if missing:
         raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: {', '.join(missing)}")
     return {tensor: shards[shard] for tensor, shard in weight_map.items()}
+
+
+def _hub_blob(folder: Path, shard: Path) -> bool:
+    """A shard named directly in a Hugging Face cache snapshot (models--org--name/snapshots/<revision>/) that links
+    to a file of the same repository's blobs/ folder, as every cached file does."""
+    repository = folder.parent.parent
+    return (shard.parent == folder and folder.parent.name == "snapshots" and repository.name.startswith("models--")
+            and shard.resolve().is_relative_to((repository / "blobs").resolve()))
 
 
 def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -> None:
@@ -299,26 +350,38 @@ def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -
             raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, but it is in {found.name}")
 
 
-def _open_pickle(files: list[Path], label: str, folder: Path | None) -> ModelSource:
-    """Pickle checkpoints are untrusted: only ``weights_only=True`` loading, memory-mapped where the format allows."""
-    merged: dict[str, torch.Tensor] = {}
-    for path in files:
+class PickleSource(FileBackedSource):
+    """Pickle checkpoints, which are untrusted: loaded only with ``weights_only=True``, memory-mapped where the
+    format allows (so, like a safetensors file, watched and leased: a rewrite during a merge is noticed)."""
+
+    def __init__(self, files: list[Path], label: str, folder: Path | None, also_watch: tuple[Path, ...] = ()):
+        self.label, self.folder = label, folder
+        self._watch_files(files, list(also_watch))
         try:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for malicious or corrupt pickles
-            raise ModelInputError(f"{label}: {path} could not be loaded as a weights-only checkpoint: "
-                                  f"{str(exc).splitlines()[0]}") from None
-        if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, Mapping):
-            raise ModelInputError(f"{label}: {path} does not hold a state dict")
-        merged.update(loaded)
-    return StateDictSource(merged, label, folder)
+            merged: dict[str, Any] = {}
+            for path in files:
+                merged.update(_load_pickle(path, label))
+            self._tensors = StateDictSource(merged, label)
+        except BaseException:
+            self.close()
+            raise
+        self.infos = self._tensors.infos
+
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        return self._tensors.read(name)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+def _load_pickle(path: Path, label: str) -> Mapping:
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for malicious or corrupt pickles
+        raise ModelInputError(f"{label}: {path} could not be loaded as a weights-only checkpoint: "
+                              f"{str(exc).splitlines()[0]}") from None
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise ModelInputError(f"{label}: {path} does not hold a state dict")
+    return loaded

@@ -3,19 +3,20 @@
 A safetensors file holding the tensors, and under the metadata key ``nbmerge_recipe`` the recipe as JSON
 (method, checked parameters, model names, the split adapted on, and a fingerprint of the base and of every
 model), so that loading rebuilds on the same models and refuses others with an error naming the model that
-differs. Written atomically: a hidden ``.<name>.partial`` beside it, renamed into place when complete.
+differs. Written atomically: in a locked ``.<name>.partial-XXXX`` folder beside it, renamed into place when
+complete (``nbmerge.io.output_claim``: two writers of one file, one is refused; a failure leaves nothing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError
+from nbmerge.errors import ModelInputError, OutputExistsError, OutputWriteError, ParameterError
+from nbmerge.io.output_claim import OutputClaim
 
 RECIPE_KEY = "nbmerge_recipe"
 SAMPLES_PER_TENSOR = 4096
@@ -36,16 +37,21 @@ def checked_out_path(out, overwrite: bool) -> Path | None:
 
 def write_trained(tensors: dict[str, torch.Tensor], recipe: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``tensors`` and ``recipe`` to a ``.safetensors`` file, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = checked_out_path(path, overwrite)
     stored = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    partial = path.with_name(f".{path.name}.partial")
+    claim = OutputClaim(path, overwrite)
     try:
-        save_file(stored, str(partial), metadata={RECIPE_KEY: json.dumps(recipe)})
-        os.replace(partial, path)
+        try:
+            save_file(stored, str(claim.folder / path.name), metadata={RECIPE_KEY: json.dumps(recipe)})
+        except (OSError, SafetensorError) as exc:  # safetensors reports an I/O error as a SafetensorError
+            raise OutputWriteError(getattr(exc, "errno", None), f"{path}: writing the trained state failed "
+                                   f"({getattr(exc, 'strerror', None) or exc}); nothing was left in its place") from None
+        claim.install(path.name)
     finally:
-        partial.unlink(missing_ok=True)
+        claim.release()
     return path
 
 

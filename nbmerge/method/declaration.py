@@ -47,6 +47,7 @@ class TensorJob:
     stage_results: dict[str, Any] = field(default_factory=dict)
     empty: Callable[..., torch.Tensor] | None = None
     out_dtype: torch.dtype | None = None
+    arithmetic_dtype: torch.dtype | None = None  # set: mergekit's arithmetic in this dtype (``mergekit_tensor``)
 
     def __post_init__(self):
         if self.empty is None:
@@ -55,7 +56,10 @@ class TensorJob:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """float64 when some input is float64, else float32."""
+        """The merge's compute dtype when it was given one (``arithmetic_dtype``), else float64 when some input is
+        float64, else float32."""
+        if self.arithmetic_dtype is not None:
+            return self.arithmetic_dtype
         inputs = self.models + ([self.base] if self.base is not None else [])
         return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
 
@@ -168,7 +172,10 @@ class MergeMethod:
     fused(job): True where the kernel runs this job as one streaming pass with no temporaries the size of the
     tensor (a fused native kernel): an elementwise method then gets whole tensors, not slices (no per-slice
     call, and its result is the output buffer itself instead of being copied into one);
-    check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range.
+    check(params, n_models, has_base): cross-parameter checks beyond each parameter's own range;
+    mergekit_tensor: the kernel as mergekit 0.1.5 computes it, op for op, in the job's ``arithmetic_dtype``, run
+    instead of merge_tensor when a merge is given a compute dtype (``nbmerge.merge(compute_dtype=...)``, every
+    mergekit recipe); mergekit_refuses(params): why these parameters have no mergekit counterpart (None: they do).
     """
 
     name: str
@@ -187,6 +194,8 @@ class MergeMethod:
     check: Callable[[dict, int, bool], None] | None = None
     build_module: Callable[[ModuleJob], BuiltModule] | None = None
     plugin: str = ""
+    mergekit_tensor: Callable[[TensorJob], torch.Tensor] | None = None
+    mergekit_refuses: Callable[[dict], str | None] | None = None
 
     def __post_init__(self):
         if (self.merge_tensor is None) == (self.build_module is None):

@@ -307,12 +307,13 @@ def schedule_value(schedule: tuple, tensor_name: str, layer: int | None, num_lay
 
     The first entry whose filter is a substring of the tensor name wins, else the default entry. Its anchors are
     spread evenly over [0, 1] and interpolated piecewise-linearly at the tensor's depth: layer i of L layers sits
-    at i / (L - 1); tensors outside the layer stack (embeddings, final norm, head) take the first anchor.
+    at i / (L - 1), the one layer of a one-layer model or slice at 1 (as mergekit places it); tensors outside the
+    layer stack (embeddings, final norm, head) take the first anchor.
     """
     anchors = next(a for f, a in schedule if f is None or f in tensor_name)
     if len(anchors) == 1 or layer is None:
         return anchors[0]
-    position = layer / (num_layers - 1) if num_layers > 1 else 0.0
+    position = layer / (num_layers - 1) if num_layers > 1 else 1.0
     scaled = position * (len(anchors) - 1)
     left = min(int(math.floor(scaled)), len(anchors) - 2)
     frac = scaled - left

@@ -16,9 +16,16 @@ from typing import Any, Callable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
-from nbmerge.arguments import method_parser, params_from_args, unknown_flag_message
+from nbmerge.arguments import (
+    mergekit_parser,
+    mergekit_values,
+    method_parser,
+    params_from_args,
+    unknown_flag_message,
+)
 from nbmerge.display import MethodTable, merge_summary
 from nbmerge.errors import NBMergeError
+from nbmerge.method_names import choose_method, mergekit_equivalent, mergekit_line_call
 from nbmerge.plugins import all_methods, all_task_pools, get_method, plugin_versions, task_pool
 from nbmerge.results import MergeResult, is_state_dict
 
@@ -29,9 +36,13 @@ Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--allow-nonfini
         <YAML recipe: mergekit's format (merge_method, models, base_model, parameters, dtype, slices)
          or nbmerge's (method, models, base, params, out_dtype)>
 
-MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths, or lists of them) or paths to
-.safetensors files / Hugging Face folders. `{expr}` and `$name` expand in the line. The MergeResult lands in VAR
-(`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods` the table.
+MODEL and B are notebook variables (state dicts, nn.Modules, MergeResults, paths, or lists of them), paths to
+.safetensors files / Hugging Face folders, or Hugging Face Hub ids (org/name: the local cache when HF_HUB_OFFLINE=1,
+else downloaded). METHOD is nbmerge's or mergekit's name, in any case: mergekit's names (dare_ties, della_linear,
+...; linear with --weights) take mergekit's parameters (--weight/--weights, --density, --lambda, ...; per model:
+v1,v2,...) and --dtype, mapped as a mergekit recipe is. `{expr}` and `$name` expand in the line. The MergeResult
+lands in VAR (`-o VAR`), or is the cell's value. `%merge METHOD --help` shows one method's flags; `%merge_methods`
+the table.
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
 --shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --quiet (no progress bar),
@@ -93,19 +104,32 @@ class MergeMagics(Magics):
 
     @line_magic
     def merge_methods(self, line: str):
-        """Show every registered merge method: plugin and version, models, base, parameters with ranges."""
-        names = line.split()
+        """Show every registered merge method (or those named): plugin and version, models, base, parameters
+        with ranges: %merge_methods [METHOD...] [-o VAR]. The table is displayed wherever the line stands in its
+        cell (not only as the cell's last value); -o VAR also stores it."""
+        from IPython.display import display
+
+        parser = _MagicParser(prog="%merge_methods", description="the registered merge methods")
+        parser.add_argument("names", nargs="*", help="methods to show (default: all)")
+        parser.add_argument("-o", "--var", help="store the table in this notebook variable")
+        try:
+            args = parser.parse_args(_split(line))
+        except _Done:
+            return None
         methods = all_methods()
-        for name in names:
-            self._method(name)
-        chosen = [methods[name] for name in names] if names else list(methods.values())
-        return MethodTable(chosen, plugin_versions())
+        chosen = [self._method(name) for name in args.names] if args.names else list(methods.values())
+        table = MethodTable(chosen, plugin_versions())
+        display(table)
+        if args.var:
+            self.shell.user_ns[_variable(args.var)] = table
+        return None
 
     @line_magic
     def merge_eval(self, line: str):
         """Evaluate a model on a task pool: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]."""
         from IPython.display import display
 
+        from nbmerge.notebook.progress_bar import CellProgress
         from nbmerge.workbench import plots
         from nbmerge.workbench.evaluation import evaluate
 
@@ -119,14 +143,24 @@ class MergeMagics(Magics):
         var = None if args.var is None else _variable(args.var)
         model = self._model(args.model)
         pool = self._pool(args.pool)
-        with usage_errors():
-            # tqdm's notebook bar would be saved as a closed widget: the text bar only outside a kernel
-            report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
-                              progress=not args.quiet and not _in_kernel(self.shell))
+        # tqdm's notebook bar would be saved as a closed widget: in a kernel, a bar per task that the report
+        # replaces; outside one, tqdm's text bar
+        bar = CellProgress(f"evaluating {args.model}") if not args.quiet and _in_kernel(self.shell) else None
+        summary = ""
+        try:
+            with usage_errors():
+                report = evaluate(model, pool, split=args.split, tasks=_tasks(args.tasks, pool), name=args.model,
+                                  progress=not args.quiet and bar is None,
+                                  on_progress=None if bar is None else bar.update)
+            summary = f"evaluated {args.model} on {pool.name} ({args.split}) in {report.seconds:.1f} s"
+        finally:
+            if bar is not None:
+                bar.finish(summary)
         if var is not None:
             self.shell.user_ns[var] = report
         display(report)
-        display(plots.accuracy_bars({args.model: report}))
+        for figure in plots.report_figures({args.model: report}):
+            display(figure)
         return None
 
     @line_magic
@@ -232,6 +266,13 @@ class MergeMagics(Magics):
         return method, args
 
     def _merge_line(self, line: str):
+        words = _split(line)
+        if words and not words[0].startswith("-"):
+            with usage_errors("; %merge_methods lists them"):
+                choice = choose_method(words[0], words[1:])
+            if choice.mergekit:
+                return self._merge_mergekit(choice.name, words[1:])
+
         def merge_arguments(parser) -> None:
             parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
 
@@ -254,13 +295,33 @@ class MergeMagics(Magics):
         return self._run(method.name, args.var, args.quiet,
                          lambda **progress: merge(method.name, models, base=base, **options, **params, **progress))
 
+    def _merge_mergekit(self, name: str, words: list[str]):
+        """``%merge NAME ...`` with a mergekit method name: its parameters as flags, run as its recipe would be."""
+        from nbmerge.recipes import run_recipe
+
+        parser = mergekit_parser(name, f"%merge {name}", "models: notebook variables, paths or Hub ids",
+                                 parser_class=_MagicParser)
+        parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
+        try:
+            args = parser.parse_args(words)
+        except _Done:
+            return None
+        with usage_errors():
+            call = mergekit_line_call(name, args.models, args.base, mergekit_values(args), args.dtype,
+                                      args.out_dtype)
+        resolved = {reference: self._model(reference) for reference in {*call.models.values(), call.base} - {None}}
+        options = dict(out=args.out, device=args.device, shard_size=args.shard_size,
+                       overwrite=args.overwrite or None, allow_nonfinite=args.allow_nonfinite or None)
+        return self._run(call.method, args.var, args.quiet,
+                         lambda **progress: run_recipe(call, resolved.__getitem__, **options, **progress))
+
     # -- %%merge -----------------------------------------------------------------------------------------------
     def _merge_recipe(self, line: str, cell: str):
         from nbmerge.recipes import models_to_resolve, parse_recipe, run_recipe
 
         parser = _MagicParser(prog="%%merge", description="merge with the YAML recipe in the cell body")
         parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
-        parser.add_argument("--out", help="output folder or .safetensors file (overrides the recipe's)")
+        parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
         parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
         parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
@@ -321,8 +382,15 @@ class MergeMagics(Magics):
         return None
 
     def _pool(self, name: str | None):
-        """The task pool by name, built once per session; without a name, the last one used (or the only one)."""
+        """A notebook variable holding a TaskPool (``nbmerge.lm_pool(...)``), else the registered task pool of that
+        name, built once per session; without a name, the last one used (or the only one registered)."""
+        from nbmerge.taskpool import TaskPool
+
         pools = self.__dict__.setdefault("_pools", {})
+        if name is not None and name.isidentifier() and isinstance(self.shell.user_ns.get(name), TaskPool):
+            pools[name] = self.shell.user_ns[name]
+            self.__dict__["_last_pool"] = name
+            return pools[name]
         if name is None:
             registered = sorted(all_task_pools())
             name = self.__dict__.get("_last_pool") or (registered[0] if len(registered) == 1 else None)
@@ -343,8 +411,13 @@ class MergeMagics(Magics):
             return [param.check(part.strip(), method) for part in text.split(",") if part.strip()]
 
     def _method(self, name: str):
+        """nbmerge's method of that name (in any case); mergekit's names run only in %merge and %%merge."""
         with usage_errors("; %merge_methods lists them"):
-            return get_method(name)
+            choice = choose_method(name, [])
+            if choice.mergekit:
+                raise UsageError(f"{name!r} is mergekit's name for {mergekit_equivalent(choice.name)}: %merge "
+                                 f"{choice.name} takes it; here name nbmerge's method")
+            return get_method(choice.name)
 
     def _models(self, references: list[str]) -> dict[str, Any]:
         models: dict[str, Any] = {}
@@ -365,6 +438,15 @@ class MergeMagics(Magics):
         path = Path(reference).expanduser()
         if path.exists():
             return path
+        from nbmerge.io.hub import HubModelUnavailable, hub_folder, is_hub_id
+
+        if is_hub_id(reference):  # org/name: the Hub's model, from the local cache or downloaded
+            try:
+                return hub_folder(reference, f"model {reference!r}")
+            except HubModelUnavailable as exc:
+                raise UsageError(one_line(f"model {reference!r} is neither a notebook variable nor an existing file "
+                                          f"or folder (define the variable or fix the path); as a Hugging Face Hub "
+                                          f"id: {exc.reason}")) from None
         raise UsageError(f"model {reference!r} is neither a notebook variable nor an existing file or folder; "
                          f"define the variable or fix the path")
 
@@ -384,7 +466,8 @@ def model_input(value: Any, name: str, allow_list: bool = False) -> Any:
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
-    parser.add_argument("--pool", help="task pool name (default: the last one used, or the only one registered)")
+    parser.add_argument("--pool", help="a notebook variable holding a task pool, or a registered pool's name "
+                        "(default: the last one used, or the only one registered)")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task of the pool)")
     parser.add_argument("--split", default="test", help="train, validation or test (default: test)")
     if quiet:

@@ -115,11 +115,16 @@ class MergePanel(_BackgroundPanel):
     pool: a task pool (or its registered name) to evaluate each merge on (a module-building method such as
     we_moe adapts on it too). ``.result`` is the last MergeResult, ``.report`` its evaluation, ``.error`` the last
     error message (None after a successful merge; "stopped ..." after a click on Stop).
+
+    The **output** field (``out``) names a folder each merge is written to (empty: merged in memory), replacing
+    an existing one only when **overwrite** is ticked (ticked when ``out`` is given). **Save** writes the last
+    merge there (``MergeResult.save``) with its evaluation in the model card; a merge written to a folder gets
+    its evaluation in its card as soon as it is evaluated.
     """
 
     def __init__(self, models, base=None, *, pool=None, method: str | None = None, out=None, device: str = "auto",
                  tasks=None, split: str = "test"):
-        self.models, self.base, self.out, self.device = models, base, out, device
+        self.models, self.base, self.device = models, base, device
         self.pool, self.tasks, self.split = pool, tasks, split
         self.result = None
         self.report = None
@@ -139,6 +144,14 @@ class MergePanel(_BackgroundPanel):
         self.params_box = widgets.VBox()
         self.merge_button = self.run_button = widgets.Button(description="Merge", button_style="primary", icon="play")
         self._make_stop_button()
+        self.out_folder = widgets.Text(value="" if out is None else str(out), description="output",
+                                       placeholder="a folder to write each merge to (empty: in memory)",
+                                       layout={"width": "420px"})
+        self.overwrite = widgets.Checkbox(value=out is not None, description="overwrite", indent=False)
+        self.save_button = widgets.Button(description="Save", icon="save", disabled=True,
+                                          tooltip="write the last merge to the output folder, its evaluation in "
+                                                  "the model card")
+        self.save_button.on_click(lambda _button: self.save())
         self.progress_bar = ProgressBar(layout={"width": "420px"})
         self.progress, self.progress_text = self.progress_bar.bar, self.progress_bar.label
         self.status = widgets.HTML()
@@ -150,8 +163,14 @@ class MergePanel(_BackgroundPanel):
                              f"{', base model' if base is not None else ''}"
                              f"{', evaluated on ' + html.escape(_pool_name(pool)) if pool is not None else ''}")
         super().__init__([title, self.method, self.formula, self.params_box,
+                          widgets.HBox([self.out_folder, self.overwrite, self.save_button]),
                           widgets.HBox([self.merge_button, self.stop_button, self.progress, self.progress_text]),
                           self.status, self.output])
+
+    @property
+    def out(self) -> str | None:
+        """The output folder the field holds (None: merge in memory)."""
+        return self.out_folder.value.strip() or None
 
     # -- building the call -------------------------------------------------------------------------------------
     def params(self) -> dict:
@@ -178,8 +197,24 @@ class MergePanel(_BackgroundPanel):
         if result is None:
             return
         self.result, self.error = result, None
+        self.save_button.disabled = False
         self.progress.bar_style = "success"
         self._set_status(html.escape(merge_summary(result)))
+
+    def save(self, path=None):
+        """Write the last merge to ``path`` (default: the output field) with its evaluation in the model card, as
+        the Save button does; returns the path (None after an error, shown in the panel and kept in ``.error``)."""
+        target = path or self.out
+        if self.result is None or target is None:
+            self._fail("nothing to save: merge first" if self.result is None
+                       else "type an output folder to save the merge to")
+            return None
+        saved = self._outcome(lambda: self.result.save(target, overwrite=self.overwrite.value,
+                                                       evaluation=self.report), interrupted="interrupted")
+        if saved is not None:
+            self.error = None
+            self._set_status(f"saved to {html.escape(str(saved))}")
+        return saved
 
     # -- callbacks ---------------------------------------------------------------------------------------------
     def _method_changed(self, change) -> None:
@@ -200,10 +235,13 @@ class MergePanel(_BackgroundPanel):
             where = {"pool": _resolve_pool(self) if self.pool is not None else None, "split": self.split}
         else:
             where = {"device": self.device}
-        result = merge(method, self.models, base=self.base, out=self.out, overwrite=self.out is not None,
+        self.report = None
+        result = merge(method, self.models, base=self.base, out=self.out, overwrite=self.overwrite.value,
                        progress=False, on_progress=self.progress_bar.update, cancel=cancel, **where, **params)
         if self.pool is not None:
             self._evaluate(result, cancel)
+            if result.path is not None and result.path.is_dir():  # the written folder's card gets its scores
+                result.save(result.path, evaluation=self.report)
         return result
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -213,16 +251,16 @@ class MergePanel(_BackgroundPanel):
         from nbmerge.workbench.evaluation import evaluate
 
         check_cancel(cancel, "before evaluating the merge")
-        self._set_status("evaluating…")
-        report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=_label(result),
-                          progress=False)
-        self.report = report
         label = _label(result)
+        self._set_status(f"evaluating {html.escape(label)}…")
+        self.progress_bar.reset()  # the bar now counts the pool's tasks, not the merge's bytes
+        report = evaluate(result, _resolve_pool(self), split=self.split, tasks=self.tasks, name=label,
+                          progress=False, on_progress=self.progress_bar.update, cancel=cancel)
+        self.report = report
         self.reports[label] = report
         while len(self.reports) > HISTORY:
             self.reports.pop(next(iter(self.reports)))
-        figure = plots.accuracy_bars(dict(self.reports))
-        self.output.outputs = (_output(report), _output(figure))
+        self.output.outputs = (_output(report), *(_output(f) for f in plots.report_figures(dict(self.reports))))
 
 
 def _resolve_pool(panel):

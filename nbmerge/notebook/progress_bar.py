@@ -1,7 +1,8 @@
 """The one renderer of ``ProgressEvent`` in a notebook: a progress bar and a label, for the magics and the panels.
 
-The label reads ``read / total`` in bytes (with the pass name for a whole-model stage) or ``training step done /
-total`` for a module-building method. The bar moves in steps of at least a percent, so a merge of thousands of
+The label reads ``read / total`` in bytes (with the pass name for a whole-model stage), ``training step done /
+total`` for a module-building method, ``task done / total`` with the task's name while a model is evaluated, or
+``reply done / total`` with the model's label while models generate. The bar moves in steps of at least a percent, so a merge of thousands of
 tensors sends about a hundred widget messages, not thousands.
 """
 
@@ -12,6 +13,9 @@ import html
 import ipywidgets as widgets
 
 from nbmerge.display import human_bytes
+
+
+COUNTED = {"adapt": "training step", "evaluate": "task", "generate": "reply"}  # phases that count units, not bytes
 
 
 class ProgressBar:
@@ -28,11 +32,12 @@ class ProgressBar:
     def update(self, event) -> None:
         if event.total != self.bar.max:
             self.bar.max = max(event.total, 1)
-        if event.done != event.total and event.done - self.bar.value < event.total / 100:
-            return
+        if 0 < event.done != event.total and event.done - self.bar.value < event.total / 100:
+            return  # the first and the last event always show
         self.bar.value = event.done
-        if event.phase == "adapt":
-            self.label.value = f"training step {event.done} / {event.total}"
+        if event.phase in COUNTED:
+            name = f": {html.escape(event.tensor)}" if event.tensor else ""
+            self.label.value = f"{COUNTED[event.phase]} {event.done} / {event.total}{name}"
             return
         phase = "" if event.phase in ("", "merge") else f" ({html.escape(event.phase)})"
         self.label.value = f"{human_bytes(event.done)} / {human_bytes(event.total)}{phase}"

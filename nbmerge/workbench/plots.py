@@ -44,11 +44,42 @@ def accuracy_bars(reports: Mapping[str, EvalReport] | Any, include_average: bool
                  [accuracy[t] for t in tasks], width, label=label)
     axes.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
     axes.set_ylabel("accuracy (%)")
-    low = min(min(acc[t] for t in tasks) for acc in series.values())
-    axes.set_ylim(max(0.0, low - 10), 100)
+    axes.set_ylim(0, 100)  # from zero: bars cut at a higher floor exaggerate the differences
     axes.set_title("accuracy per task")
     axes.legend(fontsize="small", ncols=min(4, len(series)))
     return figure
+
+
+def perplexity_bars(reports: Mapping[str, EvalReport]):
+    """Grouped bars: one group per language-modelling domain, one bar per model; heights are perplexity (lower is
+    better), on a log scale when the models differ by more than a factor of 10."""
+    series = {label: dict(r.perplexity) for label, r in reports.items() if r.perplexity}
+    domains = list(next(iter(series.values())))
+    figure = _figure(max(6.0, 1.3 * len(domains) + 0.25 * len(series) * len(domains)), 3.8)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, perplexity) in enumerate(series.items()):
+        axes.bar([k + (i - (len(series) - 1) / 2) * width for k in range(len(domains))],
+                 [perplexity.get(d, float("nan")) for d in domains], width, label=label)
+    values = [v for perplexity in series.values() for v in perplexity.values()]
+    if max(values) > 10 * min(values):
+        axes.set_yscale("log")
+    axes.set_xticks(range(len(domains)), domains, rotation=20, ha="right")
+    axes.set_ylabel("perplexity (lower is better)")
+    axes.set_title("perplexity per domain")
+    axes.legend(fontsize="small", ncols=min(4, len(series)))
+    return figure
+
+
+def report_figures(reports: Mapping[str, EvalReport]) -> list:
+    """The figures for a set of reports: accuracy bars when they hold accuracy, perplexity bars when they hold
+    perplexity (a causal-LM pool may hold both)."""
+    figures = []
+    if any(r.accuracy for r in reports.values()):
+        figures.append(accuracy_bars({label: r for label, r in reports.items() if r.accuracy}))
+    if any(r.perplexity for r in reports.values()):
+        figures.append(perplexity_bars(reports))
+    return figures
 
 
 def sweep_curve(param: str, values: Sequence[float], reports: Sequence[EvalReport]):

@@ -6,11 +6,14 @@ W = W_0 + Σ_e r_e τ_e (see ``layers``); every
 other tensor is task arithmetic θ_0 + init_lambda Σ_e τ_e. The routers (fc2(ReLU(fc1(h))), H→H→E, N(0, 0.01²)
 weights, fc2 bias init_lambda) are then trained alone for ``steps`` Adam steps (``lr``) to minimise the summed
 entropy of every task's predictions on ``batch_size`` unlabeled inputs of that task per step
-(``nbmerge_plugins._test_time``; ``objective="information_max"`` subtracts the entropy of each batch's mean prediction,
-against the collapse of few-class tasks onto one class), each batch routed with its mean routing vector when ``batch_reduce`` (FusionBench's
-default); the resulting model routes every sample by itself. Every ``select_every`` steps the model is scored on
-the pool's validation split and the best step's routers are kept. ``steps=0`` keeps the initial routers
-(≈ task arithmetic). Defaults are the paper's and FusionBench's (configs/method/wemoe/weight_ensembling_moe.yaml).
+(``nbmerge_plugins._test_time``; ``objective="information_max"`` subtracts the entropy of each batch's mean
+prediction, against the collapse of few-class tasks onto one class). Routing is the same in adaptation and in use:
+per sample (the paper's), or with ``batch_reduce`` each batch by its mean routing vector, in adaptation and in use
+alike (what FusionBench's reported numbers effectively use: its batches hold one task's inputs, and so do the task
+pools' evaluation batches). Every ``select_every`` steps the model is scored on the pool's validation split and the
+best step's routers are kept (0: the last step, no labels used). ``steps=0`` keeps the initial routers
+(≈ task arithmetic). Defaults are the paper's; FusionBench's configs/method/wemoe/weight_ensembling_moe.yaml has
+the same λ₀, lr, steps and batch size.
 
 The method builds a module, so it runs through ``nbmerge.merge("we_moe", {task: model}, base=..., pool=...)``.
 """
@@ -31,8 +34,9 @@ PARAMS = (
     Param("lr", "float", 1e-4, "Adam learning rate of the routers", low=0.0, low_inclusive=False),
     Param("steps", "int", 1000, "test-time adaptation steps (0: no adaptation)", low=0),
     Param("batch_size", "int", 16, "unlabeled inputs per task per step", low=1),
-    Param("batch_reduce", "bool", True, "during adaptation, route each batch with its mean routing vector "
-          "(FusionBench's recipe, several times faster); the result always routes per sample"),
+    Param("batch_reduce", "bool", False, "route each batch by its mean routing vector, in adaptation and in use "
+          "(FusionBench's recipe over single-task batches, several times faster); false: every sample by itself "
+          "(the paper's)"),
     Param("objective", "choice", "entropy", "what adaptation minimises per task: 'entropy' of the predictions "
           "(the paper's), or 'information_max' = entropy − entropy of the batch's mean prediction, which keeps "
           "few-class tasks from collapsing onto one class", choices=OBJECTIVES, grid=OBJECTIVES),
@@ -45,7 +49,8 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
     """Upcycle job.base with job.models as experts, then adapt the routers (or load job.trained_state)."""
     params = job.params
     model = upcycle(job.base, job.models, init_lambda=params["init_lambda"],
-                    router_hidden_layers=params["router_hidden_layers"], seed=params["seed"])
+                    router_hidden_layers=params["router_hidden_layers"], batch_reduce=params["batch_reduce"],
+                    seed=params["seed"])
     history, record = None, {}
     if job.trained_state is not None:
         load_routers(model, job.trained_state)
@@ -54,8 +59,8 @@ def build_we_moe(job: ModuleJob) -> BuiltModule:
                                       shuffled_batches(job.tasks[name].inputs, params["batch_size"],
                                                        params["seed"] * 1000 + index))
                  for index, name in enumerate(job.models)}
-        history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], batch_reduce=params["batch_reduce"],
-                        objective=params["objective"], progress=job.progress,
+        history = adapt(model, tasks, lr=params["lr"], steps=params["steps"], objective=params["objective"],
+                        progress=job.progress,
                         on_step=lambda done, _loss: job.step_done(done, params["steps"]),
                         select=None if job.validation_score is None else lambda: job.validation_score(model),
                         select_every=params["select_every"])

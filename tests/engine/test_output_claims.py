@@ -1,13 +1,17 @@
-"""Faults around the output: a merge killed with SIGKILL or stopped with SIGINT mid-write, and two merges to one
-output at once. Each real merge runs in its own process, as a notebook kernel or a CLI would."""
+"""Faults around the output: a merge killed with SIGKILL or stopped with SIGINT mid-write, an overwrite killed at
+each of its steps, and two merges to one output at once (threads of one process, two processes). Each killed
+merge runs in its own process, as a notebook kernel or a CLI would."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -136,3 +140,208 @@ def test_an_output_name_with_glob_characters_is_claimed_like_any_other(tmp_path,
     nbmerge.merge("simple_average", inputs, out=out, progress=False)
     assert sorted(os.listdir(tmp_path)) == [".merged1.partial-other", "in0.safetensors", "in1.safetensors",
                                             "merged[v1]*"]
+
+
+# -- an overwrite killed at each of its steps ------------------------------------------------------------------
+def in_child(work, timeout=60) -> int:
+    """Run ``work()`` in a forked copy of this process (everything already imported: milliseconds, where a fresh
+    interpreter takes seconds on a busy machine); return its wait status as subprocess does (-N: killed by N)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        except BaseException as exc:
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child merge hung")
+        time.sleep(0.01)
+
+
+def stopped_at(step, out, inputs, journaled: bool) -> int:
+    """A merge overwriting ``out`` that SIGKILLs itself (no handler, no cleanup, as a power cut or the OOM
+    killer) when it reaches ``step``; ``journaled``: as on a file system that cannot swap two names atomically."""
+    from nbmerge.io import output_claim
+
+    def work():
+        def stop_at(reached):
+            if reached == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        output_claim.reached = stop_at  # in the child only
+        if journaled:
+            output_claim._exchange = lambda first, second: False
+        nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+
+    return in_child(work)
+
+
+SWAPPED_STEPS = {"claimed": "old", "written": "old", "installed": "new", "trashed": "new"}
+JOURNALED_STEPS = {"claimed": "old", "written": "old", "moved-aside": "old", "installed": "new", "trashed": "new"}
+FILE_STEPS = {"claimed": "old", "written": "old", "installed": "new"}
+KILLS = ([("merged", "swapped", step, survivor) for step, survivor in SWAPPED_STEPS.items()]
+         + [("merged", "journaled", step, survivor) for step, survivor in JOURNALED_STEPS.items()]
+         + [("merged.safetensors", "swapped", step, survivor) for step, survivor in FILE_STEPS.items()])
+
+
+def snapshot(path):
+    """Every file of an output (a folder or one file) with its bytes."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out_name, path, step, survivor", KILLS)
+def test_an_overwrite_killed_at_any_step_leaves_old_or_new_whole_and_the_next_merge_settles_it(
+        tmp_path, inputs, out_name, path, step, survivor):
+    out = tmp_path / out_name
+    nbmerge.merge("simple_average", [inputs[0], inputs[0]], out=out, progress=False)
+    old = snapshot(out)
+    reference = tmp_path / "reference" / out_name  # what the killed merge would have written
+    nbmerge.merge("simple_average", inputs, out=reference, progress=False)
+    new = snapshot(reference)
+    shutil.rmtree(tmp_path / "reference")
+    assert old != new
+    assert stopped_at(step, out, inputs, journaled=path == "journaled") == -signal.SIGKILL
+    if out.exists():  # right after the kill: old or new, whole
+        assert snapshot(out) in (old, new)
+    else:  # only between the two renames of the journaled path: the old one whole in the journal folder
+        assert (path, step) == ("journaled", "moved-aside")
+        [aside] = tmp_path.glob(f".{out_name}.replaced-*")
+        assert snapshot(aside / out_name) == old
+    # the next merge to that output finishes or undoes the killed one before it looks at the output
+    with pytest.raises(OutputExistsError, match="already exists"):
+        nbmerge.merge("simple_average", inputs, out=out, progress=False)
+    assert snapshot(out) == (old if survivor == "old" else new)
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", out_name]  # nothing left over
+    nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)  # no stale lock
+    assert snapshot(out) == new
+
+
+# -- two merges to one output ----------------------------------------------------------------------------------
+def expected_weighted(inputs, weights):
+    first, second = (load_file(p) for p in inputs)
+    total = sum(weights)
+    return {name: ((weights[0] * first[name].double() + weights[1] * second[name].double()) / total).float()
+            for name in first}
+
+
+@pytest.mark.parametrize("round_", range(3))  # the race is decided by the scheduler: several rounds
+def test_merges_to_one_output_from_threads_never_both_succeed(tmp_path, inputs, round_):
+    out = tmp_path / "merged"
+    weightings = [[1, 1], [1, 2], [1, 3], [1, 4]]
+    start = threading.Barrier(len(weightings))
+    outcome: dict[int, object] = {}
+
+    def run(i):
+        start.wait()
+        try:
+            nbmerge.merge("weighted_average", inputs, out=out, weights=weightings[i], progress=False,
+                          on_progress=lambda event: time.sleep(0.002))
+            outcome[i] = "wrote"
+        except OutputExistsError as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(weightings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [i for i, result in outcome.items() if result == "wrote"]
+    assert len(outcome) == len(weightings) and len(winners) == 1, outcome
+    for i, result in outcome.items():
+        if i not in winners:
+            assert re.search(r"(another merge is writing .*merged now|merged already exists)", str(result)), result
+    merged = load_file(out / "model.safetensors")
+    for name, value in expected_weighted(inputs, weightings[winners[0]]).items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-6, atol=1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+
+
+def race_two_processes(out, go, inputs) -> list[int]:
+    """Two forked processes merge to ``out`` (weights [1, 2] and [1, 3]) once ``go`` appears; their exit codes
+    (17: refused with OutputExistsError)."""
+    pids = []
+    for weight in (2, 3):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                while not go.exists():
+                    time.sleep(0.0005)
+                nbmerge.merge("weighted_average", inputs, out=out, weights=[1, weight], progress=False)
+                code = 0
+            except OutputExistsError:
+                code = 17
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    time.sleep(0.2)
+    go.touch()
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    go.unlink()
+    return codes
+
+
+def test_merges_to_one_output_from_two_processes_never_both_succeed(tmp_path, inputs):
+    for round_ in range(6):  # the race is decided by the scheduler: several rounds
+        out = tmp_path / f"merged{round_}"
+        codes = race_two_processes(out, tmp_path / "go", inputs)
+        assert sorted(codes) == [0, 17], codes  # one wrote, the other was refused with OutputExistsError
+        merged = load_file(out / "model.safetensors")
+        for name, value in expected_weighted(inputs, [1, (2, 3)[codes.index(0)]]).items():
+            torch.testing.assert_close(merged[name], value, rtol=1e-6, atol=1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", *(f"merged{r}" for r in range(6))]
+
+
+def test_the_claim_is_held_until_the_output_is_in_place(tmp_path, inputs, monkeypatch):
+    """At the last moment before the rename, a second merge is still refused, and an output that someone else
+    put there meanwhile is not replaced: this merge is discarded instead."""
+    from nbmerge.io import output_claim
+
+    out = tmp_path / "merged"
+    seen = []
+
+    def at_step(step):
+        if step == "written" and not seen:
+            with pytest.raises(OutputExistsError, match="another merge is writing"):
+                nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+            out.mkdir()
+            (out / "theirs.txt").write_text("someone else's")
+            seen.append(step)
+
+    monkeypatch.setattr(output_claim, "reached", at_step)
+    with pytest.raises(OutputExistsError, match=r"merged was written by another merge while this one ran"):
+        nbmerge.merge("simple_average", inputs, out=out, progress=False)
+    assert seen and os.listdir(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "someone else's"
+    assert sorted(os.listdir(tmp_path)) == ["in0.safetensors", "in1.safetensors", "merged"]
+
+
+@pytest.mark.parametrize("journaled", [False, True], ids=["swapped", "journaled"])
+def test_overwriting_an_output_that_is_a_link_replaces_the_link_not_what_it_points_to(tmp_path, inputs,
+                                                                                     monkeypatch, journaled):
+    from nbmerge.io import output_claim
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("theirs")
+    out = tmp_path / "merged"
+    out.symlink_to(elsewhere, target_is_directory=True)
+    if journaled:
+        monkeypatch.setattr(output_claim, "_exchange", lambda first, second: False)
+    nbmerge.merge("simple_average", inputs, out=out, overwrite=True, progress=False)
+    assert not out.is_symlink() and os.listdir(elsewhere) == ["keep.txt"]
+    merged = load_file(out / "model.safetensors")
+    for name, value in expected_average(inputs).items():
+        assert torch.equal(merged[name], value), name
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "in0.safetensors", "in1.safetensors", "merged"]

@@ -279,6 +279,12 @@ def test_progress_events_and_report_count_every_byte(llama_set):
     assert [e.done for e in events] == sorted(e.done for e in events)
     assert {e.phase for e in events} == {"global trim threshold", "merge"}
     assert result.report.tensors == len(llama_set.base) and result.report.peak_rss_bytes > 0
+    assert result.report.input_bytes == 4 * model_bytes and result.report.passes == 4
+    gib = 1024**3
+    assert f"read {16 * model_bytes / gib:.2f} GiB ({4 * model_bytes / gib:.2f} GiB of inputs, 4 passes)" \
+        in str(result.report)
+    one_pass = nbmerge.merge("task_arithmetic", llama_set.model_dirs, base=llama_set.base_dir, progress=False)
+    assert one_pass.report.passes == 1 and "passes" not in str(one_pass.report)
 
 
 # -- command line --------------------------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ def test_cli_lists_methods_as_json(capsys):
 
 
 @pytest.mark.parametrize("method", ["weighted_average", "simple_average", "linear", "task_arithmetic", "expo", "ties",
-                                    "dare", "slerp"])
+                                    "dare", "slerp", "magmax", "tall_mask", "wudi", "doge_ta"])
 def test_every_method_merges_folders_via_cli_and_modules_via_api_alike(method, llama_set, tmp_path):
     declared = nbmerge.methods()[method]
     count = min(declared.max_models or 3, 3)

@@ -58,7 +58,8 @@ def test_line_merge_of_variables_lands_in_var(shell, ns, llama_set, capsys):
     assert_state_close(ns["merged"].state_dict,
                        task_arithmetic(llama_set.base, llama_set.models[:2], 0.5, [1.0, 0.5]))
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("merged = task_arithmetic(scaling=0.5, weights=[1.0, 0.5]) of 2 model")
+    assert len(out) == 1 and out[0].startswith(
+        "merged = task_arithmetic(scaling=0.5, weights=[1.0, 0.5], normalize=false) of 2 model")
 
 
 def test_paths_lists_modules_and_results_as_models(shell, ns, llama_set, tmp_path):
@@ -130,15 +131,22 @@ def test_method_help_and_magic_help(shell, capsys):
         assert all(param.name in magic_help for param in method.params)
 
 
-def test_merge_methods_table(shell):
-    table = run(shell, "%merge_methods").result
+def test_merge_methods_table(shell, monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda value: shown.append(value))
+    assert run(shell, "%merge_methods -o table\nx = 1").result is None  # not the last line: displayed all the same
+    table = shell.user_ns["table"]
+    assert shown == [table]
     assert [row["name"] for row in table.rows] == sorted(nbmerge.methods())
     ties = next(row for row in table.rows if row["name"] == "ties")
     assert ties["base"] == "required" and ties["plugin"] == "ties"
     density = next(p for p in ties["params"] if p["name"] == "density")
     assert density["valid"] == "(0, 1]" and density["default"] == 0.2
     assert "<code>density=0.2 (0, 1]</code>" in table._repr_html_()
-    assert [row["name"] for row in run(shell, "%merge_methods slerp ties").result.rows] == ["slerp", "ties"]
+    run(shell, "%merge_methods slerp ties -o chosen")
+    assert [row["name"] for row in shell.user_ns["chosen"].rows] == ["slerp", "ties"]
 
 
 # -- %%merge recipes against mergekit itself -------------------------------------------------------------------
@@ -303,7 +311,7 @@ def test_recipe_mistakes_are_one_line_usage_errors(shell, ns, capsys):
 
 
 def test_import_registers_lazy_magics_and_config_does_too():
-    code = "import nbmerge; table = get_ipython().run_line_magic('merge_methods', 'ties'); print(table.rows[0]['name'])"
+    code = "import nbmerge; get_ipython().run_line_magic('merge_methods', 'ties -o table'); print(table.rows[0]['name'])"
     out = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--no-banner", "-c", code],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("ties")
@@ -364,5 +372,21 @@ def test_without_pool_the_magics_ask_for_one(monkeypatch, capsys):
     magics = ipython.magics_manager.registry["MergeMagics"]
     monkeypatch.setattr(magics, "__dict__", {k: v for k, v in magics.__dict__.items() if k != "_last_pool"})
     ipython.user_ns["lone"] = {"w": torch.zeros(2)}
-    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, vision-full, vision-tiny)" in \
+    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, smollm2-chat, vision-full, " \
+        "vision-tiny)" in \
         usage_error(ipython, capsys, "%merge_eval lone")
+
+
+def test_merge_eval_takes_a_causal_lm_pool_held_in_a_variable(shell, capsys):
+    from nbmerge.workbench.models.causal_lm import smollm2
+
+    folder = smollm2()
+    pool = nbmerge.lm_pool(folder, texts={"news": ["Rain is expected across the region tomorrow afternoon."]},
+                           choices=[("The capital of France is", [" Paris", " Berlin"], 0)])
+    shell.user_ns.update(lm=str(folder), lm_texts=pool)
+    capsys.readouterr()
+    run(shell, "%merge_eval lm --pool lm_texts --quiet -o lm_report")
+    report = shell.user_ns["lm_report"]
+    expected = nbmerge.evaluate(folder, pool, progress=False)
+    assert (report.perplexity, report.accuracy) == (expected.perplexity, expected.accuracy)
+    assert "perplexity" in capsys.readouterr().out

@@ -28,7 +28,7 @@ def test_merge_button_merges_with_the_controls_values(llama_set):
     panel = MergePanel(llama_set.models[:2], base=llama_set.base)
     assert panel.method.value == "task_arithmetic"
     assert "simple_average" not in panel.method.options  # takes no base: not offered when one is given
-    assert set(panel.controls) == {"scaling", "weights"}
+    assert set(panel.controls) == {"scaling", "weights", "normalize"}
     panel.controls["scaling"].value = 0.7
     panel.controls["weights"].value = "1, 0.5"
     click(panel.merge_button, panel)
@@ -37,7 +37,8 @@ def test_merge_button_merges_with_the_controls_values(llama_set):
     total = input_bytes(llama_set.base, *llama_set.models[:2])
     assert (panel.progress.value, panel.progress.max, panel.progress.bar_style) == (total, total, "success")
     assert panel.progress_text.value == f"{nbmerge.display.human_bytes(total)} / {nbmerge.display.human_bytes(total)}"
-    assert "task_arithmetic(scaling=0.7, weights=[1.0, 0.5]) of 2 model(s) onto base" in panel.status.value
+    assert ("task_arithmetic(scaling=0.7, weights=[1.0, 0.5], normalize=false) of 2 model(s) onto base"
+            in panel.status.value)
 
 
 def test_switching_method_rebuilds_controls_from_its_declaration(llama_set):
@@ -198,6 +199,36 @@ def test_merge_panel_evaluates_and_plots_every_merge(tiny_zoo):
     assert f"<td>sentiment</td><td>100</td><td>{panel.report.accuracy['sentiment']:.1f}</td>" in \
         table["data"]["text/html"]
     assert chart["data"]["image/png"]  # the per-task bars of both merges
+
+
+def test_save_writes_the_last_in_memory_merge_to_the_output_field(llama_set, tmp_path):
+    from safetensors.torch import load_file
+
+    panel = MergePanel(llama_set.model_dirs, base=llama_set.base_dir)
+    assert panel.out is None and not panel.overwrite.value and panel.save_button.disabled
+    panel.save()
+    assert panel.error == "nothing to save: merge first"
+    click(panel.merge_button, panel)
+    assert panel.result.path is None and not panel.save_button.disabled
+    panel.out_folder.value = str(tmp_path / "merged")
+    panel.save_button.click()
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(saved[name], panel.result.state_dict[name]) for name in saved)
+    assert "task_arithmetic" in (tmp_path / "merged" / "README.md").read_text()
+    assert panel.error is None and "saved to" in panel.status.value
+    panel.save()  # the folder exists now and overwrite is not ticked: refused, shown, nothing changed
+    assert "already exists" in panel.error
+
+
+def test_a_merge_written_by_the_panel_gets_its_evaluation_in_its_model_card(tiny_zoo, tmp_path):
+    panel = MergePanel(list(tiny_zoo.models.values()), base=tiny_zoo.base, pool=tiny_zoo.pool, tasks=TASKS,
+                       out=tmp_path / "merged")
+    assert panel.overwrite.value  # out given by the caller: each merge replaces the last
+    click(panel.merge_button, panel)
+    click(panel.merge_button, panel)
+    assert panel.error is None and panel.result.path == tmp_path / "merged"
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "## Evaluation" in card and str(panel.report) in card
 
 
 def test_sweep_panel_grows_the_curve_and_reports_the_best(tiny_zoo):

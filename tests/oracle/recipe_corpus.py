@@ -4,11 +4,12 @@ Each recipe is first parsed as written: a refusal there is one line naming the f
 run by both tools with every model reference (base_model, sources, tokenizer source) replaced by a small Llama
 checkpoint built here, with as many layers as the recipe's layer ranges need (``model+adapter``: that checkpoint
 with a seeded PEFT LoRA adapter; several documents: mergekit-multimerge's task graph), and the outputs are compared:
-equal (to float32 tolerance on all but 0.1% of entries), or, for methods with random masks (DARE and DELLA with
-density < 1), the same tensors with task-vector norms within 15% of mergekit's. mergekit computes in the recipe's
-``dtype`` while nbmerge computes in float32 and rounds once at the end, so a 16-bit recipe runs both in float32 here
-(in its own dtype the two differ by rounding, and where TIES-like trims rank rounded values, by which entries are
-kept). ``scripts/recipe_corpus.py`` writes the table to docs/recipe-corpus.md.
+equal, or, for methods with random masks (DARE and DELLA with density < 1), the same tensors with task-vector norms
+within 15% of mergekit's. Where nbmerge has the method's mergekit arithmetic (linear, task_arithmetic, ties,
+breadcrumbs, slerp, passthrough: ``MergeMethod.mergekit_tensor``) the recipe runs as written, in its own ``dtype``,
+and equal means bit for bit; the other methods compute in float32 in nbmerge, so a 16-bit recipe of theirs runs
+both in float32 here and equal means to float32 tolerance on all but 0.1% of entries.
+``scripts/recipe_corpus.py`` writes the table to docs/recipe-corpus.md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
         return CaseResult(path.name, method, "refused", f"{exc} [mergekit: {mergekit_verdict(text, workdir, path)}]")
     documents, models = localised(list(yaml.safe_load_all(text)), workdir)  # several: a mergekit-multi chain
     written_dtype = documents[-1].get("out_dtype") or documents[-1].get("dtype")
-    documents = [in_float32(document) for document in documents]
+    exact = [_has_mergekit_arithmetic(document) for document in documents]
+    documents = [document if arithmetic else in_float32(document) for document, arithmetic in zip(documents, exact)]
     local = documents[-1]
     theirs_dir = workdir / f"mk-{path.stem}"
     templated = local.get("chat_template") is not None  # then both write a tokenizer whose templates are compared
@@ -79,6 +81,15 @@ def run_case(path: Path, workdir: Path) -> CaseResult:
         ratio = _norm_ratio(ours, theirs, base)
         status = "same distribution" if abs(ratio - 1) <= 0.15 else "different"
         return CaseResult(path.name, method, status, f"random masks; ‖Δ‖ ratio {ratio:.3f}")
+    if all(exact):
+        unequal = sum(int((ours[k] != theirs[k]).sum()) if ours[k].dtype == theirs[k].dtype else ours[k].numel()
+                      for k in theirs)
+        if unequal:
+            return CaseResult(path.name, method, "different",
+                              f"{unequal} of {sum(v.numel() for v in theirs.values())} entries not bit-identical")
+        template = "; chat templates render alike" if templated else ""
+        computed_in = documents[-1].get("dtype") or "the checkpoints' float32"
+        return CaseResult(path.name, method, "equal", f"bit for bit, computed in {computed_in}{template}")
     worst, mismatched = _difference(ours, theirs)
     computed = f" (both computed in float32; the recipe's {written_dtype})" if written_dtype in HALF_DTYPES else ""
     if worst <= 1e-5 or mismatched <= 1e-3:
@@ -132,6 +143,13 @@ def layers_needed(config: dict) -> int:
     ends = [source["layer_range"][1] for piece in config.get("slices") or []
             for source in piece.get("sources") or [] if source.get("layer_range")]
     return max(ends, default=4)
+
+
+def _has_mergekit_arithmetic(document: dict) -> bool:
+    """Whether nbmerge runs this recipe document with mergekit's arithmetic (its options carry compute_dtype)."""
+    from nbmerge.recipes import parse_recipe
+
+    return "compute_dtype" in parse_recipe(json.dumps(document)).options
 
 
 def in_float32(document: dict) -> dict:
@@ -317,6 +335,11 @@ def markdown(results: list[CaseResult]) -> str:
         "`tests/oracle/test_recipe_corpus.py` checks every row again. Where nbmerge refuses, the row says what",
         "mergekit does with the same recipe: mergekit ignores keys it does not know (a typo such as",
         "`tokenzer_source` then silently changes the merge), nbmerge names them.",
+        "",
+        "A recipe's `dtype` is the dtype mergekit 0.1.5 computes in and `out_dtype` the output's; for the methods",
+        "whose mergekit arithmetic nbmerge has (linear, task_arithmetic, ties, breadcrumbs, slerp, passthrough)",
+        "each recipe runs as written and \"bit for bit\" means every tensor is identical. The other methods compute",
+        "in float32 in nbmerge, so a 16-bit recipe of theirs is run by both in float32 here.",
         "",
         "Summary: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) + ".",
         "",

@@ -134,3 +134,27 @@ def test_a_model_holding_nan_is_refused_by_name_unless_allowed(bert_pool):
     allowed = nbmerge.merge("adamerging", models, base=base, pool=pool, progress=False, steps=0,
                             allow_nonfinite=True)
     assert allowed.module is not None
+
+
+def test_only_parameters_are_merged_buffers_stay_the_base_s():
+    """FusionBench merges parameters only: BatchNorm running statistics that differ between the fine-tuned models
+    stay the pretrained model's, while the BatchNorm affine parameters follow θ_0 + λ Σ τ."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    models = {}
+    for name in "ab":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            model[1].running_mean.add_(torch.randn(3))
+            model[1].running_var.mul_(2.0)
+        models[name] = model.eval()
+    merged = AdaMergedModule(base, models, "task", 0.3).merged_module().state_dict()
+    reference = base.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(merged[key], reference[key]), key
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        expected = reference[key] + 0.3 * sum(m.state_dict()[key] - reference[key] for m in models.values())
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=1e-6)

@@ -92,6 +92,13 @@ def test_differing_integer_tensors_are_an_error_naming_the_tensor():
     ("dare", True, {"combine": "ties", "rescale": "l1"}),
     ("slerp", False, {"t": 0.0}),
     ("expo", True, {}),
+    ("magmax", True, {}),
+    ("tall_mask", True, {}),
+    ("wudi", True, {"iterations": 3}),
+    ("doge_ta", True, {"iterations": 3}),
+    ("tsv_m", True, {"weights": [0.5, 2.0]}),
+    ("iso_c", True, {}),
+    ("iso_cts", True, {}),
 ])
 def test_inputs_are_never_modified(method, uses_base, params):
     base = with_buffer(decoder_state(seed=0), 3)
@@ -107,3 +114,18 @@ def test_inputs_are_never_modified(method, uses_base, params):
         assert torch.equal(base[name], base_copy[name]), name
         for model, copy in zip(models, model_copies):
             assert torch.equal(model[name], copy[name]), name
+
+
+@pytest.mark.parametrize("method, params", [("magmax", {}), ("tall_mask", {}), ("wudi", {"iterations": 5}),
+                                            ("doge_ta", {"iterations": 5})])
+def test_bf16_inputs_of_the_data_free_methods_are_merged_in_float32(method, params):
+    """FusionBench computes these in the inputs' dtype (several fail on bfloat16 on the CPU); nbmerge computes in
+    float32 and rounds the result to bfloat16 once."""
+    base = {n: t.to(torch.bfloat16) for n, t in decoder_state(seed=0).items()}
+    models = [{n: t.to(torch.bfloat16) for n, t in fine_tuned(decoder_state(seed=0), seed=s).items()} for s in (1, 2)]
+    merged = merge(method, models, base=base, **params)
+    in_float32 = merge(method, [{n: t.float() for n, t in m.items()} for m in models],
+                       base={n: t.float() for n, t in base.items()}, **params)
+    for name, value in merged.items():
+        assert value.dtype == torch.bfloat16, name
+        assert torch.equal(value, in_float32[name].to(torch.bfloat16)), name

@@ -38,6 +38,17 @@ class Unreadable(Mapping):
     ("expo", 1, {"fix_first_n_layers": "third"}, "fix_first_n_layers"),
     ("expo", 1, {"magnitude_sparsity_ratio": 1.0}, "magnitude_sparsity_ratio"),
     ("linear", 2, {"t": 1.5}, "'t'"),
+    ("tall_mask", 2, {"task": 2}, "'task' is 2, but there are 2 models"),
+    ("tall_mask", 3, {"tall_mask_lambda": [0.5, 0.6]}, "tall_mask_lambda"),
+    ("wudi", 2, {"iterations": -1}, "iterations"),
+    ("wudi", 2, {"matrices": "embeddings"}, "matrices"),
+    ("doge_ta", 2, {"density": 0.0}, "density"),
+    ("doge_ta", 2, {"subspace": 0}, "subspace"),
+    ("doge_ta", 2, {"density": [0.1, 0.5]}, "density"),
+    ("magmax", 2, {"scale": 0.5}, "did you mean 'scaling'"),
+    ("tsv_m", 3, {"weights": [1.0, 2.0]}, "weights"),
+    ("iso_cts", 2, {"common_space_fraction": 1.5}, "common_space_fraction"),
+    ("iso_c", 2, {"scaling": "big"}, "scaling"),
 ])
 def test_invalid_parameters_are_rejected_before_reading_tensors(method, n_models, params, message):
     with pytest.raises(ParameterError, match=message):
@@ -65,6 +76,6 @@ def test_interpolations_take_exactly_two_endpoints(method):
 
 
 def test_methods_that_need_a_base_say_so():
-    for method in ("task_arithmetic", "ties", "dare", "expo"):
+    for method in ("task_arithmetic", "ties", "dare", "expo", "magmax", "tall_mask", "wudi", "doge_ta"):
         with pytest.raises(ParameterError, match="base"):
             merge(method, [Unreadable(), Unreadable()])

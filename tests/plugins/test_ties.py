@@ -133,13 +133,13 @@ def many_valued_ties_inputs():
 def test_ties_model_scope_threshold_is_exact_on_many_values(monkeypatch, budget):
     """The sampled bracket (also thinned down to a tiny sample budget) gives the exact global threshold, without
     the radix fallback."""
-    from nbmerge_plugins import _selection, ties
+    from nbmerge_plugins import _selection
 
     def no_fallback(*args):
         raise AssertionError("the sampled bracket missed the threshold")
 
     monkeypatch.setattr(_selection, "MODEL_SAMPLE_BUDGET", budget)
-    monkeypatch.setattr(ties, "radix_global_thresholds", no_fallback)
+    monkeypatch.setattr(_selection, "radix_global_thresholds", no_fallback)
     base, models = many_valued_ties_inputs()
     merged = merge("ties", models, base=base, density=0.3, trim_scope="model")
     expected = ties_reference(base, models, density=0.3, trim_scope="model")
@@ -148,9 +148,9 @@ def test_ties_model_scope_threshold_is_exact_on_many_values(monkeypatch, budget)
 
 
 def test_ties_model_scope_falls_back_to_radix_selection_when_the_bracket_misses(monkeypatch):
-    from nbmerge_plugins import ties
+    from nbmerge_plugins import _selection
 
-    monkeypatch.setattr(ties, "bracket", lambda sample, kept_fraction: (1e6, 2e6))   # holds no entry at all
+    monkeypatch.setattr(_selection, "bracket", lambda sample, kept_fraction: (1e6, 2e6))   # holds no entry at all
     base, models = many_valued_ties_inputs()
     merged = merge("ties", models, base=base, density=0.3, trim_scope="model")
     expected = ties_reference(base, models, density=0.3, trim_scope="model")

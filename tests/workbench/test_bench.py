@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 import nbmerge
 from nbmerge.cli import main
+from nbmerge.errors import ParameterError
 from nbmerge.workbench.bench import run_bench
 from nbmerge.workbench.evaluation import individual_accuracy
 
@@ -31,7 +33,7 @@ def test_rows_and_skips(bench, tiny_zoo):
 def test_tuned_row_is_the_best_grid_point_on_validation(bench, tiny_zoo):
     pool = tiny_zoo.pool
     validation = {}
-    for scaling in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
+    for scaling in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
         merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False,
                                scaling=scaling)
         validation[scaling] = nbmerge.evaluate(merged, pool, split="validation", progress=False).average
@@ -131,3 +133,50 @@ def test_a_run_added_to_an_earlier_table_keeps_both(bench, tiny_zoo, tmp_path, c
     assert main(["bench", "--seeds", "1", "--methods", "simple_average", "--no-tune", "--cache-dir", cache,
                  "--add-to", str(earlier), "--quiet"]) == 1
     assert "cannot add a run on minilm-tiny seeds [1] to one on minilm-tiny seeds [0]" in capsys.readouterr().err
+
+
+def test_tables_of_single_seeds_combine_into_one_of_means_over_seeds(ta8_bench):
+    import copy
+
+    from nbmerge.workbench.bench import combine_seeds
+
+    bench = ta8_bench
+    other = copy.deepcopy(bench)
+    other.seeds = [7]
+    for row in other.rows:
+        for report in row.reports:
+            report.accuracy = {task: value - 1.0 for task, value in report.accuracy.items()}
+    combined = combine_seeds([bench, other])
+    assert combined.seeds == [0, 7]
+    for row in combined.rows:
+        mine = bench.row(row.label)
+        assert row.average == pytest.approx(mine.average - 0.5)
+        assert row.spread == pytest.approx(0.5)
+        assert len(row.params) == 2
+    with pytest.raises(ParameterError, match="share a seed"):
+        combine_seeds([bench, bench])
+
+
+@pytest.fixture(scope="module")
+def ta8_bench(tiny_ta8_zoo):
+    return run_bench("ta8-text-tiny", methods=["task_arithmetic"], seeds=[0], tune=False, progress=False,
+                     cache_dir=tiny_ta8_zoo.root.parent, labels={"task_arithmetic": "ta_default"})
+
+
+def test_a_zero_shot_pool_names_its_base_row_and_rows_count_the_predicted_classes(ta8_bench, tiny_ta8_zoo):
+    """On ta8-text-tiny: the base row is ``zero_shot``, a method's row takes the name asked for, and each report
+    holds per task how many test inputs were assigned to each class (recomputed here input by input)."""
+    table = ta8_bench
+    assert [row.label for row in table.rows] == ["zero_shot", "individual", "ta_default"]
+    report = table.row("ta_default").reports[0]
+    pool = tiny_ta8_zoo.pool
+    merged = nbmerge.merge("task_arithmetic", pool.individual_models(), base=pool.base, progress=False)
+    encoder = pool.load_encoder(merged)
+    for task in pool.tasks:
+        with torch.no_grad():
+            predictions = torch.stack([task.logits(encoder, [text])[0] for text in task.inputs("test")]).argmax(-1)
+        assert report.predicted[task.name] == [int((predictions == c).sum()) for c in range(len(task.classes))]
+        correct = (predictions == task.labels("test")).double().mean().item()
+        assert report.accuracy[task.name] == pytest.approx(100 * correct)
+    with pytest.raises(ParameterError, match="not among the methods run"):
+        run_bench("ta8-text-tiny", methods=["task_arithmetic"], seeds=[0], labels={"ties": "x"}, progress=False)

@@ -22,6 +22,7 @@ def test_accuracy_bars_heights_and_labels():
     assert heights == [[60.0, 80.0, 70.0], [70.0, 50.0, 60.0]]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["x", "y", "average"]
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["a", "b"]
+    assert axes.get_ylim() == (0.0, 100.0)  # from zero, whatever the lowest bar: differences shown to scale
     assert figure._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

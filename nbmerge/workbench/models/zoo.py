@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def _load_heads(path: Path) -> dict[str, torch.nn.Linear]:
     return heads
 
 
+@contextmanager
+def load_report_silenced():
+    """transformers' warnings (its LOAD REPORT of unused or missing weights) silenced inside the block."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 def _build(staging: Path, profile: Profile, seed: int, task_names: tuple[str, ...], progress: bool) -> None:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -134,7 +148,8 @@ def _build(staging: Path, profile: Profile, seed: int, task_names: tuple[str, ..
     with torch_threads(1):  # measured: faster than two threads on a 2-core box for these small matrices
         source = minilm_folder()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        base_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False).eval()
+        with load_report_silenced():  # the checkpoint's pooler weights, unused by design, are not news
+            base_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False).eval()
         base_state = {k: v.contiguous() for k, v in base_encoder.state_dict().items()}
         _save_encoder(staging / "base", base_state, source)
         splits_record, heads = {}, {}

@@ -27,8 +27,11 @@ def tiny(tiny_zoo):
 
 @pytest.fixture(scope="module")
 def adapted(tiny):
+    # routed over each single-task batch: these tests are about the merge, the reload and the history, and the
+    # per-sample default costs a batch of weight matrices per layer and step (the routing modes have their own
+    # tests in test_we_moe_layers.py and test_we_moe_adapt.py)
     return nbmerge.merge("we_moe", tiny.models, base=tiny.base, pool=tiny.pool, steps=STEPS, lr=LR,
-                         batch_size=BATCH, progress=False)
+                         batch_size=BATCH, batch_reduce=True, progress=False)
 
 
 def test_declared_like_every_method(capsys):
@@ -38,7 +41,7 @@ def test_declared_like_every_method(capsys):
                                                      "batch_size", "batch_reduce", "objective", "select_every", "seed"]
     assert {p["name"]: p["default"] for p in listed["params"]} == {
         "init_lambda": 0.3, "router_hidden_layers": 2, "lr": 1e-4, "steps": 1000, "batch_size": 16,
-        "batch_reduce": True, "objective": "entropy", "select_every": 100, "seed": 0}
+        "batch_reduce": False, "objective": "entropy", "select_every": 100, "seed": 0}
     assert listed["builds_module"] and listed["base"] == "required"
 
 

@@ -90,21 +90,21 @@ def independent_information_max(logits):
                                                     (False, "information_max")])
 def test_one_step_follows_adam_on_the_gradient_of_the_summed_objective(batch_reduce, objective):
     """Adam's first step moves each parameter by −lr·g/(|g| + eps); g computed here by plain autograd, with each
-    batch routed per sample or by its mean routing vector."""
+    batch routed per sample or by its mean routing vector — the mode the model keeps for use."""
     per_task = entropy if objective == "entropy" else independent_information_max
     base, fine_tuned = model_set("bert")
-    moe = upcycle(base, fine_tuned)
+    moe = upcycle(base, fine_tuned, batch_reduce=batch_reduce)
     reference = copy.deepcopy(moe)
-    set_batch_reduce(reference, batch_reduce)
     tasks = classification_tasks()
     loss = sum(per_task(task.logits(reference, task.batches[0])) for task in tasks.values())
     loss.backward()
     expected = {k: p.detach() - 1e-3 * p.grad / (p.grad.abs() + 1e-8) for k, p in router_parameters(reference).items()}
-    history = adapt(moe, tasks, lr=1e-3, steps=1, batch_reduce=batch_reduce, objective=objective, progress=False)
+    history = adapt(moe, tasks, lr=1e-3, steps=1, objective=objective, progress=False)
     assert history.loss[0] == pytest.approx(loss.item(), rel=1e-5)
     for name, parameter in router_parameters(moe).items():
         torch.testing.assert_close(parameter.detach(), expected[name], atol=1e-6, rtol=1e-5)
-    assert {block.batch_reduce for block in routed_blocks(moe).values()} == {False}   # inference routes per sample
+    # trained as it serves: the routing mode is unchanged by adaptation
+    assert {block.batch_reduce for block in routed_blocks(moe).values()} == {batch_reduce}
 
 
 def test_adaptation_is_reproducible():

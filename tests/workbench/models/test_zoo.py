@@ -66,3 +66,16 @@ def test_bad_profile_and_task_names_are_parameter_errors(tmp_path):
         zoo_module.build_zoo("huge", cache_dir=tmp_path)
     with pytest.raises(ParameterError, match="unknown task 'sentiments'"):
         zoo_module.build_zoo("tiny", cache_dir=tmp_path, tasks=("sentiments",))
+
+
+def test_zoo_builds_load_minilm_without_printing_transformers_load_report(capfd):
+    from transformers import AutoModel
+
+    from nbmerge.workbench.models.zoo import load_report_silenced, minilm_folder
+
+    capfd.readouterr()
+    AutoModel.from_pretrained(minilm_folder(), add_pooling_layer=False)
+    assert "LOAD REPORT" in "".join(capfd.readouterr())  # what a user saw during every zoo build
+    with load_report_silenced():
+        AutoModel.from_pretrained(minilm_folder(), add_pooling_layer=False)
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
