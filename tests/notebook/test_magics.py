@@ -372,8 +372,8 @@ def test_without_pool_the_magics_ask_for_one(monkeypatch, capsys):
     magics = ipython.magics_manager.registry["MergeMagics"]
     monkeypatch.setattr(magics, "__dict__", {k: v for k, v in magics.__dict__.items() if k != "_last_pool"})
     ipython.user_ns["lone"] = {"w": torch.zeros(2)}
-    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, smollm2-chat, vision-full, " \
-        "vision-tiny)" in \
+    assert "choose a task pool with --pool NAME (registered: minilm-full, minilm-tiny, smollm2-chat, ta8-text, " \
+        "ta8-text-tiny, vision-full, vision-tiny)" in \
         usage_error(ipython, capsys, "%merge_eval lone")
 
 
