@@ -164,7 +164,7 @@ def _demo(argv: list[str]) -> int:
     print(f"{'method':<17} {'models':>6} {'base':>4} {'tensors':>7} {'read MiB':>9} {'seconds':>8} {'peak RSS MiB':>12}")
     for method in all_methods().values():
         if method.build_module is not None:
-            print(f"{method.name:<17} (builds a module adapted on a task pool's unlabeled inputs: see README)")
+            print(f"{method.name:<17} (builds a module from a task pool's inputs: see docs/methods.md)")
             continue
         count = min(method.max_models or 3, 3)
         base = checkpoints.base if method.base == BASE_REQUIRED else None
