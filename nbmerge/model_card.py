@@ -25,6 +25,8 @@ CARD_FILE = "README.md"
 RECIPE_FILES = {"mergekit": "mergekit_config.yml", "nbmerge": "nbmerge_recipe.yml"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+")
+_DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
+                  "gpt2", "gpt_neox", "falcon", "olmo", "olmo2", "starcoder2", "stablelm", "granite", "smollm3"}
 _AUTO_CLASS = {"ForCausalLM": "AutoModelForCausalLM", "ForSequenceClassification": "AutoModelForSequenceClassification",
                "ForMaskedLM": "AutoModelForMaskedLM", "ForImageClassification": "AutoModelForImageClassification"}
 
@@ -95,7 +97,7 @@ def model_card(recipe: dict, methods: Sequence[MethodLine], config: dict | None,
         if len(hub_models) > 1:
             front["base_model_relation"] = "merge"
     front["tags"] = ["merge", "nbmerge"] + (["mergekit"] if given is not None and given.format == "mergekit" else [])
-    if config and config.get("architectures"):
+    if config and (config.get("architectures") or config.get("model_type")):
         front["library_name"] = "transformers"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip("\n"), "---", f"# {title}", "",
              "This model is a merge of pre-trained models made with "
@@ -151,6 +153,8 @@ def _fenced(text: str, language: str) -> list[str]:
 def _usage(config: dict | None) -> str:
     architecture = ((config or {}).get("architectures") or [""])[0]
     auto = next((auto for suffix, auto in _AUTO_CLASS.items() if architecture.endswith(suffix)), "AutoModel")
+    if not architecture and (config or {}).get("model_type") in _DECODER_TYPES:  # a config saved without it
+        auto = "AutoModelForCausalLM"
     loading = [f"from transformers import {auto}, AutoTokenizer", "",
                'path = "path/to/this/folder"  # or its Hub id once published',
                f"model = {auto}.from_pretrained(path)"]

@@ -105,3 +105,12 @@ def test_a_written_merge_saved_again_is_copied_and_its_own_card_refreshed(llamas
     result.save(result.path, evaluation="average 77.0")
     assert "average 77.0" in (result.path / "README.md").read_text()
     assert "average 77.0" not in (copy / "README.md").read_text()
+
+
+def test_a_decoder_config_saved_without_architectures_still_gets_a_causal_lm_card():
+    from nbmerge.model_card import model_card
+
+    card = model_card({"models": ["a"], "base": None}, [], {"model_type": "llama"}, "m")
+    assert front_matter(card)["library_name"] == "transformers" and "AutoModelForCausalLM.from_pretrained" in card
+    assert "AutoModel.from_pretrained" in model_card({"models": ["a"], "base": None}, [], {"model_type": "bert"}, "m")
+
