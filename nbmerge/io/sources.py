@@ -9,7 +9,6 @@ ends, so a notebook that rewrites a checkpoint between merges never gets stale t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,11 +17,13 @@ from typing import Any, Mapping
 
 import torch
 
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, shown
 from nbmerge.io import leases
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.mapping import map_tensor, page_cached
+from nbmerge.io.pickles import load_checkpoint
 from nbmerge.io.safetensors import INDEX_FILE, TensorEntry, read_header, read_tensor
+from nbmerge.io.untrusted import in_repository, load_json, open_regular
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -126,22 +127,71 @@ class SourceView(ModelSource):
         self.source.take_leases()
 
 
-class SafetensorsSource(ModelSource):
+class WatchedFiles:
+    """Input files held open for a merge: each a regular file (``open_regular``), its size and time noted when
+    opened (``check_unchanged``), and a read lease on it where one can be taken (``nbmerge.io.leases``)."""
+
+    def _watch(self, files: list[Path]) -> None:
+        self._files: dict[Path, Any] = {}
+        try:
+            for path in files:
+                self._files[path] = open_regular(path, self.label)
+        except BaseException:
+            self._close_files()
+            raise
+        self._stamps = {path: _stamp_of(f) for path, f in self._files.items()}
+        self._leased: list = []
+        self.take_leases()
+
+    def check_unchanged(self) -> None:
+        for path, stamp in self._stamps.items():
+            try:
+                now = _stamp(path)
+            except OSError:
+                now = None
+            if now != stamp:
+                raise ModelInputError(f"{path}: the file changed while it was being merged; merge again")
+
+    def check_no_writer(self) -> None:
+        for path, f in self._files.items():
+            if any(f is held for held in self._leased) and leases.breaking(f.fileno()):
+                raise ModelInputError(f"{path}: this input is being truncated or written (by another process "
+                                      f"or thread) while it is merged; the merge stopped and nothing was written "
+                                      f"(the writer goes on now)")
+
+    def take_leases(self) -> None:
+        if not self._leased:  # idempotent: several layer windows share one source
+            self._leased = [f for f in self._files.values() if leases.take(f.fileno())]
+
+    def release_leases(self) -> None:
+        for f in self._leased:
+            leases.release(f.fileno())
+        self._leased = []
+
+    def _close_files(self) -> None:
+        self.release_leases() if hasattr(self, "_leased") else None
+        for f in self._files.values():
+            f.close()
+
+    def close(self) -> None:
+        self._close_files()
+
+
+class SafetensorsSource(WatchedFiles, ModelSource):
     def __init__(self, files: list[Path], label: str, folder: Path | None):
         self.label, self.folder = label, folder
         self._entries: dict[str, TensorEntry] = {}
-        self._stamps = {path: _stamp(path) for path in files}
+        if not files:
+            raise ModelInputError(f"{label}: no safetensors file to read")
         for path in files:
             entries, _ = read_header(path)
             for name, entry in entries.items():
                 if name in self._entries:
-                    raise ModelInputError(f"{label}: tensor {name!r} appears in both {self._entries[name].path.name} "
-                                          f"and {path.name}")
+                    raise ModelInputError(f"{label}: tensor {shown(name)} appears in both "
+                                          f"{self._entries[name].path.name} and {path.name}")
                 self._entries[name] = entry
         self.infos = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
-        self._files = {path: open(path, "rb") for path in files}
-        self._leased: list = []
-        self.take_leases()
+        self._watch(files)
         self._mappable = True
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
@@ -177,45 +227,73 @@ class SafetensorsSource(ModelSource):
         if not page_cached(file, entry.end - 1):
             os.posix_fadvise(file.fileno(), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
-    def check_unchanged(self) -> None:
-        for path, stamp in self._stamps.items():
-            if _stamp(path) != stamp:
-                raise ModelInputError(f"{path}: the file changed while it was being merged; merge again")
-
-    def check_no_writer(self) -> None:
-        for f in self._leased:
-            if leases.breaking(f.fileno()):
-                raise ModelInputError(f"{f.name}: this input is being truncated or written (by another process "
-                                      f"or thread) while it is merged; the merge stopped and nothing was written "
-                                      f"(the writer goes on now)")
-
-    def take_leases(self) -> None:
-        if not self._leased:  # idempotent: several layer windows share one source
-            self._leased = [f for f in self._files.values() if leases.take(f.fileno())]
-
-    def release_leases(self) -> None:
-        for f in self._leased:
-            leases.release(f.fileno())
-        self._leased = []
-
-    def close(self) -> None:
-        self.release_leases()
-        for f in self._files.values():
-            f.close()
-
 
 class StateDictSource(ModelSource):
     def __init__(self, state_dict: Mapping[str, Any], label: str, folder: Path | None = None):
         self.label, self.folder = label, folder
         self._tensors = {}
         for name, value in state_dict.items():
+            if not isinstance(name, str):
+                raise ModelInputError(f"{label}: a state dict key is a {type(name).__name__}, not a tensor name: "
+                                      f"{shown(name)}")
             if not isinstance(value, torch.Tensor):
-                raise ModelInputError(f"{label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                raise ModelInputError(f"{label}: entry {shown(name)} is a {type(value).__name__}, not a tensor")
+            unmergeable = unmergeable_kind(value)
+            if unmergeable:
+                raise ModelInputError(f"{label}: tensor {shown(name)} is {unmergeable}; nbmerge merges dense real "
+                                      f"tensors (convert it first)")
             self._tensors[name] = value.detach()
         self.infos = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         return self._tensors[name]
+
+
+class PickleSource(WatchedFiles, StateDictSource):
+    """Pickle checkpoints (``nbmerge.io.pickles``): memory-mapped only where every file holds a read lease (a
+    truncation then waits, and the merge stops with an error instead of a SIGBUS), read into memory otherwise."""
+
+    def __init__(self, files: list[Path], label: str, folder: Path | None):
+        self.label = label
+        self._watch(files)
+        try:
+            mapped = len(self._leased) == len(self._files) and Path("/proc/self/fd").is_dir()
+            merged: dict[str, Any] = {}
+            for path, f in self._files.items():
+                merged.update(load_checkpoint(f, path, label, f"/proc/self/fd/{f.fileno()}" if mapped else None))
+            StateDictSource.__init__(self, merged, label, folder)
+        except BaseException:
+            self.close()
+            raise
+
+    def paths(self) -> list[Path]:
+        return list(self._stamps) + ([] if self.folder is None else [self.folder])
+
+    def close(self) -> None:
+        self._tensors = {}
+        self._close_files()
+
+
+def unmergeable_kind(tensor: torch.Tensor) -> str | None:
+    """What makes ``tensor`` one nbmerge cannot merge (sparse, meta, quantized, complex, FP8), or None."""
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_meta:
+        return "a meta tensor (shape only, no values)"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    return unmergeable_dtype(tensor.dtype)
+
+
+def unmergeable_dtype(dtype: torch.dtype) -> str | None:
+    """FP8 values go with scale tensors (per tensor or per block) that a merge of the raw values would ignore;
+    complex numbers have no order for TIES, DARE, etc.: both are refused by name."""
+    if dtype.is_complex:
+        return f"complex ({dtype})"
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return (f"FP8 ({str(dtype).removeprefix('torch.')}), whose values go with scale tensors a merge would "
+                f"ignore; dequantize the model to bfloat16 first")
+    return None
 
 
 def open_model(model: Any, label: str) -> ModelSource:
@@ -228,7 +306,13 @@ def open_model(model: Any, label: str) -> ModelSource:
     if isinstance(model, Mapping):
         return StateDictSource(model, label)
     if isinstance(model, (str, os.PathLike)):
-        return _open_path(Path(model).expanduser(), label)
+        source = _open_path(Path(model).expanduser(), label)
+        for name, info in source.infos.items():
+            unmergeable = unmergeable_dtype(info.dtype)
+            if unmergeable:
+                source.close()
+                raise ModelInputError(f"{source.where(name)}: tensor {shown(name)} is {unmergeable}")
+        return source
     raise ModelInputError(f"{label}: expected a path, a state dict, an nn.Module or a WithLora, got "
                           f"{type(model).__name__}")
 
@@ -241,51 +325,59 @@ def _open_path(path: Path, label: str) -> ModelSource:
     if path.suffix == ".safetensors":
         return SafetensorsSource([path], label, None)
     if path.suffix in PICKLE_SUFFIXES:
-        return _open_pickle([path], label, None)
+        return PickleSource([path], label, None)
     raise ModelInputError(f"{label}: {path} is neither a .safetensors file, a pickle checkpoint "
                           f"({', '.join(PICKLE_SUFFIXES)}) nor a model folder")
 
 
 def _open_folder(folder: Path, label: str) -> ModelSource:
+    """A model folder; each file it reads resolves inside the model's repository (``in_repository``: the folder,
+    or the ``models--org--name`` folder of a Hugging Face cache snapshot)."""
     for index_name, opener in ((INDEX_FILE, SafetensorsSource),
-                               ("pytorch_model.bin.index.json", _open_pickle)):
+                               ("pytorch_model.bin.index.json", PickleSource)):
         index_path = folder / index_name
-        if index_path.exists():
+        if index_path.exists() or index_path.is_symlink():
             weight_map = _index_weight_map(index_path, label)
             source = opener(list(dict.fromkeys(weight_map.values())), label, folder)
             _check_index(source, weight_map, f"{label}: {index_path}")
             return source
-    if (folder / "model.safetensors").exists():
-        return SafetensorsSource([folder / "model.safetensors"], label, folder)
-    if (folder / "pytorch_model.bin").exists():
-        return _open_pickle([folder / "pytorch_model.bin"], label, folder)
+    for name, opener in (("model.safetensors", SafetensorsSource), ("pytorch_model.bin", PickleSource)):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return opener([in_repository(folder, name, label)], label, folder)
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return SafetensorsSource(found, label, folder)
+        return SafetensorsSource([in_repository(folder, path.name, label) for path in found], label, folder)
     raise ModelInputError(f"{label}: the folder {folder} holds no model.safetensors, "
                           f"model.safetensors.index.json, pytorch_model.bin or *.safetensors file")
 
 
 def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
-    """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
-    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files)."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ModelInputError(f"{label}: {index_path} is not a valid shard index (no weight_map)") from None
+    """{tensor: shard file} of a shard index, each shard a file named in the index's folder whose links resolve
+    inside the model's repository (a name that climbs out with ``..``, an absolute path or a link to elsewhere is
+    refused: an index must not read other files; a Hugging Face cache snapshot's links to its blobs are the
+    model's own). An index with no tensor is refused."""
+    folder = index_path.parent
+    in_repository(folder, index_path.name, label)
+    index = load_json(index_path, label)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if weight_map is None:
+        raise ModelInputError(f"{label}: {index_path} is not a valid shard index (no weight_map)")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise ModelInputError(f"{label}: {index_path}: weight_map must map tensor names to shard file names")
-    folder = index_path.parent.resolve()
+    if not weight_map:
+        raise ModelInputError(f"{label}: {index_path}: weight_map is empty (an index must list every tensor)")
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        path = index_path.parent / shard
-        if Path(shard).is_absolute() or path.resolve().parent != folder:
-            raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
-        shards[shard] = path
-    missing = [name for name, path in shards.items() if not path.is_file()]
+        if Path(shard).is_absolute() or len(Path(shard).parts) != 1 or shard in (".", ".."):
+            raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shown(shard)}")
+        shards[shard] = folder / shard
+    missing = [name for name, path in shards.items() if not path.exists() and not path.is_symlink()]
     if missing:
-        raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: {', '.join(missing)}")
+        raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: "
+                              f"{', '.join(missing)[:300]}")
+    for shard in shards:  # opened by their names in the folder, so that errors name them as the index does
+        in_repository(folder, shard, f"{label}: {index_path.name}")
     return {tensor: shards[shard] for tensor, shard in weight_map.items()}
 
 
@@ -299,26 +391,11 @@ def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -
             raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, but it is in {found.name}")
 
 
-def _open_pickle(files: list[Path], label: str, folder: Path | None) -> ModelSource:
-    """Pickle checkpoints are untrusted: only ``weights_only=True`` loading, memory-mapped where the format allows."""
-    merged: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for malicious or corrupt pickles
-            raise ModelInputError(f"{label}: {path} could not be loaded as a weights-only checkpoint: "
-                                  f"{str(exc).splitlines()[0]}") from None
-        if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, Mapping):
-            raise ModelInputError(f"{label}: {path} does not hold a state dict")
-        merged.update(loaded)
-    return StateDictSource(merged, label, folder)
-
-
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _stamp_of(file) -> tuple[int, int]:
+    stat = os.fstat(file.fileno())
     return stat.st_size, stat.st_mtime_ns
