@@ -39,7 +39,7 @@ class RecipeError(NBMergeError, ValueError):
     """A recipe cannot be read, or asks for something nbmerge does not do."""
 
 
-def shown(value: object, limit: int = 80) -> str:
+def shown(value: object, limit: int = 200) -> str:
     """``repr(value)`` bounded for an error message: nested containers are cut after a few items and levels
     (reprlib), so a value built from YAML aliases (9⁹ leaves sharing nine lists) or a deep structure prints in
     microseconds, and the text is cut to ``limit`` characters."""

@@ -28,7 +28,7 @@ from nbmerge.engine.run import (
     run_parts,
 )
 from nbmerge.engine.sinks import parse_size
-from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.sources import ModelSource, open_model
@@ -164,7 +164,7 @@ def _ranges(layer_slice: LayerSlice, labels: list[str], where: str) -> dict[str,
     for label, pair in given.items():
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
-            raise ParameterError(f"{where}: the layer range of {label} must be [start, end], got {pair!r}")
+            raise ParameterError(f"{where}: the layer range of {label} must be [start, end], got {shown(pair)}")
         checked[label] = (int(pair[0]), int(pair[1]))
     return checked
 

@@ -55,7 +55,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from nbmerge.errors import RecipeError
+from nbmerge.errors import RecipeError, shown
 
 RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
@@ -162,7 +162,7 @@ def _recipe_loader():
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     mark = key_node.start_mark
-                    raise RecipeError(f"recipe: key {key!r} appears twice in one mapping (line {mark.line + 1}); "
+                    raise RecipeError(f"recipe: key {shown(key)} appears twice in one mapping (line {mark.line + 1}); "
                                       f"keep one")
                 seen.add(key) if isinstance(key, (str, int, float, bool)) else None
             return super().construct_mapping(node, deep)
@@ -185,7 +185,7 @@ def stack_from_nbmerge(config: Mapping) -> MergeCall:
     for i, item in enumerate(_as_list(config["slices"], "slices")):
         where = f"recipe: slices[{i}]"
         if not isinstance(item, Mapping):
-            raise RecipeError(f"{where} must be a mapping with 'models' and 'layers', got {item!r}")
+            raise RecipeError(f"{where} must be a mapping with 'models' and 'layers', got {shown(item)}")
         _reject_unknown_keys(item, SLICE_KEYS, where)
         models = _labelled(item.get("models"), where)
         layers = item.get("layers")
@@ -213,25 +213,25 @@ def _labelled(models: Any, where: str) -> dict[str, Any]:
 def _params(config: Mapping, where: str) -> dict:
     params = config.get("params") or {}
     if not isinstance(params, Mapping):
-        raise RecipeError(f"{where}: 'params' must be a mapping of parameter names to values, got {params!r}")
+        raise RecipeError(f"{where}: 'params' must be a mapping of parameter names to values, got {shown(params)}")
     return dict(params)
 
 
 def _layer_pair(pair: Any, where: str) -> tuple[int, int]:
     if (not isinstance(pair, (list, tuple)) or len(pair) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair) or not 0 <= pair[0] < pair[1]):
-        raise RecipeError(f"{where} must be [start, end] with 0 <= start < end, got {pair!r}")
+        raise RecipeError(f"{where} must be [start, end] with 0 <= start < end, got {shown(pair)}")
     return int(pair[0]), int(pair[1])
 
 
 def from_mergekit(config: Mapping) -> MergeCall:
     for key, reason in MERGEKIT_UNSUPPORTED.items():
         if key in config:
-            raise RecipeError(f"recipe: mergekit's {key!r} is not supported ({reason}); remove it")
+            raise RecipeError(f"recipe: mergekit's {shown(key)} is not supported ({reason}); remove it")
     _reject_unknown_keys(config, MERGEKIT_KEYS, "recipe (mergekit format)")
     name = config["merge_method"]
     if not isinstance(name, str) or name not in MERGEKIT:
-        raise RecipeError(f"recipe: mergekit merge_method {name!r} is not supported; nbmerge maps "
+        raise RecipeError(f"recipe: mergekit merge_method {shown(name)} is not supported; nbmerge maps "
                           f"{', '.join(MERGEKIT)} (or write 'method:' with any nbmerge method)")
     spec = MERGEKIT[name]
     base = config.get("base_model")
@@ -268,7 +268,7 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     # mergekit lets a top-level parameter give the default of a per-model one
     model_level = {key: given.pop(key) for key in list(given) if key in spec.per_model}
     _reject_unknown_keys(given, tuple(spec.shared), f"recipe: {name} parameters")
-    settings = {key: _setting(given.get(key, default), default, f"{name} parameter {key!r}")
+    settings = {key: _setting(given.get(key, default), default, f"{name} parameter {shown(key)}")
                 for key, default in spec.shared.items()}
     models: dict[str, Any] = {}
     layers: dict[str, tuple[int, int]] = {}
@@ -278,23 +278,23 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     references = [entry["model"] for entry in entries]
     for entry in entries:
         reference = _reference(entry["model"], "model")
-        own = _parameters(entry.get("parameters"), f"parameters of model {reference!r}")
+        own = _parameters(entry.get("parameters"), f"parameters of model {shown(reference)}")
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
-        _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {reference!r}")
+        _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {shown(reference)}")
         if reference == base and spec.skips_listed_base:
             continue  # mergekit skips the base when it is listed among the models: its task vector is 0
         label = reference
         if references.count(reference) > 1 and entry.get("layer_range") is not None:
             label = f"{reference}[{entry['layer_range'][0]}:{entry['layer_range'][1]}]"
         if label in models:
-            raise RecipeError(f"recipe: model {reference!r} is listed twice with the same layers")
+            raise RecipeError(f"recipe: model {shown(reference)} is listed twice with the same layers")
         models[label] = reference
         if entry.get("layer_range") is not None:
             layers[label] = tuple(entry["layer_range"])
         for key, default in spec.per_model.items():
             value = own.get(key, model_level.get(key, default))
-            per_model[key].append(_setting(value, default, f"{name} parameter {key!r} of model {reference!r}"))
+            per_model[key].append(_setting(value, default, f"{name} parameter {shown(key)} of model {shown(reference)}"))
     if spec.base == "required" and base is None:
         raise RecipeError(f"recipe: mergekit {name} needs base_model")
     if name == "slerp":
@@ -318,7 +318,7 @@ def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dic
         call, layers = _mergekit_merge(name, spec, entries, slice_base, {**top, **own}, config)
         base_layers = tuple(in_slice[0]["layer_range"]) if in_slice and call.base is not None else None
         if call.base is not None and base_layers is None:
-            raise RecipeError(f"recipe: slices[{i}]: {name} needs base_model {base!r} among the slice's sources "
+            raise RecipeError(f"recipe: slices[{i}]: {name} needs base_model {shown(base)} among the slice's sources "
                               f"(with its layer_range)")
         layers = {label: pair for label, pair in layers.items() if label in call.models}
         calls.append(SliceCall(call.method, call.models, layers, call.params, call.base, base_layers))
@@ -331,7 +331,7 @@ def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dic
 def _slice_entries(item: Any, where: str) -> tuple[list[dict], dict]:
     """A mergekit slice's sources (each with a layer_range) and its own parameters."""
     if not isinstance(item, Mapping):
-        raise RecipeError(f"recipe: {where} must be a mapping with 'sources', got {item!r}")
+        raise RecipeError(f"recipe: {where} must be a mapping with 'sources', got {shown(item)}")
     _reject_unknown_keys(item, ("sources", "parameters"), f"recipe: {where}")
     entries = [_model_entry(source) for source in _as_list(item.get("sources"), f"{where}.sources")]
     for j, entry in enumerate(entries):
@@ -344,7 +344,7 @@ def _parameters(value: Any, where: str) -> dict:
     if value is None or value == {}:
         return {}
     if not isinstance(value, Mapping):
-        raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {value!r}")
+        raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {shown(value)}")
     return dict(value)
 
 
@@ -360,7 +360,7 @@ def _setting(value: Any, default: Any, where: str) -> Any:
     entries = []
     for entry in value:
         if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
-            raise RecipeError(f"recipe: {where}: each entry must be {{filter: ..., value: ...}}, got {entry!r}")
+            raise RecipeError(f"recipe: {where}: each entry must be {{filter: ..., value: ...}}, got {shown(entry)}")
         if entry.get("filter") in (None, "*"):
             entries.append({"value": entry["value"]})
             break
@@ -379,7 +379,7 @@ def _flag(value: Any, where: str) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    raise RecipeError(f"recipe: {where} must be true or false, got {value!r}")
+    raise RecipeError(f"recipe: {where} must be true or false, got {shown(value)}")
 
 
 def _one_per_model_value(values: list) -> Any:
@@ -448,7 +448,7 @@ def _complement(setting: Any, method: str) -> Any:
     try:
         return 1.0 - float(setting)
     except (TypeError, ValueError):
-        raise RecipeError(f"recipe: {method}: density must be a number, got {setting!r}") from None
+        raise RecipeError(f"recipe: {method}: density must be a number, got {shown(setting)}") from None
 
 
 def _sparsified(method: str, combine: str, sparsity: tuple[str, ...]) -> Callable[[dict, dict, int], dict]:
@@ -543,10 +543,10 @@ def _model_entry(entry) -> dict:
     if isinstance(entry, str):
         return {"model": entry}
     if not isinstance(entry, Mapping) or "model" not in entry:
-        raise RecipeError(f"recipe: each model entry needs 'model: <path or variable>', got {entry!r}")
+        raise RecipeError(f"recipe: each model entry needs 'model: <path or variable>', got {shown(entry)}")
     _reject_unknown_keys(entry, ("model", "parameters", "layer_range"), "recipe: model entry")
     if not isinstance(entry["model"], str):
-        raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {entry['model']!r}")
+        raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {shown(entry['model'])}")
     _check_lora_reference(entry["model"])
     return dict(entry)
 
@@ -554,7 +554,7 @@ def _model_entry(entry) -> dict:
 def _check_lora_reference(reference: str) -> None:
     """A model reference may be mergekit's ``model+adapter`` (one PEFT LoRA adapter applied, nbmerge.io.lora)."""
     if "+" in reference and lora_parts(reference) is None:
-        raise RecipeError(f"recipe: model {reference!r}: mergekit's model+adapter takes one model and one LoRA "
+        raise RecipeError(f"recipe: model {shown(reference)}: mergekit's model+adapter takes one model and one LoRA "
                           f"adapter, both named")
 
 
@@ -577,7 +577,7 @@ def _mergekit_options(config: Mapping, base, references: set) -> dict:
         if source is not None:
             raise RecipeError("recipe: give tokenizer_source or tokenizer: {source: ...}, not both")
         if not isinstance(tokenizer, Mapping):
-            raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {tokenizer!r}")
+            raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {shown(tokenizer)}")
         for key in tokenizer:
             if key not in ("source", "pad_to_multiple_of"):
                 raise RecipeError(f"recipe: tokenizer.{key} is not supported (nbmerge takes a source and "
@@ -586,7 +586,7 @@ def _mergekit_options(config: Mapping, base, references: set) -> dict:
         pad = tokenizer.get("pad_to_multiple_of")
         if pad is not None:
             if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
-                raise RecipeError(f"recipe: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+                raise RecipeError(f"recipe: tokenizer.pad_to_multiple_of must be a positive integer, got {shown(pad)}")
             options["pad_to_multiple_of"] = pad
     if source is not None:
         options["tokenizer_source"] = _tokenizer_source(source, base, references)
@@ -601,9 +601,9 @@ def _chat_template(value: Any) -> str:
     from nbmerge.io.chat_templates import BUILT_IN
 
     if not isinstance(value, str):
-        raise RecipeError(f"recipe: chat_template must be a template name, 'auto' or Jinja text, got {value!r}")
+        raise RecipeError(f"recipe: chat_template must be a template name, 'auto' or Jinja text, got {shown(value)}")
     if value != "auto" and value not in BUILT_IN and (len(value) < 20 or "{" not in value):
-        raise RecipeError(f"recipe: chat_template {value!r} is not one of nbmerge's built-in templates "
+        raise RecipeError(f"recipe: chat_template {shown(value)} is not one of nbmerge's built-in templates "
                           f"({', '.join(BUILT_IN)}); give 'auto' or the template's Jinja text")
     return value
 
@@ -611,7 +611,7 @@ def _chat_template(value: Any) -> str:
 def _tokenizer_source(source, base, references: set):
     """mergekit's tokenizer_source: "base", "union", or a model (also spelt "model:<ref>")."""
     if not isinstance(source, str):
-        raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {source!r}")
+        raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {shown(source)}")
     if source == "base":
         if base is None:
             raise RecipeError("recipe: tokenizer_source: base needs base_model")
@@ -620,7 +620,7 @@ def _tokenizer_source(source, base, references: set):
         return "union"
     reference = source.removeprefix("model:")
     if "+" in reference:
-        raise RecipeError(f"recipe: tokenizer_source {reference!r} names a model with a LoRA adapter; name the "
+        raise RecipeError(f"recipe: tokenizer_source {shown(reference)} names a model with a LoRA adapter; name the "
                           f"model whose tokenizer to take")
     return reference
 
@@ -633,7 +633,7 @@ def _as_list(value, what: str) -> list:
 
 def _reference(reference, what: str) -> str:
     if not isinstance(reference, str):
-        raise RecipeError(f"recipe: {what} must be a path or a variable name, got {reference!r}")
+        raise RecipeError(f"recipe: {what} must be a path or a variable name, got {shown(reference)}")
     return reference
 
 
@@ -641,9 +641,9 @@ def _reject_unknown_keys(config: Mapping, valid: tuple, where: str) -> None:
     for key in config:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {shown(close[0])}?" if close else ""
             listing = f"valid: {', '.join(valid)}" if valid else "it takes none"
-            raise RecipeError(f"{where}: unknown key {key!r}{hint} ({listing})")
+            raise RecipeError(f"{where}: unknown key {shown(key)}{hint} ({listing})")
 
 
 def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference: reference, **options: Any):

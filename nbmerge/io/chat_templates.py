@@ -20,7 +20,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
 
 BUILT_IN = {
     "chatml": (
@@ -95,13 +95,13 @@ def choose_chat_template(value: str | None, folders: list[Path | None]) -> str |
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ParameterError(f"chat_template: expected a template name, 'auto' or Jinja text, got {value!r}")
+        raise ParameterError(f"chat_template: expected a template name, 'auto' or Jinja text, got {shown(value)}")
     if value == "auto":
         templates = [template.strip() for template in map(read_chat_template, folders) if template]
         return Counter(templates).most_common(1)[0][0] if templates else None
     if value in BUILT_IN:
         return BUILT_IN[value]
     if len(value) < 20 or "{" not in value:
-        raise ParameterError(f"chat_template: {value!r} is neither a built-in template ({', '.join(BUILT_IN)}), "
+        raise ParameterError(f"chat_template: {shown(value)} is neither a built-in template ({', '.join(BUILT_IN)}), "
                              f"nor 'auto', nor Jinja text")
     return value

@@ -385,10 +385,10 @@ def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -
     """Every tensor the index lists is in the shard it names."""
     for tensor, shard in weight_map.items():
         if tensor not in source.infos:
-            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, which does not hold it")
+            raise ModelInputError(f"{where} lists tensor {shown(tensor)} in {shard.name}, which does not hold it")
         found = source.file_of(tensor)
         if found is not None and found != shard:
-            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, but it is in {found.name}")
+            raise ModelInputError(f"{where} lists tensor {shown(tensor)} in {shard.name}, but it is in {found.name}")
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
 from nbmerge.io.sources import ModelSource
 
 
@@ -26,7 +26,7 @@ def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: lis
             return source.folder, source.label
     if isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).expanduser().is_dir():
         return Path(tokenizer_source).expanduser(), str(tokenizer_source)
-    raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor a model "
+    raise ParameterError(f"tokenizer_source: {shown(tokenizer_source)} is neither one of the merged models nor a model "
                          f"folder")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError
+from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError, shown
 
 RECIPE_KEY = "nbmerge_recipe"
 SAMPLES_PER_TENSOR = 4096
@@ -28,7 +28,7 @@ def checked_out_path(out, overwrite: bool) -> Path | None:
         return None
     path = Path(out).expanduser()
     if path.suffix != ".safetensors":
-        raise ParameterError(f"out={str(out)!r}: a built module's trained state is one .safetensors file")
+        raise ParameterError(f"out={shown(str(out))}: a built module's trained state is one .safetensors file")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
     return path
@@ -61,7 +61,7 @@ def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (OSError, SafetensorError) as exc:
         raise ModelInputError(f"{path}: cannot read a trained-state file: {exc}") from None
     if RECIPE_KEY not in metadata:
-        raise ModelInputError(f"{path}: not an nbmerge trained-state file (no {RECIPE_KEY!r} in its metadata)")
+        raise ModelInputError(f"{path}: not an nbmerge trained-state file (no {shown(RECIPE_KEY)} in its metadata)")
     return tensors, json.loads(metadata[RECIPE_KEY])
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.sources import ModelSource, SourceView, TensorInfo
 from nbmerge.method.tensor_names import layer_index
@@ -115,7 +115,7 @@ def padded_size(token_count: int, multiple: int | None) -> int:
     if multiple is None:
         return token_count
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got {shown(multiple)}")
     return -(-token_count // multiple) * multiple
 
 
