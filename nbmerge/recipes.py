@@ -52,10 +52,13 @@ mergekit's ``model+adapter`` resolves to the model with that LoRA adapter applie
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from nbmerge.errors import RecipeError, shown
+from nbmerge.io.untrusted import check_depth
 
 RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
@@ -68,6 +71,9 @@ MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters",
 MERGEKIT_UNSUPPORTED = {
     "modules": "per-module recipes",
 }
+MAX_RECIPE_CHARS = 10_000_000
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_VALUES = 100_000
 # mergekit parameters that only change memory use, not the result
 MERGEKIT_NO_EFFECT = ("int8_mask",)
 
@@ -125,17 +131,57 @@ def parse_recipe(text: str) -> MergeCall:
     """Read a YAML (or JSON) recipe in mergekit's or nbmerge's format."""
     import yaml
 
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"recipe: {len(text)} characters; a recipe is at most {MAX_RECIPE_CHARS}")
+    _check_flow_depth(text)
     try:
         documents = list(yaml.load_all(text, Loader=_recipe_loader()))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raise RecipeError(f"recipe: not valid YAML{where}: {shown(getattr(exc, 'problem', None) or exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe: nested deeper than {MAX_RECIPE_DEPTH} levels") from None
+    for document in documents:
+        _check_bounded(document)
     if len(documents) > 1:  # mergekit-multi: a chain of named merges
         from nbmerge.recipe_chain import chain_from_documents
 
         return chain_from_documents(documents, _parse_one)
     return _parse_one(documents[0] if documents else None)
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse brackets nested deeper than 3 × MAX_RECIPE_DEPTH before PyYAML reads them: its scanner takes time
+    quadratic in the nesting (seconds at a thousand levels). Brackets inside quoted text count too, hence the
+    margin."""
+    depth = 0
+    for bracket in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if bracket.group() in "[{" else max(depth - 1, 0)
+        if depth > 3 * MAX_RECIPE_DEPTH:
+            raise RecipeError(f"recipe: nested deeper than {MAX_RECIPE_DEPTH} levels")
+
+
+def _check_bounded(document: Any) -> None:
+    """A recipe nests at most MAX_RECIPE_DEPTH levels and, its YAML aliases expanded, holds at most
+    MAX_RECIPE_VALUES values: the safe loader shares an aliased node instead of copying it, but every later walk
+    (a parameter list checked, a recipe written as JSON) would expand it, and 9 aliases of 9 aliases ... are
+    9⁹ values."""
+    check_depth(document, "recipe", MAX_RECIPE_DEPTH, RecipeError)
+    sizes: dict[int, int] = {}
+
+    def expanded(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if id(value) not in sizes:
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            sizes[id(value)] = 1 + sum(expanded(child) for child in children)
+            if sizes[id(value)] > MAX_RECIPE_VALUES:
+                raise RecipeError(f"recipe: its YAML aliases expand to more than {MAX_RECIPE_VALUES} values; "
+                                  f"write the values out")
+        return sizes[id(value)]
+
+    expanded(document)
 
 
 def _parse_one(config: Any) -> MergeCall:
@@ -268,7 +314,8 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     # mergekit lets a top-level parameter give the default of a per-model one
     model_level = {key: given.pop(key) for key in list(given) if key in spec.per_model}
     _reject_unknown_keys(given, tuple(spec.shared), f"recipe: {name} parameters")
-    settings = {key: _setting(given.get(key, default), default, f"{name} parameter {shown(key)}")
+    settings = {key: _checked_renamed(name, spec, key, _setting(given.get(key, default), default,
+                                                                f"{name} parameter {shown(key)}"), "")
                 for key, default in spec.shared.items()}
     models: dict[str, Any] = {}
     layers: dict[str, tuple[int, int]] = {}
@@ -294,7 +341,9 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
             layers[label] = tuple(entry["layer_range"])
         for key, default in spec.per_model.items():
             value = own.get(key, model_level.get(key, default))
-            per_model[key].append(_setting(value, default, f"{name} parameter {shown(key)} of model {shown(reference)}"))
+            where = f"{name} parameter {shown(key)} of model {shown(reference)}"
+            per_model[key].append(_checked_renamed(name, spec, key, _setting(value, default, where),
+                                                   f" (model {shown(reference)})"))
     if spec.base == "required" and base is None:
         raise RecipeError(f"recipe: mergekit {name} needs base_model")
     if name == "slerp":
@@ -346,6 +395,35 @@ def _parameters(value: Any, where: str) -> dict:
     if not isinstance(value, Mapping):
         raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {shown(value)}")
     return dict(value)
+
+
+# mergekit parameters that reach nbmerge under another name or value (weight → weights, lambda → scaling,
+# density → drop_rate = 1 − density): checked here, so that an error names what the recipe wrote
+RENAMED = ("weight", "lambda", "density")
+
+
+def _checked_renamed(name: str, spec: MergekitMethod, key: str, value: Any, model: str) -> Any:
+    """``value`` (a number, anchors, or filter entries of either) when ``key`` is one of RENAMED: every number
+    finite, and a DARE density in (0, 1] (its drop rate 1 − density in [0, 1)); a RecipeError names the method,
+    ``key`` and the ``model`` (" (model 'x')", or "" for a top-level value)."""
+    if key not in RENAMED or value is None:
+        return value
+    values = [entry["value"] if isinstance(entry, Mapping) else entry
+              for entry in (value if isinstance(value, list) else [value])]
+    numbers = [v for item in values for v in (item if isinstance(item, list) else [item])]
+    for number in numbers:
+        if isinstance(number, str):  # "0.5": read as a number, as mergekit's validation does
+            try:
+                number = float(number)
+            except ValueError:
+                pass
+        if not _is_number(number) or not math.isfinite(number):
+            raise RecipeError(f"recipe: {name}: {key} must be a number (or anchors over depth), got "
+                              f"{shown(value)}{model}")
+        if key == "density" and spec.method == "dare" and not 0 < number <= 1:
+            raise RecipeError(f"recipe: {name}: density must be in (0, 1] (the fraction of each task vector kept), "
+                              f"got {shown(number)}{model}")
+    return value
 
 
 def _setting(value: Any, default: Any, where: str) -> Any:
