@@ -10,7 +10,6 @@ slices then stream one after another into one output, written atomically with co
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
+from nbmerge.io.untrusted import model_json
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
 from nbmerge.plugins import get_method
@@ -198,10 +198,7 @@ def _config_edits(config_folder: Path | None, parts: list[MergePart], total_laye
 
 
 def _read_config(folder: Path | None) -> dict | None:
-    path = None if folder is None else folder / "config.json"
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelInputError(f"{path}: cannot read it as JSON ({exc})") from None
+    config = model_json(folder, "config.json")
+    if config is not None and not isinstance(config, dict):
+        raise ModelInputError(f"{folder / 'config.json'} does not hold a JSON object")
+    return config

@@ -19,6 +19,7 @@ from nbmerge.engine.stream import Engine, collector_paused, compute_threads
 from nbmerge.errors import ParameterError
 from nbmerge.io.safetensors import DTYPES
 from nbmerge.io.sources import ModelSource
+from nbmerge.io.untrusted import CONFIG_FILES, TOKENIZER_FILES, check_model_files
 from nbmerge.results import MergeReport, MergeResult
 
 _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -69,6 +70,9 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
     tracker = Progress(total, progress, on_progress, f"nbmerge {name}", cancel,
                        lambda: leases_released([source for part in parts for source in part.sources]))
     layout = [(part.rename(n), dtype, shape) for part in parts for n, dtype, shape in part.plan.layout]
+    if output.path is not None:  # the files copied at the end, checked before anything is written
+        check_model_files(output.config_folder, CONFIG_FILES, "config files")
+        check_model_files(output.tokenizer_folder or output.config_folder, TOKENIZER_FILES, "tokenizer files")
     sink = (MemorySink() if output.path is None
             else FolderSink(output.path, layout, output.recipe, output.shard_size, output.overwrite,
                             output.config_folder, output.tokenizer_folder, output.config_edits,

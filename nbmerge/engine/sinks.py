@@ -26,12 +26,8 @@ import torch
 
 from nbmerge.errors import OutputExistsError, OutputWriteError, ParameterError
 from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
+from nbmerge.io.untrusted import CONFIG_FILES, TOKENIZER_FILES, copy_model_file
 
-CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 RECIPE_FILE = "nbmerge_recipe.json"
 PENDING_WRITES = 2
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -139,9 +135,7 @@ class FolderSink:
     def _copy_config_files(self) -> None:
         for folder, names in ((self.config_folder, CONFIG_FILES), (self.tokenizer_folder, TOKENIZER_FILES)):
             for name in names if folder is not None else ():
-                source = folder / name
-                if source.is_file():
-                    shutil.copy2(source, self.partial / name)
+                copy_model_file(folder, name, self.partial / name)  # links kept inside the model's repository
         if self.chat_template is not None:
             self._write_chat_template()
         edits = dict(self.config_edits)

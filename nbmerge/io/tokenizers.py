@@ -4,11 +4,11 @@ aligns models whose vocabularies differ from it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nbmerge.errors import ParameterError, shown
+from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.sources import ModelSource
+from nbmerge.io.untrusted import model_json
 
 
 def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> tuple[Path | None, str]:
@@ -32,21 +32,30 @@ def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: lis
 
 def read_vocabulary(folder: Path | None, label: str) -> dict | None:
     """token -> id of a model's tokenizer (tokenizer.json's model.vocab and added tokens, or vocab.json); None
-    where the folder has neither."""
+    where the folder has neither. The files are read bounded and inside the model's repository
+    (``nbmerge.io.untrusted``); a vocabulary that is not token -> non-negative integer id is a ModelInputError
+    naming the file."""
     if folder is None:
         return None
-    tokenizer, vocab = folder / "tokenizer.json", folder / "vocab.json"
-    try:
-        if tokenizer.is_file():
-            data = json.loads(tokenizer.read_text())
-            table = data.get("model", {}).get("vocab")
-            table = dict(table) if isinstance(table, dict) else {
-                entry[0]: i for i, entry in enumerate(table or []) if isinstance(entry, list) and entry}
-            table.update({added["content"]: added["id"] for added in data.get("added_tokens", [])
-                          if isinstance(added, dict) and "content" in added and "id" in added})
-            return table
-        if vocab.is_file():
-            return dict(json.loads(vocab.read_text()))
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise ParameterError(f"tokenizer_source: cannot read the vocabulary of {label} ({exc})") from None
-    return None
+    data = model_json(folder, "tokenizer.json", label)
+    name = "tokenizer.json"
+    if data is not None:
+        model = data.get("model") if isinstance(data, dict) else None
+        table = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(table, list):  # Unigram: [[token, score], ...]
+            table = {entry[0]: i for i, entry in enumerate(table) if isinstance(entry, list) and entry}
+        added = data.get("added_tokens") if isinstance(data, dict) else None
+        if isinstance(table, dict) and isinstance(added, list):
+            table = {**table, **{entry["content"]: entry["id"] for entry in added
+                                 if isinstance(entry, dict) and "content" in entry and "id" in entry}}
+        elif isinstance(table, dict) and added is not None:
+            table = None
+    else:
+        table, name = model_json(folder, "vocab.json", label), "vocab.json"
+        if table is None:
+            return None
+    if not isinstance(table, dict) or not all(isinstance(token, str) and type(index) is int and index >= 0
+                                              for token, index in table.items()):
+        raise ModelInputError(f"{label}: {Path(folder) / name}: not a vocabulary (token -> non-negative integer "
+                              f"id)")
+    return dict(table)

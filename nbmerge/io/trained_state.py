@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError, shown
+from nbmerge.io.untrusted import open_regular, parse_json
 
 RECIPE_KEY = "nbmerge_recipe"
 SAMPLES_PER_TENSOR = 4096
@@ -54,6 +55,7 @@ def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
+    open_regular(path).close()  # never a FIFO, which safe_open would block on
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -62,7 +64,10 @@ def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ModelInputError(f"{path}: cannot read a trained-state file: {exc}") from None
     if RECIPE_KEY not in metadata:
         raise ModelInputError(f"{path}: not an nbmerge trained-state file (no {shown(RECIPE_KEY)} in its metadata)")
-    return tensors, json.loads(metadata[RECIPE_KEY])
+    recipe = parse_json(metadata[RECIPE_KEY], f"{path}: metadata {RECIPE_KEY!r}")
+    if not isinstance(recipe, dict):
+        raise ModelInputError(f"{path}: metadata {RECIPE_KEY!r} is not a JSON object")
+    return tensors, recipe
 
 
 def fingerprint(module: torch.nn.Module) -> str:

@@ -24,6 +24,11 @@ from typing import Any, Callable
 
 from nbmerge.errors import ModelInputError
 
+CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
 MAX_JSON_BYTES = 256 * 1024 * 1024  # tokenizer.json of large vocabularies: tens of MB
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 40  # a byte offset or a shape fits in 20; the value is checked where it is used
@@ -142,3 +147,59 @@ def in_repository(folder: Path, name: str, where: str = "") -> Path:
         raise ModelInputError(f"{prefix}{Path(folder) / name} links outside the model's repository "
                               f"({root}) to {resolved}; nbmerge reads only the model's own files")
     return resolved
+
+
+def model_file(folder: Path | None, name: str, where: str = "") -> Path | None:
+    """``folder / name`` where the model has that file (its links resolved inside the repository, see
+    ``in_repository``), else None."""
+    if folder is None:
+        return None
+    path = Path(folder) / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    in_repository(folder, name, where)
+    return path
+
+
+def model_json(folder: Path | None, name: str, where: str = "") -> Any:
+    """The bounded JSON of a model's file ``name`` (``load_json``), or None where the model has none."""
+    path = model_file(folder, name, where)
+    return None if path is None else load_json(path, where)
+
+
+def model_text(folder: Path | None, name: str, where: str = "") -> str | None:
+    """The text of a model's file ``name`` (UTF-8, bounded), or None where the model has none."""
+    path = model_file(folder, name, where)
+    if path is None:
+        return None
+    try:
+        return read_bytes(path, MAX_JSON_BYTES, where).decode()
+    except UnicodeDecodeError:
+        raise ModelInputError(f"{where + ': ' if where else ''}{path} is not UTF-8 text") from None
+
+
+def check_model_files(folder: Path | None, names: tuple[str, ...], where: str = "") -> None:
+    """Before a merge writes anything: each of ``names`` the model has lies inside its repository, is a regular
+    file of bounded size, and a ``.json`` one holds a JSON object (what ``copy_model_file`` then copies)."""
+    for name in names:
+        path = model_file(folder, name, where)
+        if path is None:
+            continue
+        if name.endswith(".json"):
+            if not isinstance(load_json(path, where), dict):
+                raise ModelInputError(f"{where + ': ' if where else ''}{path} does not hold a JSON object")
+        else:
+            read_bytes(path, MAX_JSON_BYTES, where)
+
+
+def copy_model_file(folder: Path, name: str, destination: Path) -> bool:
+    """Copy the model's file ``name`` (checked as ``check_model_files`` does: inside the repository, a regular
+    file) to ``destination``; False where the model has no such file."""
+    import shutil
+
+    path = model_file(folder, name)
+    if path is None:
+        return False
+    with open_regular(path) as source, open(destination, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return True
