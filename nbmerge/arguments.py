@@ -28,6 +28,9 @@ def method_parser(method, prog: str, models_help: str,
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="merge inputs holding NaN or Inf (refused by default)")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json files disagree on the architecture (refused by "
+                             "default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     if method.build_module is not None:
         parser.add_argument("--pool", required=True, help="the registered task pool whose tasks the models are "

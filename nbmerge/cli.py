@@ -33,7 +33,8 @@ def _merge(argv: list[str]) -> int:
         params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
-                   allow_nonfinite=args.allow_nonfinite, progress=not args.quiet, **params)
+                   allow_nonfinite=args.allow_nonfinite, allow_config_mismatch=args.allow_config_mismatch,
+                   progress=not args.quiet, **params)
     if result.history is not None:
         print(result.history)
     print(result.report)
@@ -55,6 +56,8 @@ def _merge_recipe(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json files disagree on the architecture")
     parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each named "
                         "merge in DIR/<name> (by default they go to a temporary folder beside the output)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,7 +74,8 @@ def _merge_recipe(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite or None,
-                        allow_nonfinite=args.allow_nonfinite or None, intermediate_dir=args.intermediate_dir,
+                        allow_nonfinite=args.allow_nonfinite or None,
+                        allow_config_mismatch=args.allow_config_mismatch or None, intermediate_dir=args.intermediate_dir,
                         progress=not args.quiet)
     print(result.report)
     if result.path is not None:

@@ -30,6 +30,7 @@ from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
+from nbmerge.io.model_configs import check_configs_agree
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.untrusted import model_json
@@ -59,9 +60,10 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
           out_dtype: str | None = None, shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
           cancel: threading.Event | None = None, tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
-          chat_template: str | None = None) -> MergeResult:
-    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of`` and
-    ``chat_template`` as in ``nbmerge.merge`` (None: in memory)."""
+          chat_template: str | None = None, allow_config_mismatch: bool = False) -> MergeResult:
+    """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of``,
+    ``chat_template`` and ``allow_config_mismatch`` as in ``nbmerge.merge`` (None: in memory); models of
+    different depths are stacked (num_hidden_layers is not compared)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
@@ -79,6 +81,9 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
         sources = list(opened.values())
         if out_path is not None:
             check_output_apart(out_path, sources)
+        if not allow_config_mismatch:
+            check_configs_agree(sources, ignore=("num_hidden_layers", *(("vocab_size",) if tokenizer_source
+                                                                       is not None else ())))
         per_slice = [opened] * len(slices)
         if tokenizer_source is not None:  # vocabularies that differ: rows permuted, filled within each slice
             index = {key: i for i, key in enumerate(opened)}

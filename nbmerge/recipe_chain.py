@@ -107,7 +107,8 @@ def run_chain(call, resolve: Callable[[Any], Any], run_one: Callable[..., Any], 
     the intermediates take the run-wide ones (device, progress, on_progress, allow_nonfinite, overwrite)."""
     options = dict(options)
     intermediate_dir = options.pop("intermediate_dir", None)
-    run_wide = {key: options[key] for key in ("device", "progress", "on_progress", "allow_nonfinite", "overwrite")
+    run_wide = {key: options[key] for key in ("device", "progress", "on_progress", "allow_nonfinite", "overwrite",
+                                              "allow_config_mismatch")
                 if key in options}
     folders: dict[str, Path] = {}
 

@@ -6,7 +6,8 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     models: [ft-math/, ft-code/]          # or {name: model}
     base: base/
     params: {density: 0.3, trim_scope: tensor}
-    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite
+    out_dtype: bfloat16                   # also: out, device, shard_size, overwrite, allow_nonfinite,
+                                          # allow_config_mismatch
 
 mergekit's (``merge_method``, ``models`` or ``slices`` with per-model ``parameters``, ``base_model``,
 ``parameters``, ``dtype``, ``tokenizer_source``) maps onto nbmerge methods with mergekit's defaults and semantics.
@@ -60,7 +61,8 @@ from typing import Any, Callable, Mapping
 from nbmerge.errors import RecipeError, shown
 from nbmerge.io.untrusted import check_depth
 
-RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "tokenizer_source",
+RUN_OPTIONS = ("out", "out_dtype", "device", "shard_size", "overwrite", "allow_nonfinite", "allow_config_mismatch",
+               "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
 SLICE_KEYS = ("method", "models", "layers", "base", "base_layers", "params", "nbmerge_version", "plugin")
 NBMERGE_KEYS = ("method", "models", "base", "params", *RUN_OPTIONS, "nbmerge_version", "plugin")
