@@ -47,7 +47,9 @@ def _merge_recipe(argv: list[str]) -> int:
     """``nbmerge merge --recipe FILE.yml``: a mergekit or nbmerge recipe (model references are paths)."""
     from pathlib import Path
 
-    from nbmerge.recipes import parse_recipe, run_recipe
+    from nbmerge.errors import ModelInputError
+    from nbmerge.io.untrusted import read_bytes
+    from nbmerge.recipes import MAX_RECIPE_CHARS, parse_recipe, run_recipe
 
     parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
                                      "(mergekit's format or nbmerge's)")
@@ -64,8 +66,8 @@ def _merge_recipe(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     path = Path(args.recipe).expanduser()
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bytes(path, MAX_RECIPE_CHARS).decode()  # a regular file only: a FIFO would block the read
+    except (ModelInputError, UnicodeDecodeError) as exc:
         print(f"nbmerge: error: --recipe {path}: cannot read it ({exc})", file=sys.stderr)
         return 1
     call = parse_recipe(text)
