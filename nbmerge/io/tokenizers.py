@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.sources import ModelSource
-from nbmerge.io.untrusted import model_json
+from nbmerge.io.untrusted import model_file, model_json
 
 
 def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> tuple[Path | None, str]:
@@ -37,23 +37,25 @@ def read_vocabulary(folder: Path | None, label: str) -> dict | None:
     naming the file."""
     if folder is None:
         return None
-    data = model_json(folder, "tokenizer.json", label)
     name = "tokenizer.json"
-    if data is not None:
+    if model_file(folder, name, label) is not None:
+        data = model_json(folder, name, label)
         model = data.get("model") if isinstance(data, dict) else None
         table = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(table, list):  # Unigram: [[token, score], ...]
-            table = {entry[0]: i for i, entry in enumerate(table) if isinstance(entry, list) and entry}
+            table = {entry[0]: i for i, entry in enumerate(table)
+                     if isinstance(entry, list) and entry and isinstance(entry[0], str)}
         added = data.get("added_tokens") if isinstance(data, dict) else None
         if isinstance(table, dict) and isinstance(added, list):
             table = {**table, **{entry["content"]: entry["id"] for entry in added
-                                 if isinstance(entry, dict) and "content" in entry and "id" in entry}}
+                                 if isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                                 and "id" in entry}}
         elif isinstance(table, dict) and added is not None:
             table = None
-    else:
+    elif model_file(folder, "vocab.json", label) is not None:
         table, name = model_json(folder, "vocab.json", label), "vocab.json"
-        if table is None:
-            return None
+    else:
+        return None
     if not isinstance(table, dict) or not all(isinstance(token, str) and type(index) is int and index >= 0
                                               for token, index in table.items()):
         raise ModelInputError(f"{label}: {Path(folder) / name}: not a vocabulary (token -> non-negative integer "
