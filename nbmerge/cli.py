@@ -217,7 +217,7 @@ def _overrides(settings: list[str]) -> dict[str, dict]:
             raise ParameterError(f"bench: --set {setting!r}: expected METHOD.PARAM=VALUE, e.g. we_moe.steps=300")
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             value = text
         overrides.setdefault(method, {})[param] = value
     return overrides

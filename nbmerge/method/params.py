@@ -161,7 +161,7 @@ class Param:
             return [_as_float(part.strip(), where) for part in text.split(",") if part.strip()]
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer of too many digits, nesting too deep
             raise ParameterError(f"{where}: cannot read {shown(text)} as {self.kind}") from None
 
     def _number(self, value: float, where: str) -> float:
