@@ -76,8 +76,9 @@ def _check_opcodes(stream, allowed: frozenset[str], where: str) -> None:
                                           f"file)")
     except ModelInputError:
         raise
-    except Exception as exc:  # pickletools raises ValueError and others on malformed opcodes: torch decides
-        del exc
+    except Exception as exc:  # pickletools raises ValueError and others on malformed opcodes
+        raise ModelInputError(f"{where} could not be loaded as a weights-only checkpoint: its pickle is "
+                              f"malformed ({shown(str(exc), 200)[1:-1]})") from None
 
 
 def load_checkpoint(file, path: Path, label: str, mapped_path: str | None) -> Mapping[str, Any]:

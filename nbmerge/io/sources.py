@@ -2,9 +2,12 @@
 
 Accepted inputs: a ``.safetensors`` file; a Hugging Face model folder (``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``); a pickle checkpoint (``.bin``/``.pt``/``.pth`` or a folder holding
-``pytorch_model.bin``), loaded with ``weights_only=True`` and memory-mapped; an in-memory state dict; an
+``pytorch_model.bin``), loaded with ``weights_only=True`` and torch's built-in allow-list only
+(``nbmerge.io.pickles``), memory-mapped where a read lease is held; an in-memory state dict; an
 ``nn.Module``; any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never modified. Files are opened anew for every merge and checked for change when it
-ends, so a notebook that rewrites a checkpoint between merges never gets stale tensors.
+ends, so a notebook that rewrites a checkpoint between merges never gets stale tensors. Files are read as
+untrusted (``nbmerge.io.untrusted``): regular files only, a folder's files inside the model's repository; a model
+file with no tensor, or with FP8 or complex tensors, is refused by name.
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ class WatchedFiles:
         self._leased = []
 
     def _close_files(self) -> None:
-        self.release_leases() if hasattr(self, "_leased") else None
+        if hasattr(self, "_leased"):  # not yet when opening a file failed
+            self.release_leases()
         for f in self._files.values():
             f.close()
 
@@ -307,6 +311,9 @@ def open_model(model: Any, label: str) -> ModelSource:
         return StateDictSource(model, label)
     if isinstance(model, (str, os.PathLike)):
         source = _open_path(Path(model).expanduser(), label)
+        if not source.infos:
+            source.close()
+            raise ModelInputError(f"{label}: {model} holds no tensors")
         for name, info in source.infos.items():
             unmergeable = unmergeable_dtype(info.dtype)
             if unmergeable:

@@ -217,6 +217,7 @@ HEADER_CASES = {
     "deep nesting": (b'{"w": ' + b"[" * 5000 + b"]" * 5000 + b"}", "header is not JSON.*nested"),
     "offsets reversed": ({"w": entry(offsets=(128, 0))}, r"'w' byte range \[128, 0\)"),
     "metadata not strings": ({"__metadata__": {"format": 1}, "w": entry()}, "__metadata__ must map names to strings"),
+    "no tensors": ({"__metadata__": {"format": "pt"}}, "bad.safetensors holds no tensors"),
 }
 
 
