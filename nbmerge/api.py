@@ -23,6 +23,7 @@ from nbmerge.engine.run import (
 from nbmerge.engine.sinks import parse_size
 from nbmerge.errors import ParameterError
 from nbmerge.io.chat_templates import choose_chat_template
+from nbmerge.io.model_configs import check_configs_agree
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
@@ -40,7 +41,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
           on_progress: Callable[[ProgressEvent], None] | None = None, cancel: threading.Event | None = None,
           pool: Any = None, split: str = "test", tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
           chat_template: str | None = None, compute_dtype: str | torch.dtype | None = None,
-          given_recipe: GivenRecipe | None = None, **params: Any) -> MergeResult:
+          given_recipe: GivenRecipe | None = None, allow_config_mismatch: bool = False,
+          **params: Any) -> MergeResult:
     """Merge ``models`` with ``method`` and return a MergeResult.
 
     models: paths (safetensors file, Hugging Face folder, weights-only pickle), state dicts or nn.Modules, as a
@@ -70,6 +72,9 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
       folder keeps it verbatim, in its README.md model card and as its own file (``nbmerge.model_card``).
       allow_nonfinite: merge inputs that hold NaN or Inf, and keep a result that does. By default such a tensor
       stops the merge with a NonFiniteError naming it (and its file), before anything is written.
+      allow_config_mismatch: merge models whose config.json files disagree on the architecture (architectures,
+      model_type, hidden_size, layer and head counts, vocab_size; nbmerge.io.model_configs), which is refused
+      by default, as mergekit does without --allow-crimes.
 
     Methods that build a module (test-time adaptation on unlabeled inputs) need ``pool``, a task pool whose
     tasks are named like the models ({task: model}); they adapt on the inputs of ``split`` and ``out`` is a
@@ -102,6 +107,8 @@ def merge(method: str, models: Sequence[Any] | Mapping[str, Any], base: Any = No
             sources.append(base_source)
         if out_path is not None:
             check_output_apart(out_path, sources)
+        if not allow_config_mismatch:
+            check_configs_agree(sources, ignore=("vocab_size",) if tokenizer_source is not None else ())
         if tokenizer_source is not None:  # models whose vocabularies differ get their embedding rows permuted
             vocabulary = plan_vocabulary(tokenizer_target(tokenizer_source, sources, labelled, base)[0],
                                          tokenizer_source == "union", sources,

@@ -76,6 +76,9 @@ def _merge_arguments(parser: argparse.ArgumentParser, models_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="merge inputs holding NaN or Inf (refused by default)")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json files disagree on the architecture (refused by "
+                             "default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

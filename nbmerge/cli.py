@@ -38,7 +38,8 @@ def _merge(argv: list[str]) -> int:
         params.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
     result = merge(method.name, args.models, base=args.base, out=args.out, device=args.device,
                    out_dtype=args.out_dtype, shard_size=args.shard_size, overwrite=args.overwrite,
-                   allow_nonfinite=args.allow_nonfinite, progress=not args.quiet, **params)
+                   allow_nonfinite=args.allow_nonfinite, allow_config_mismatch=args.allow_config_mismatch,
+                   progress=not args.quiet, **params)
     if result.history is not None:
         print(result.history)
     print(result.report)
@@ -69,7 +70,9 @@ def _merge_recipe(argv: list[str]) -> int:
     """``nbmerge merge --recipe FILE.yml``: a mergekit or nbmerge recipe (model references are paths)."""
     from pathlib import Path
 
-    from nbmerge.recipes import parse_recipe, run_recipe
+    from nbmerge.errors import ModelInputError
+    from nbmerge.io.untrusted import read_bytes
+    from nbmerge.recipes import MAX_RECIPE_CHARS, parse_recipe, run_recipe
 
     parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
                                      "(mergekit's format or nbmerge's)")
@@ -78,14 +81,16 @@ def _merge_recipe(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json files disagree on the architecture")
     parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each named "
                         "merge in DIR/<name> (by default they go to a temporary folder beside the output)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     path = Path(args.recipe).expanduser()
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bytes(path, MAX_RECIPE_CHARS).decode()  # a regular file only: a FIFO would block the read
+    except (ModelInputError, UnicodeDecodeError) as exc:
         print(f"nbmerge: error: --recipe {path}: cannot read it ({exc})", file=sys.stderr)
         return 1
     call = parse_recipe(text)
@@ -93,7 +98,8 @@ def _merge_recipe(argv: list[str]) -> int:
         print(f"nbmerge: error: --recipe {path}: say where the merge goes: --out DIR", file=sys.stderr)
         return 2
     result = run_recipe(call, out=args.out, device=args.device, overwrite=args.overwrite,
-                        allow_nonfinite=args.allow_nonfinite or None, intermediate_dir=args.intermediate_dir,
+                        allow_nonfinite=args.allow_nonfinite or None,
+                        allow_config_mismatch=args.allow_config_mismatch or None, intermediate_dir=args.intermediate_dir,
                         progress=not args.quiet)
     print(result.report)
     if result.path is not None:
@@ -248,7 +254,7 @@ def _overrides(settings: list[str]) -> dict[str, dict]:
             raise ParameterError(f"bench: --set {setting!r}: expected METHOD.PARAM=VALUE, e.g. we_moe.steps=300")
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             value = text
         overrides.setdefault(method, {})[param] = value
     return overrides

@@ -37,3 +37,16 @@ class NonFiniteError(NBMergeError, ValueError):
 
 class RecipeError(NBMergeError, ValueError):
     """A recipe cannot be read, or asks for something nbmerge does not do."""
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """``repr(value)`` bounded for an error message: nested containers are cut after a few items and levels
+    (reprlib), so a value built from YAML aliases (9⁹ leaves sharing nine lists) or a deep structure prints in
+    microseconds, and the text is cut to ``limit`` characters."""
+    import reprlib
+
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxdict, bounded.maxlist, bounded.maxtuple, bounded.maxset = 3, 4, 6, 6, 6
+    bounded.maxstring, bounded.maxother, bounded.maxlong = limit, limit, 40
+    text = bounded.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

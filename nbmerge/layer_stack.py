@@ -10,7 +10,6 @@ slices then stream one after another into one output, written atomically with co
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +28,13 @@ from nbmerge.engine.run import (
     run_parts,
 )
 from nbmerge.engine.sinks import parse_size
-from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.chat_templates import choose_chat_template
 from nbmerge.io.layer_window import LayerWindow
+from nbmerge.io.model_configs import check_configs_agree
 from nbmerge.io.sources import ModelSource, open_model
 from nbmerge.io.tokenizers import tokenizer_target
+from nbmerge.io.untrusted import model_json
 from nbmerge.io.vocabularies import check_padding, plan_vocabulary
 from nbmerge.model_card import CardSource, GivenRecipe, method_line
 from nbmerge.method.tensor_names import is_embedding, layer_index, with_layer
@@ -62,9 +63,10 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
           allow_nonfinite: bool = False, on_progress: Callable[[ProgressEvent], None] | None = None,
           cancel: threading.Event | None = None, tokenizer_source: Any = None, pad_to_multiple_of: int | None = None,
           chat_template: str | None = None, compute_dtype: str | None = None,
-          given_recipe: GivenRecipe | None = None) -> MergeResult:
+          given_recipe: GivenRecipe | None = None, allow_config_mismatch: bool = False) -> MergeResult:
     """Stack the slices' layers into one model; ``out``, ``tokenizer_source``, ``pad_to_multiple_of``,
-    ``chat_template``, ``compute_dtype`` and ``given_recipe`` as in ``nbmerge.merge`` (None: in memory)."""
+    ``chat_template``, ``compute_dtype``, ``given_recipe`` and ``allow_config_mismatch`` as in ``nbmerge.merge``
+    (None: in memory); models of different depths are stacked (num_hidden_layers is not compared)."""
     if not slices or not all(isinstance(s, LayerSlice) for s in slices):
         raise ParameterError("stack: give a non-empty list of nbmerge.LayerSlice")
     target_device, dtype = resolve_device(device), resolve_dtype(out_dtype)
@@ -82,6 +84,9 @@ def stack(slices: Sequence[LayerSlice], out: str | Path | None = None, *, device
         sources = list(opened.values())
         if out_path is not None:
             check_output_apart(out_path, sources)
+        if not allow_config_mismatch:
+            check_configs_agree(sources, ignore=("num_hidden_layers", *(("vocab_size",) if tokenizer_source
+                                                                       is not None else ())))
         per_slice = [opened] * len(slices)
         if tokenizer_source is not None:  # vocabularies that differ: rows permuted, filled within each slice
             index = {key: i for i, key in enumerate(opened)}
@@ -172,7 +177,7 @@ def _ranges(layer_slice: LayerSlice, labels: list[str], where: str) -> dict[str,
     for label, pair in given.items():
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
-            raise ParameterError(f"{where}: the layer range of {label} must be [start, end], got {pair!r}")
+            raise ParameterError(f"{where}: the layer range of {label} must be [start, end], got {shown(pair)}")
         checked[label] = (int(pair[0]), int(pair[1]))
     return checked
 
@@ -206,10 +211,7 @@ def _config_edits(config_folder: Path | None, parts: list[MergePart], total_laye
 
 
 def _read_config(folder: Path | None) -> dict | None:
-    path = None if folder is None else folder / "config.json"
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelInputError(f"{path}: cannot read it as JSON ({exc})") from None
+    config = model_json(folder, "config.json")
+    if config is not None and not isinstance(config, dict):
+        raise ModelInputError(f"{folder / 'config.json'} does not hold a JSON object")
+    return config

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from nbmerge.engine.memory import peak_rss_bytes, reset_peak_rss
 from nbmerge.engine.progress import ProgressEvent, check_cancel
-from nbmerge.errors import ModelInputError, NonFiniteError, ParameterError
+from nbmerge.errors import ModelInputError, NonFiniteError, ParameterError, shown
 from nbmerge.io.trained_state import checked_out_path, fingerprint, read_trained, write_trained
 from nbmerge.method.declaration import MergeMethod, ModuleJob, UnlabeledTask
 from nbmerge.plugins import get_method
@@ -57,7 +57,7 @@ def build_merge(method: MergeMethod, models: Sequence[Any] | Mapping[str, Any], 
     modules = {name: pool.load_encoder(model) for name, model in named.items()}
     if not allow_nonfinite:
         for label, module in [("base", base_module), *modules.items()]:
-            _check_finite(module.state_dict(), f"{method.name}: model {label!r}", "fix the input")
+            _check_finite(module.state_dict(), f"{method.name}: model {shown(label)}", "fix the input")
     fingerprints = {"base": fingerprint(base_module), "models": {n: fingerprint(m) for n, m in modules.items()}}
     if expected_fingerprints is not None:
         _check_same_models(source, expected_fingerprints, fingerprints)
@@ -141,7 +141,7 @@ def load_trained(path: str | Path, models: Sequence[Any] | Mapping[str, Any], ba
     tensors, recipe = read_trained(path)
     method = get_method(recipe["method"])
     if method.build_module is None:
-        raise ModelInputError(f"{path}: method {recipe['method']!r} does not build modules")
+        raise ModelInputError(f"{path}: method {shown(recipe['method'])} does not build modules")
     named = _named_models(method, models, pool)
     if list(named) != recipe["models"]:
         raise ModelInputError(f"{path}: trained on models {recipe['models']}, given {list(named)} "
@@ -157,7 +157,7 @@ def _check_finite(state: Mapping, where: str, fix: str) -> None:
 
     for name, tensor in state.items():
         if not finite(tensor):
-            raise NonFiniteError(f"{where} tensor {name!r} holds NaN or Inf; nothing was written. {fix[0].upper()}"
+            raise NonFiniteError(f"{where} tensor {shown(name)} holds NaN or Inf; nothing was written. {fix[0].upper()}"
                                  f"{fix[1:]}, or pass allow_nonfinite=True (--allow-nonfinite) to go on anyway")
 
 
@@ -166,7 +166,7 @@ def _check_same_models(source: str, expected: dict, found: dict) -> None:
         raise ModelInputError(f"{source}: was trained on a different base model than the one given")
     for name, value in found["models"].items():
         if expected["models"].get(name) != value:
-            raise ModelInputError(f"{source}: was trained on a different model {name!r} than the one given")
+            raise ModelInputError(f"{source}: was trained on a different model {shown(name)} than the one given")
 
 
 def _named_models(method: MergeMethod, models, pool) -> dict[str, Any]:

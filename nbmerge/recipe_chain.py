@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from nbmerge.errors import OutputWriteError, RecipeError
+from nbmerge.errors import OutputWriteError, RecipeError, shown
 
 
 def chain_from_documents(documents: list, parse_one: Callable[[Mapping], Any]):
@@ -39,9 +39,9 @@ def chain_from_documents(documents: list, parse_one: Callable[[Mapping], Any]):
             unnamed.append((number, call))
             continue
         if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
-            raise RecipeError(f"recipe: document {number}: name {name!r} must be a plain folder name")
+            raise RecipeError(f"recipe: document {number}: name {shown(name)} must be a plain folder name")
         if name in named:
-            raise RecipeError(f"recipe: two documents are named {name!r}; give each merge its own name")
+            raise RecipeError(f"recipe: two documents are named {shown(name)}; give each merge its own name")
         named[name] = call
     if len(unnamed) > 1:
         raise RecipeError(f"recipe: documents {unnamed[0][0]} and {unnamed[1][0]} both have no 'name'; a chain "
@@ -60,7 +60,7 @@ def chain_from_documents(documents: list, parse_one: Callable[[Mapping], Any]):
     order = _run_order(final_name, final, named, used)
     unused = [name for name in named if name != final_name and name not in order]
     if unused:
-        raise RecipeError(f"recipe: merge {unused[0]!r} feeds no later merge and is not the final one; nbmerge "
+        raise RecipeError(f"recipe: merge {shown(unused[0])} feeds no later merge and is not the final one; nbmerge "
                           f"writes one output per recipe: drop it, or use it in the final merge")
     return replace(final, intermediates=[(name, named[name]) for name in order])
 
@@ -84,7 +84,7 @@ def _run_order(final_name, final, named: dict, used: dict[str, set]) -> list[str
 
     for dependency in sorted(references(final) & set(named)):
         if dependency == final_name:
-            raise RecipeError(f"recipe: merge {final_name!r} uses its own output")
+            raise RecipeError(f"recipe: merge {shown(final_name)} uses its own output")
         visit(dependency)
     return order
 
@@ -107,7 +107,8 @@ def run_chain(call, resolve: Callable[[Any], Any], run_one: Callable[..., Any], 
     the intermediates take the run-wide ones (device, progress, on_progress, allow_nonfinite, overwrite)."""
     options = dict(options)
     intermediate_dir = options.pop("intermediate_dir", None)
-    run_wide = {key: options[key] for key in ("device", "progress", "on_progress", "allow_nonfinite", "overwrite")
+    run_wide = {key: options[key] for key in ("device", "progress", "on_progress", "allow_nonfinite", "overwrite",
+                                              "allow_config_mismatch")
                 if key in options}
     folders: dict[str, Path] = {}
 

@@ -6,7 +6,7 @@ nbmerge's spelling is the API's keywords (and the ``nbmerge_recipe.json`` every 
     models: [ft-math/, ft-code/]          # or {name: model}
     base: base/
     params: {density: 0.3, trim_scope: tensor}
-    out_dtype: bfloat16                   # also: device, shard_size, allow_nonfinite
+    out_dtype: bfloat16                   # also: device, shard_size, allow_nonfinite, allow_config_mismatch
 
 Where the merge is written and whether an existing output may be replaced are the caller's choices (``--out``,
 ``--overwrite``, ``run_recipe(out=..., overwrite=...)``), never a recipe's: a recipe comes from someone else, and
@@ -62,12 +62,16 @@ mergekit's ``model+adapter`` resolves to the model with that LoRA adapter applie
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from nbmerge.errors import RecipeError
+from nbmerge.errors import RecipeError, shown
+from nbmerge.io.untrusted import check_depth
 
-RUN_OPTIONS = ("out_dtype", "compute_dtype", "device", "shard_size", "allow_nonfinite", "tokenizer_source",
+RUN_OPTIONS = ("out_dtype", "compute_dtype", "device", "shard_size", "allow_nonfinite", "allow_config_mismatch",
+               "tokenizer_source",
                "pad_to_multiple_of", "chat_template")
 CALLER_OPTIONS = {"out": "--out DIR (nbmerge merge --recipe, %%merge) or out=... (run_recipe)",
                   "overwrite": "--overwrite (nbmerge merge --recipe, %%merge) or overwrite=True (run_recipe)"}
@@ -80,6 +84,9 @@ MERGEKIT_KEYS = ("merge_method", "models", "slices", "base_model", "parameters",
 MERGEKIT_UNSUPPORTED = {
     "modules": "per-module recipes",
 }
+MAX_RECIPE_CHARS = 10_000_000
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_VALUES = 100_000
 # mergekit parameters that only change memory use, not the result
 MERGEKIT_NO_EFFECT = ("int8_mask",)
 
@@ -138,12 +145,19 @@ def parse_recipe(text: str) -> MergeCall:
     """Read a YAML (or JSON) recipe in mergekit's or nbmerge's format."""
     import yaml
 
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"recipe: {len(text)} characters; a recipe is at most {MAX_RECIPE_CHARS}")
+    _check_flow_depth(text)
     try:
         documents = list(yaml.load_all(text, Loader=_recipe_loader()))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raise RecipeError(f"recipe: not valid YAML{where}: {shown(getattr(exc, 'problem', None) or exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe: nested deeper than {MAX_RECIPE_DEPTH} levels") from None
+    for document in documents:
+        _check_bounded(document)
     if len(documents) > 1:  # mergekit-multi: a chain of named merges
         from nbmerge.recipe_chain import chain_from_documents
 
@@ -152,6 +166,39 @@ def parse_recipe(text: str) -> MergeCall:
         call = _parse_one(documents[0] if documents else None)
     call.text = text
     return call
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse brackets nested deeper than 3 × MAX_RECIPE_DEPTH before PyYAML reads them: its scanner takes time
+    quadratic in the nesting (seconds at a thousand levels). Brackets inside quoted text count too, hence the
+    margin."""
+    depth = 0
+    for bracket in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if bracket.group() in "[{" else max(depth - 1, 0)
+        if depth > 3 * MAX_RECIPE_DEPTH:
+            raise RecipeError(f"recipe: nested deeper than {MAX_RECIPE_DEPTH} levels")
+
+
+def _check_bounded(document: Any) -> None:
+    """A recipe nests at most MAX_RECIPE_DEPTH levels and, its YAML aliases expanded, holds at most
+    MAX_RECIPE_VALUES values: the safe loader shares an aliased node instead of copying it, but every later walk
+    (a parameter list checked, a recipe written as JSON) would expand it, and 9 aliases of 9 aliases ... are
+    9⁹ values."""
+    check_depth(document, "recipe", MAX_RECIPE_DEPTH, RecipeError)
+    sizes: dict[int, int] = {}
+
+    def expanded(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if id(value) not in sizes:
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            sizes[id(value)] = 1 + sum(expanded(child) for child in children)
+            if sizes[id(value)] > MAX_RECIPE_VALUES:
+                raise RecipeError(f"recipe: its YAML aliases expand to more than {MAX_RECIPE_VALUES} values; "
+                                  f"write the values out")
+        return sizes[id(value)]
+
+    expanded(document)
 
 
 def _parse_one(config: Any) -> MergeCall:
@@ -182,7 +229,7 @@ def _recipe_loader():
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     mark = key_node.start_mark
-                    raise RecipeError(f"recipe: key {key!r} appears twice in one mapping (line {mark.line + 1}); "
+                    raise RecipeError(f"recipe: key {shown(key)} appears twice in one mapping (line {mark.line + 1}); "
                                       f"keep one")
                 seen.add(key) if isinstance(key, (str, int, float, bool)) else None
             return super().construct_mapping(node, deep)
@@ -205,7 +252,7 @@ def stack_from_nbmerge(config: Mapping) -> MergeCall:
     for i, item in enumerate(_as_list(config["slices"], "slices")):
         where = f"recipe: slices[{i}]"
         if not isinstance(item, Mapping):
-            raise RecipeError(f"{where} must be a mapping with 'models' and 'layers', got {item!r}")
+            raise RecipeError(f"{where} must be a mapping with 'models' and 'layers', got {shown(item)}")
         _reject_unknown_keys(item, SLICE_KEYS, where)
         models = _labelled(item.get("models"), where)
         layers = item.get("layers")
@@ -233,25 +280,25 @@ def _labelled(models: Any, where: str) -> dict[str, Any]:
 def _params(config: Mapping, where: str) -> dict:
     params = config.get("params") or {}
     if not isinstance(params, Mapping):
-        raise RecipeError(f"{where}: 'params' must be a mapping of parameter names to values, got {params!r}")
+        raise RecipeError(f"{where}: 'params' must be a mapping of parameter names to values, got {shown(params)}")
     return dict(params)
 
 
 def _layer_pair(pair: Any, where: str) -> tuple[int, int]:
     if (not isinstance(pair, (list, tuple)) or len(pair) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair) or not 0 <= pair[0] < pair[1]):
-        raise RecipeError(f"{where} must be [start, end] with 0 <= start < end, got {pair!r}")
+        raise RecipeError(f"{where} must be [start, end] with 0 <= start < end, got {shown(pair)}")
     return int(pair[0]), int(pair[1])
 
 
 def from_mergekit(config: Mapping) -> MergeCall:
     for key, reason in MERGEKIT_UNSUPPORTED.items():
         if key in config:
-            raise RecipeError(f"recipe: mergekit's {key!r} is not supported ({reason}); remove it")
+            raise RecipeError(f"recipe: mergekit's {shown(key)} is not supported ({reason}); remove it")
     _reject_unknown_keys(config, MERGEKIT_KEYS, "recipe (mergekit format)")
     name = config["merge_method"]
     if not isinstance(name, str) or name not in MERGEKIT:
-        raise RecipeError(f"recipe: mergekit merge_method {name!r} is not supported; nbmerge maps "
+        raise RecipeError(f"recipe: mergekit merge_method {shown(name)} is not supported; nbmerge maps "
                           f"{', '.join(MERGEKIT)} (or write 'method:' with any nbmerge method)")
     spec = MERGEKIT[name]
     base = config.get("base_model")
@@ -296,7 +343,8 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     # mergekit lets a top-level parameter give the default of a per-model one
     model_level = {key: given.pop(key) for key in list(given) if key in spec.per_model}
     _reject_unknown_keys(given, tuple(spec.shared), f"recipe: {name} parameters")
-    settings = {key: _setting(given.get(key, default), default, f"{name} parameter {key!r}")
+    settings = {key: _checked_renamed(name, spec, key, _setting(given.get(key, default), default,
+                                                                f"{name} parameter {shown(key)}"), "")
                 for key, default in spec.shared.items()}
     models: dict[str, Any] = {}
     layers: dict[str, tuple[int, int]] = {}
@@ -306,23 +354,25 @@ def _mergekit_merge(name: str, spec: MergekitMethod, entries: list[dict], base, 
     references = [entry["model"] for entry in entries]
     for entry in entries:
         reference = _reference(entry["model"], "model")
-        own = _parameters(entry.get("parameters"), f"parameters of model {reference!r}")
+        own = _parameters(entry.get("parameters"), f"parameters of model {shown(reference)}")
         for key in MERGEKIT_NO_EFFECT:
             own.pop(key, None)
-        _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {reference!r}")
+        _reject_unknown_keys(own, tuple(spec.per_model), f"recipe: {name} parameters of model {shown(reference)}")
         if reference == base and spec.skips_listed_base:
             continue  # mergekit skips the base when it is listed among the models: its task vector is 0
         label = reference
         if references.count(reference) > 1 and entry.get("layer_range") is not None:
             label = f"{reference}[{entry['layer_range'][0]}:{entry['layer_range'][1]}]"
         if label in models:
-            raise RecipeError(f"recipe: model {reference!r} is listed twice with the same layers")
+            raise RecipeError(f"recipe: model {shown(reference)} is listed twice with the same layers")
         models[label] = reference
         if entry.get("layer_range") is not None:
             layers[label] = tuple(entry["layer_range"])
         for key, default in spec.per_model.items():
             value = own.get(key, model_level.get(key, default))
-            per_model[key].append(_setting(value, default, f"{name} parameter {key!r} of model {reference!r}"))
+            where = f"{name} parameter {shown(key)} of model {shown(reference)}"
+            per_model[key].append(_checked_renamed(name, spec, key, _setting(value, default, where),
+                                                   f" (model {shown(reference)})"))
     if spec.base == "required" and base is None:
         raise RecipeError(f"recipe: mergekit {name} needs base_model")
     if name == "slerp":
@@ -346,7 +396,7 @@ def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dic
         call, layers = _mergekit_merge(name, spec, entries, slice_base, {**top, **own}, config)
         base_layers = tuple(in_slice[0]["layer_range"]) if in_slice and call.base is not None else None
         if call.base is not None and base_layers is None:
-            raise RecipeError(f"recipe: slices[{i}]: {name} needs base_model {base!r} among the slice's sources "
+            raise RecipeError(f"recipe: slices[{i}]: {name} needs base_model {shown(base)} among the slice's sources "
                               f"(with its layer_range)")
         layers = {label: pair for label, pair in layers.items() if label in call.models}
         calls.append(SliceCall(call.method, call.models, layers, call.params, call.base, base_layers))
@@ -359,7 +409,7 @@ def _mergekit_stack(name: str, spec: MergekitMethod, slices: list[tuple[list[dic
 def _slice_entries(item: Any, where: str) -> tuple[list[dict], dict]:
     """A mergekit slice's sources (each with a layer_range) and its own parameters."""
     if not isinstance(item, Mapping):
-        raise RecipeError(f"recipe: {where} must be a mapping with 'sources', got {item!r}")
+        raise RecipeError(f"recipe: {where} must be a mapping with 'sources', got {shown(item)}")
     _reject_unknown_keys(item, ("sources", "parameters"), f"recipe: {where}")
     entries = [_model_entry(source) for source in _as_list(item.get("sources"), f"{where}.sources")]
     for j, entry in enumerate(entries):
@@ -372,8 +422,37 @@ def _parameters(value: Any, where: str) -> dict:
     if value is None or value == {}:
         return {}
     if not isinstance(value, Mapping):
-        raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {value!r}")
+        raise RecipeError(f"recipe: {where} must be a mapping of parameter names to values, got {shown(value)}")
     return dict(value)
+
+
+# mergekit parameters that reach nbmerge under another name or value (weight → weights, lambda → scaling,
+# density → drop_rate = 1 − density): checked here, so that an error names what the recipe wrote
+RENAMED = ("weight", "lambda", "density")
+
+
+def _checked_renamed(name: str, spec: MergekitMethod, key: str, value: Any, model: str) -> Any:
+    """``value`` (a number, anchors, or filter entries of either) when ``key`` is one of RENAMED: every number
+    finite, and a DARE density in (0, 1] (its drop rate 1 − density in [0, 1)); a RecipeError names the method,
+    ``key`` and the ``model`` (" (model 'x')", or "" for a top-level value)."""
+    if key not in RENAMED or value is None:
+        return value
+    values = [entry["value"] if isinstance(entry, Mapping) else entry
+              for entry in (value if isinstance(value, list) else [value])]
+    numbers = [v for item in values for v in (item if isinstance(item, list) else [item])]
+    for number in numbers:
+        if isinstance(number, str):  # "0.5": read as a number, as mergekit's validation does
+            try:
+                number = float(number)
+            except ValueError:
+                pass
+        if not _is_number(number) or not math.isfinite(number):
+            raise RecipeError(f"recipe: {name}: {key} must be a number (or anchors over depth), got "
+                              f"{shown(value)}{model}")
+        if key == "density" and spec.method == "dare" and not 0 < number <= 1:
+            raise RecipeError(f"recipe: {name}: density must be in (0, 1] (the fraction of each task vector kept), "
+                              f"got {shown(number)}{model}")
+    return value
 
 
 def _setting(value: Any, default: Any, where: str) -> Any:
@@ -388,7 +467,7 @@ def _setting(value: Any, default: Any, where: str) -> Any:
     entries = []
     for entry in value:
         if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
-            raise RecipeError(f"recipe: {where}: each entry must be {{filter: ..., value: ...}}, got {entry!r}")
+            raise RecipeError(f"recipe: {where}: each entry must be {{filter: ..., value: ...}}, got {shown(entry)}")
         if entry.get("filter") in (None, "*"):
             entries.append({"value": entry["value"]})
             break
@@ -407,7 +486,7 @@ def _flag(value: Any, where: str) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    raise RecipeError(f"recipe: {where} must be true or false, got {value!r}")
+    raise RecipeError(f"recipe: {where} must be true or false, got {shown(value)}")
 
 
 def _one_per_model_value(values: list) -> Any:
@@ -465,7 +544,7 @@ def _complement(setting: Any, method: str) -> Any:
     try:
         return 1.0 - float(setting)
     except (TypeError, ValueError):
-        raise RecipeError(f"recipe: {method}: density must be a number, got {setting!r}") from None
+        raise RecipeError(f"recipe: {method}: density must be a number, got {shown(setting)}") from None
 
 
 def _sparsified(method: str, combine: str, sparsity: tuple[str, ...]) -> Callable[[dict, dict, int], dict]:
@@ -560,10 +639,10 @@ def _model_entry(entry) -> dict:
     if isinstance(entry, str):
         return {"model": entry}
     if not isinstance(entry, Mapping) or "model" not in entry:
-        raise RecipeError(f"recipe: each model entry needs 'model: <path or variable>', got {entry!r}")
+        raise RecipeError(f"recipe: each model entry needs 'model: <path or variable>', got {shown(entry)}")
     _reject_unknown_keys(entry, ("model", "parameters", "layer_range"), "recipe: model entry")
     if not isinstance(entry["model"], str):
-        raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {entry['model']!r}")
+        raise RecipeError(f"recipe: 'model' must be a path or a variable name, got {shown(entry['model'])}")
     _check_lora_reference(entry["model"])
     return dict(entry)
 
@@ -571,7 +650,7 @@ def _model_entry(entry) -> dict:
 def _check_lora_reference(reference: str) -> None:
     """A model reference may be mergekit's ``model+adapter`` (one PEFT LoRA adapter applied, nbmerge.io.lora)."""
     if "+" in reference and lora_parts(reference) is None:
-        raise RecipeError(f"recipe: model {reference!r}: mergekit's model+adapter takes one model and one LoRA "
+        raise RecipeError(f"recipe: model {shown(reference)}: mergekit's model+adapter takes one model and one LoRA "
                           f"adapter, both named")
 
 
@@ -601,7 +680,7 @@ def _mergekit_options(config: Mapping, base, references: set, exact: bool) -> di
         if source is not None:
             raise RecipeError("recipe: give tokenizer_source or tokenizer: {source: ...}, not both")
         if not isinstance(tokenizer, Mapping):
-            raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {tokenizer!r}")
+            raise RecipeError(f"recipe: tokenizer must be a mapping such as {{source: base}}, got {shown(tokenizer)}")
         for key in tokenizer:
             if key not in ("source", "pad_to_multiple_of"):
                 raise RecipeError(f"recipe: tokenizer.{key} is not supported (nbmerge takes a source and "
@@ -610,7 +689,7 @@ def _mergekit_options(config: Mapping, base, references: set, exact: bool) -> di
         pad = tokenizer.get("pad_to_multiple_of")
         if pad is not None:
             if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
-                raise RecipeError(f"recipe: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+                raise RecipeError(f"recipe: tokenizer.pad_to_multiple_of must be a positive integer, got {shown(pad)}")
             options["pad_to_multiple_of"] = pad
     if source is not None:
         options["tokenizer_source"] = _tokenizer_source(source, base, references)
@@ -625,9 +704,9 @@ def _chat_template(value: Any) -> str:
     from nbmerge.io.chat_templates import BUILT_IN
 
     if not isinstance(value, str):
-        raise RecipeError(f"recipe: chat_template must be a template name, 'auto' or Jinja text, got {value!r}")
+        raise RecipeError(f"recipe: chat_template must be a template name, 'auto' or Jinja text, got {shown(value)}")
     if value != "auto" and value not in BUILT_IN and (len(value) < 20 or "{" not in value):
-        raise RecipeError(f"recipe: chat_template {value!r} is not one of nbmerge's built-in templates "
+        raise RecipeError(f"recipe: chat_template {shown(value)} is not one of nbmerge's built-in templates "
                           f"({', '.join(BUILT_IN)}); give 'auto' or the template's Jinja text")
     return value
 
@@ -635,7 +714,7 @@ def _chat_template(value: Any) -> str:
 def _tokenizer_source(source, base, references: set):
     """mergekit's tokenizer_source: "base", "union", or a model (also spelt "model:<ref>")."""
     if not isinstance(source, str):
-        raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {source!r}")
+        raise RecipeError(f"recipe: tokenizer_source must be 'base', 'union' or a model, got {shown(source)}")
     if source == "base":
         if base is None:
             raise RecipeError("recipe: tokenizer_source: base needs base_model")
@@ -644,7 +723,7 @@ def _tokenizer_source(source, base, references: set):
         return "union"
     reference = source.removeprefix("model:")
     if "+" in reference:
-        raise RecipeError(f"recipe: tokenizer_source {reference!r} names a model with a LoRA adapter; name the "
+        raise RecipeError(f"recipe: tokenizer_source {shown(reference)} names a model with a LoRA adapter; name the "
                           f"model whose tokenizer to take")
     return reference
 
@@ -657,7 +736,7 @@ def _as_list(value, what: str) -> list:
 
 def _reference(reference, what: str) -> str:
     if not isinstance(reference, str):
-        raise RecipeError(f"recipe: {what} must be a path or a variable name, got {reference!r}")
+        raise RecipeError(f"recipe: {what} must be a path or a variable name, got {shown(reference)}")
     return reference
 
 
@@ -665,9 +744,9 @@ def _reject_unknown_keys(config: Mapping, valid: tuple, where: str) -> None:
     for key in config:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {shown(close[0])}?" if close else ""
             listing = f"valid: {', '.join(valid)}" if valid else "it takes none"
-            raise RecipeError(f"{where}: unknown key {key!r}{hint} ({listing})")
+            raise RecipeError(f"{where}: unknown key {shown(key)}{hint} ({listing})")
 
 
 def run_recipe(call: MergeCall, resolve: Callable[[Any], Any] = lambda reference: reference, **options: Any):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, shown
 from nbmerge.io.sources import ModelSource, TensorInfo
 from nbmerge.method.declaration import MergeMethod
 from nbmerge.method.tensor_names import count_layers, layer_index
@@ -119,13 +119,13 @@ def _check_compatible(name: str, info: TensorInfo, route: str, models: list[Mode
     for source in models:
         other = source.infos[name]
         if other.shape != info.shape:
-            raise ModelInputError(f"tensor {name!r}: shape {list(other.shape)} in {source.label} but "
+            raise ModelInputError(f"tensor {shown(name)}: shape {list(other.shape)} in {source.label} but "
                                   f"{list(info.shape)} in {reference.label}")
         if route == MERGE and not other.dtype.is_floating_point:
-            raise ModelInputError(f"tensor {name!r}: {other.dtype} in {source.label} but {info.dtype} in "
+            raise ModelInputError(f"tensor {shown(name)}: {other.dtype} in {source.label} but {info.dtype} in "
                                   f"{reference.label}; a floating tensor cannot be merged with an integer one")
         if route == EXACT and other.dtype != info.dtype:
-            raise ModelInputError(f"tensor {name!r}: {other.dtype} in {source.label} but {info.dtype} in "
+            raise ModelInputError(f"tensor {shown(name)}: {other.dtype} in {source.label} but {info.dtype} in "
                                   f"{reference.label}; non-floating tensors are copied and must match exactly")
 
 

@@ -19,6 +19,7 @@ from nbmerge.engine.stream import Engine, collector_paused, compute_threads
 from nbmerge.errors import ParameterError
 from nbmerge.io.safetensors import DTYPES
 from nbmerge.io.sources import ModelSource
+from nbmerge.io.untrusted import CONFIG_FILES, TOKENIZER_FILES, check_model_files
 from nbmerge.model_card import CardSource, read_config
 from nbmerge.results import MergeReport, MergeResult
 
@@ -79,6 +80,9 @@ def run_parts(parts: list[MergePart], output: Output, device, progress, on_progr
 
     stages: list[str] = []
     try:
+        if output.path is not None:  # the files copied at the end, checked before anything is written
+            check_model_files(output.config_folder, CONFIG_FILES, "config files")
+            check_model_files(output.tokenizer_folder or output.config_folder, TOKENIZER_FILES, "tokenizer files")
         sink = MemorySink() if output.path is None else _folder_sink(output, output.path, layout, output.overwrite)
     except BaseException:
         tracker.close()

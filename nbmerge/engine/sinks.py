@@ -25,8 +25,8 @@ import torch
 
 from nbmerge.errors import OutputWriteError, ParameterError
 from nbmerge.io.output_claim import OutputClaim
-from nbmerge.io.safetensors import (CONFIG_FILES, INDEX_FILE, TOKENIZER_FILES, ShardWriter, shard_names,
-                                    split_layout)
+from nbmerge.io.safetensors import INDEX_FILE, ShardWriter, shard_names, split_layout
+from nbmerge.io.untrusted import CONFIG_FILES, TOKENIZER_FILES, copy_model_file
 from nbmerge.model_card import CardSource, read_config
 
 RECIPE_FILE = "nbmerge_recipe.json"
@@ -164,10 +164,8 @@ class FolderSink:
     def _copy_config_files(self) -> None:
         for folder, names in ((self.config_folder, CONFIG_FILES), (self.tokenizer_folder, TOKENIZER_FILES)):
             for name in names if folder is not None else ():
-                source = folder / name
-                if source.is_file():
-                    with writing(self.partial / name):
-                        shutil.copy2(source, self.partial / name)
+                with writing(self.partial / name):
+                    copy_model_file(folder, name, self.partial / name)  # links kept inside the model's repository
         if self.chat_template is not None:
             self._write_chat_template()
         edits = dict(self.config_edits)

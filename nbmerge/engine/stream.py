@@ -25,7 +25,7 @@ import torch
 from nbmerge.engine.memory import release_free_heap
 from nbmerge.engine.plan import BASE, EXACT, MergePlan, TensorPlan
 from nbmerge.engine.progress import Progress
-from nbmerge.errors import ModelInputError, NonFiniteError
+from nbmerge.errors import ModelInputError, NonFiniteError, shown
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.sources import ModelSource
 from nbmerge.method.declaration import MergeMethod, TensorJob
@@ -101,7 +101,7 @@ class Engine:
                 produced = self._to_output(merged, tensor.out_dtype)
             if not self.allow_nonfinite and not finite(produced):
                 raise NonFiniteError(
-                    f"{self.method.name}: the merged tensor {tensor.name!r} holds NaN or Inf although every input "
+                    f"{self.method.name}: the merged tensor {shown(tensor.name)} holds NaN or Inf although every input "
                     f"is finite (stored as {str(tensor.out_dtype).removeprefix('torch.')}: a value beyond its range "
                     f"overflows); nothing was written. Check the parameters, store in a wider out_dtype, or pass "
                     f"allow_nonfinite=True (--allow-nonfinite) to keep it")
@@ -229,7 +229,7 @@ def read_input(source: ModelSource, name: str, pool: BufferPool, check_finite: b
     thread, while the pages are read in anyway)."""
     tensor = source.read(name, pool)
     if check_finite and not finite(tensor):
-        raise NonFiniteError(f"{source.where(name)}: tensor {name!r} holds NaN or Inf, so the merge would be "
+        raise NonFiniteError(f"{source.where(name)}: tensor {shown(name)} holds NaN or Inf, so the merge would be "
                              f"silently wrong; nothing was written. Fix the input, or pass allow_nonfinite=True "
                              f"(--allow-nonfinite) to merge it anyway")
     return tensor
@@ -292,7 +292,7 @@ def _agreed_value(name: str, loaded: dict, models: list[ModelSource], base: Mode
     reference_label, reference = labelled[0]
     differing = [label for label, value in labelled[1:] if not torch.equal(value, reference)]
     if differing:
-        raise ModelInputError(f"non-floating tensor {name!r} (dtype {reference.dtype}) differs between "
+        raise ModelInputError(f"non-floating tensor {shown(name)} (dtype {reference.dtype}) differs between "
                               f"{reference_label} and {', '.join(differing)}; it cannot be averaged, "
                               f"so the inputs must agree on it")
     return reference

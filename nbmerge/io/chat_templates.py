@@ -16,11 +16,11 @@ The built-in templates render as mergekit 0.1.5's of the same name under transfo
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
+from nbmerge.io.untrusted import model_json, model_text
 
 BUILT_IN = {
     "chatml": (
@@ -73,19 +73,18 @@ def read_chat_template(folder: Path | None) -> str | None:
     (of a list of named templates, the "default" one); None where it has none."""
     if folder is None:
         return None
-    try:
-        if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text()
-        for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
-            if (folder / name).is_file():
-                template = json.loads((folder / name).read_text()).get(key)
-                if isinstance(template, list):
-                    template = next((entry.get("template") for entry in template if isinstance(entry, dict)
-                                     and entry.get("name") == "default"), None)
-                if isinstance(template, str) and template:
-                    return template
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ParameterError(f"chat_template: cannot read the chat template of {folder} ({exc})") from None
+    where = f"chat_template of {folder}"
+    text = model_text(folder, "chat_template.jinja", where)
+    if text is not None:
+        return text
+    for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        settings = model_json(folder, name, where)
+        template = settings.get(key) if isinstance(settings, dict) else None
+        if isinstance(template, list):
+            template = next((entry.get("template") for entry in template if isinstance(entry, dict)
+                             and entry.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            return template
     return None
 
 
@@ -95,13 +94,13 @@ def choose_chat_template(value: str | None, folders: list[Path | None]) -> str |
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ParameterError(f"chat_template: expected a template name, 'auto' or Jinja text, got {value!r}")
+        raise ParameterError(f"chat_template: expected a template name, 'auto' or Jinja text, got {shown(value)}")
     if value == "auto":
         templates = [template.strip() for template in map(read_chat_template, folders) if template]
         return Counter(templates).most_common(1)[0][0] if templates else None
     if value in BUILT_IN:
         return BUILT_IN[value]
     if len(value) < 20 or "{" not in value:
-        raise ParameterError(f"chat_template: {value!r} is neither a built-in template ({', '.join(BUILT_IN)}), "
+        raise ParameterError(f"chat_template: {shown(value)} is neither a built-in template ({', '.join(BUILT_IN)}), "
                              f"nor 'auto', nor Jinja text")
     return value

@@ -13,7 +13,6 @@ the model or does not fit its shape.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ from typing import Any
 
 import torch
 
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, shown
 from nbmerge.io.buffers import BufferPool
+from nbmerge.io.module_patterns import UnsupportedPattern, compile_pattern, first_match
 from nbmerge.io.sources import ModelSource, TensorInfo
+from nbmerge.io.untrusted import in_repository, load_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -84,10 +85,10 @@ class LoraSource(ModelSource):
 
     def _replace(self, name: str, key: str, where: str) -> None:
         if name not in self.base.infos:
-            raise ModelInputError(f"{where}: tensor {key!r} replaces {name!r}, which {self.base.label} does not have")
+            raise ModelInputError(f"{where}: tensor {shown(key)} replaces {shown(name)}, which {self.base.label} does not have")
         if self.adapter.infos[key].shape != self.base.infos[name].shape:
-            raise ModelInputError(f"{where}: tensor {key!r} has shape {self.adapter.infos[key].shape}, but "
-                                  f"{name!r} of {self.base.label} has {self.base.infos[name].shape}")
+            raise ModelInputError(f"{where}: tensor {shown(key)} has shape {self.adapter.infos[key].shape}, but "
+                                  f"{shown(name)} of {self.base.label} has {self.base.infos[name].shape}")
         self._replaced[name] = key
         self.infos[name] = TensorInfo(self.base.infos[name].dtype, self.base.infos[name].shape)
 
@@ -96,27 +97,32 @@ class LoraSource(ModelSource):
         down_kind, up_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight",
                                                                                          "lora_B.weight")
         if set(found) != {down_kind, up_kind}:
-            raise ModelInputError(f"{where}: module {module!r} has {', '.join(sorted(found))} but not both "
+            raise ModelInputError(f"{where}: module {shown(module)} has {', '.join(sorted(found))} but not both "
                                   f"{down_kind} and {up_kind}")
         down, up = self.adapter.infos[found[down_kind]], self.adapter.infos[found[up_kind]]
         name = module + ".weight"
         if name not in self.base.infos:
-            raise ModelInputError(f"{where}: tensor {found[down_kind]!r} adapts {name!r}, which {self.base.label} "
+            raise ModelInputError(f"{where}: tensor {shown(found[down_kind])} adapts {shown(name)}, which {self.base.label} "
                                   f"does not have")
         if len(down.shape) != 2 or len(up.shape) != 2:
-            raise ModelInputError(f"{where}: tensor {found[down_kind]!r} has shape {down.shape}; only linear and "
+            raise ModelInputError(f"{where}: tensor {shown(found[down_kind])} has shape {down.shape}; only linear and "
                                   f"embedding LoRA (2-D A and B) is applied, not convolutions")
         rank = down.shape[0]
+        if rank == 0:
+            raise ModelInputError(f"{where}: tensor {shown(found[down_kind])} has rank 0 (shape {down.shape}); "
+                                  f"a LoRA update needs rank r ≥ 1")
+        declared = first_match(config.get("rank_pattern") or {}, module, f"{where}: rank_pattern")
+        declared = config.get("r") if declared is None else declared
+        if declared is not None and declared != rank:
+            raise ModelInputError(f"{where}: module {shown(module)} has rank {rank} in its tensors, but the config "
+                                  f"declares r = {shown(declared)} (r / rank_pattern); PEFT would not load it")
         product = (up.shape[0], down.shape[1])
         expected = product[::-1] if embedding else product
         if up.shape[1] != rank or tuple(self.base.infos[name].shape) != expected:
-            raise ModelInputError(f"{where}: {found[up_kind]!r} {up.shape} × {found[down_kind]!r} {down.shape} does "
-                                  f"not give the shape of {name!r} {self.base.infos[name].shape}")
-        alpha = config.get("lora_alpha", 8)
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = value
-                break
+            raise ModelInputError(f"{where}: {shown(found[up_kind])} {up.shape} × {shown(found[down_kind])} {down.shape} does "
+                                  f"not give the shape of {shown(name)} {self.base.infos[name].shape}")
+        alpha = first_match(config.get("alpha_pattern") or {}, module, f"{where}: alpha_pattern")
+        alpha = config.get("lora_alpha", 8) if alpha is None else alpha
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         self._updates[name] = LowRankUpdate(found[down_kind], found[up_kind], scale, embedding)
 
@@ -171,18 +177,15 @@ def open_with_lora(model: WithLora, label: str) -> LoraSource:
 
     folder = Path(model.adapter).expanduser()
     config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         raise ModelInputError(f"{label}: the LoRA adapter {folder} has no {ADAPTER_CONFIG} (a PEFT adapter folder "
                               f"holds it and adapter_model.safetensors)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInputError(f"{label}: {config_path} is not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelInputError(f"{label}: {config_path} does not hold a JSON object")
-    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    in_repository(folder, ADAPTER_CONFIG, label)
+    config = load_json_object(config_path, label)
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).exists()), None)
     if weights is None:
         raise ModelInputError(f"{label}: the LoRA adapter {folder} holds neither {' nor '.join(ADAPTER_WEIGHTS)}")
+    in_repository(folder, weights.name, label)
     base = open_model(model.model, label)
     try:  # the adapter's weights and its config are watched for change as the model's files are
         opener = SafetensorsSource if weights.suffix == ".safetensors" else PickleSource
@@ -201,27 +204,49 @@ def open_with_lora(model: WithLora, label: str) -> LoraSource:
 def _check_config(config: dict, folder: Path) -> None:
     where = f"LoRA adapter {folder / ADAPTER_CONFIG}"
     if config.get("peft_type", "LORA") != "LORA":
-        raise ModelInputError(f"{where}: peft_type {config['peft_type']!r} is not applied (only LORA)")
+        raise ModelInputError(f"{where}: peft_type {shown(config['peft_type'])} is not applied (only LORA)")
     for flag, what in UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise ModelInputError(f"{where}: {flag} is set, and nbmerge does not apply {what}; merge the adapter "
                                   f"into the model with PEFT's merge_and_unload first")
     if config.get("bias", "none") != "none":
-        raise ModelInputError(f"{where}: bias {config['bias']!r} is not applied (only bias: none)")
-    lora_alpha = config.get("lora_alpha", 8)
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-        raise ModelInputError(f"{where}: lora_alpha must be a number, got {lora_alpha!r}")
+        raise ModelInputError(f"{where}: bias {shown(config['bias'])} is not applied (only bias: none)")
+    _check_number(config.get("lora_alpha", 8), "lora_alpha", where)
+    rank = config.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ModelInputError(f"{where}: r must be a positive integer, got {shown(rank)}")
+    for field, check in (("alpha_pattern", _check_number), ("rank_pattern", _check_rank)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise ModelInputError(f"{where}: {field} must map module patterns to values, got {shown(patterns)}")
+        for key, value in patterns.items():
+            try:
+                compile_pattern(key)
+            except UnsupportedPattern as exc:
+                raise ModelInputError(f"{where}: {field} pattern {shown(key)}: {exc}") from None
+            check(value, f"{field}[{shown(key)}]", where)
+
+
+def _check_number(value: Any, field: str, where: str) -> None:
+    """A scale PEFT multiplies by: a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelInputError(f"{where}: {field} must be a finite number, got {shown(value)}")
+
+
+def _check_rank(value: Any, field: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelInputError(f"{where}: {field} must be a positive integer, got {shown(value)}")
 
 
 def _split_key(key: str, where: str) -> tuple[str, str]:
     """``base_model.model.<module>.<kind>`` → (module, kind)."""
     if not key.startswith(PREFIX):
-        raise ModelInputError(f"{where}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
+        raise ModelInputError(f"{where}: tensor {shown(key)} does not start with {shown(PREFIX)} (not a PEFT adapter file)")
     inner = key[len(PREFIX):].replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
     for kind in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "base_layer.weight"):
         if inner.endswith("." + kind):
             return inner[:-len(kind) - 1], kind
     if re.search(r"\.lora_[A-Za-z_]+", inner) or ".lora_magnitude_vector" in inner:
-        raise ModelInputError(f"{where}: tensor {key!r} is a LoRA part nbmerge does not apply")
+        raise ModelInputError(f"{where}: tensor {shown(key)} is a LoRA part nbmerge does not apply")
     module, _, leaf = inner.rpartition(".")
     return module, leaf

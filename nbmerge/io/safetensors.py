@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, shown
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.direct_write import DIRECT_IO_BLOCK, DirectFile
+from nbmerge.io.untrusted import open_regular, parse_json
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,13 +36,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
-# the files of a model folder that a merge copies to its output folder (nbmerge.engine.sinks)
-CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
-
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -61,7 +55,7 @@ class TensorEntry:
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse a safetensors header: the tensor entries in file order, and the string metadata."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -70,40 +64,61 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             if header_len > min(_MAX_HEADER, size - 8):
                 raise ModelInputError(f"{path}: not a safetensors file (header length {header_len} "
                                       f"does not fit in {size} bytes)")
-            header = json.loads(f.read(header_len), object_pairs_hook=_refuse_duplicate_keys)
+            text = f.read(header_len)
     except OSError as exc:
         raise ModelInputError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelInputError(f"{path}: not a safetensors file (header is not JSON)") from None
+    try:
+        header = parse_json(text, f"{path}: header", object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as duplicate:
-        raise ModelInputError(f"{path}: the header names tensor {duplicate.args[0]!r} twice") from None
+        raise ModelInputError(f"{path}: the header names tensor {shown(duplicate.args[0])} twice") from None
+    except ModelInputError as exc:
+        raise ModelInputError(f"{path}: not a safetensors file (header is not JSON: "
+                              f"{str(exc).removeprefix(f'{path}: header: ')})") from None
     if not isinstance(header, dict):
         raise ModelInputError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelInputError(f"{path}: the header's __metadata__ must map names to strings")
     data_start = 8 + header_len
     entries = {}
     for name, spec in header.items():
-        try:
-            dtype = DTYPES[spec["dtype"]]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelInputError(f"{path}: tensor {name!r} has a malformed header entry {spec!r}") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or data_start + end > size:
-            raise ModelInputError(f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match its "
-                                  f"shape {list(shape)} and dtype {spec['dtype']} (file truncated?)")
-        entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+        entry = _entry(path, name, spec, data_start, size)
+        entries[name] = entry
     ordered = dict(sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)))
     previous = None
     for name, entry in ordered.items():
         if previous is not None and entry.start < ordered[previous].end and entry.nbytes:
-            raise ModelInputError(f"{path}: tensors {previous!r} and {name!r} overlap in the file "
+            raise ModelInputError(f"{path}: tensors {shown(previous)} and {shown(name)} overlap in the file "
                                   f"(bytes [{ordered[previous].start - data_start}, {ordered[previous].end - data_start}) "
                                   f"and [{entry.start - data_start}, {entry.end - data_start}))")
         if entry.nbytes:
             previous = name
     return ordered, metadata
+
+
+def _entry(path: Path, name: str, spec, data_start: int, size: int) -> TensorEntry:
+    """One header entry, every field typed and bounded: a known dtype name, a shape of non-negative integers,
+    and [begin, end) non-negative integers (not floats, booleans or strings) that fit the file and the shape."""
+    malformed = ModelInputError(f"{path}: tensor {shown(name)} has a malformed header entry {shown(spec)}")
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
+        raise malformed
+    dtype_name, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise malformed
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise malformed
+    for field, values in (("shape", shape), ("data_offsets", offsets)):
+        for value in values:
+            if type(value) is not int or value < 0:  # bool is an int subclass: refused by the type test
+                raise ModelInputError(f"{path}: tensor {shown(name)}: {field} must hold non-negative integers, "
+                                      f"got {shown(values)}")
+    dtype = DTYPES[dtype_name]
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if begin > end or end - begin != expected or data_start + end > size:
+        raise ModelInputError(f"{path}: tensor {shown(name)} byte range [{begin}, {end}) does not match its "
+                              f"shape {shown(shape)} and dtype {dtype_name} (file truncated?)")
+    return TensorEntry(path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 class _DuplicateKey(Exception):

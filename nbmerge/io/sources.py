@@ -2,17 +2,19 @@
 
 Accepted inputs: a ``.safetensors`` file; a Hugging Face model folder (``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``); a pickle checkpoint (``.bin``/``.pt``/``.pth`` or a folder holding
-``pytorch_model.bin``), loaded with ``weights_only=True`` and memory-mapped; an in-memory state dict; an
-``nn.Module``; any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never
-modified. Files are opened anew for every merge, and every file a merge reads or copies (weights of any format, a
-shard index, config and tokenizer files, an adapter's files) is watched from before it is read and checked
-unchanged before the output is installed, so a notebook that rewrites a checkpoint between merges never gets
-stale tensors, and one rewritten during a merge fails it with nothing written.
+``pytorch_model.bin``), loaded with ``weights_only=True`` and torch's built-in allow-list only
+(``nbmerge.io.pickles``), memory-mapped where a read lease is held; an in-memory state dict; an ``nn.Module``;
+any of these with a PEFT LoRA adapter applied (``WithLora``, nbmerge.io.lora). Inputs are never modified. Files
+are opened anew for every merge, and every file a merge reads or copies (weights of any format, a shard index,
+config and tokenizer files, an adapter's files) is watched from before it is read and checked unchanged before the
+output is installed, so a notebook that rewrites a checkpoint between merges never gets stale tensors, and one
+rewritten during a merge fails it with nothing written. Files are read as untrusted (``nbmerge.io.untrusted``):
+regular files only, a folder's files inside the model's repository; a model file with no tensor, or with FP8 or
+complex tensors, is refused by name.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,13 +23,14 @@ from typing import Any, Mapping
 
 import torch
 
-from nbmerge.errors import ModelInputError
+from nbmerge.errors import ModelInputError, shown
 from nbmerge.io import leases
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.file_watch import FileWatch
 from nbmerge.io.mapping import map_tensor, page_cached
-from nbmerge.io.safetensors import (CONFIG_FILES, INDEX_FILE, TOKENIZER_FILES, TensorEntry, read_header,
-                                    read_tensor)
+from nbmerge.io.pickles import load_checkpoint
+from nbmerge.io.safetensors import INDEX_FILE, TensorEntry, read_header, read_tensor
+from nbmerge.io.untrusted import CONFIG_FILES, TOKENIZER_FILES, in_repository, load_json, open_regular
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -133,8 +136,9 @@ class SourceView(ModelSource):
 
 class FileBackedSource(ModelSource):
     """A model read from files: each is watched for change (``nbmerge.io.file_watch``) from before its first byte
-    is read, kept open and read-leased (``nbmerge.io.leases``); so are the files of its folder that a merge copies
-    to its output (config and tokenizer files) and a shard index. ``check_unchanged`` names the first that
+    is read, opened as a regular file only (``open_regular``: a FIFO, socket or device is refused, never blocks),
+    kept open and read-leased (``nbmerge.io.leases``); the files of its folder that a merge copies to its output
+    (config and tokenizer files) and a shard index are watched too. ``check_unchanged`` names the first that
     changed."""
 
     def _watch_files(self, files: list[Path], also: list[Path]) -> None:
@@ -147,10 +151,7 @@ class FileBackedSource(ModelSource):
             for path in [*files, *also, *self._folder_files()]:
                 self._watch.add(path)
             for path in files:
-                try:
-                    self._files[path] = open(path, "rb")
-                except OSError as exc:  # no permission, too many open files
-                    raise ModelInputError(f"{self.label}: {path}: cannot open it ({exc.strerror or exc})") from None
+                self._files[path] = open_regular(path, self.label)
         except BaseException:
             self.close()
             raise
@@ -171,9 +172,9 @@ class FileBackedSource(ModelSource):
                                   f"was written; merge again")
 
     def check_no_writer(self) -> None:
-        for f in self._leased:
-            if leases.breaking(f.fileno()):
-                raise ModelInputError(f"{f.name}: this input is being truncated or written (by another process "
+        for path, f in self._files.items():  # by path: a file from open_regular is named by its descriptor
+            if any(f is held for held in self._leased) and leases.breaking(f.fileno()):
+                raise ModelInputError(f"{path}: this input is being truncated or written (by another process "
                                       f"or thread) while it is merged; the merge stopped and nothing was written "
                                       f"(the writer goes on now)")
 
@@ -197,13 +198,15 @@ class SafetensorsSource(FileBackedSource):
     def __init__(self, files: list[Path], label: str, folder: Path | None, also_watch: tuple[Path, ...] = ()):
         self.label, self.folder = label, folder
         self._entries: dict[str, TensorEntry] = {}
+        if not files:
+            raise ModelInputError(f"{label}: no safetensors file to read")
         self._watch_files(files, list(also_watch))
         try:
             for path in files:
                 entries, _ = read_header(path)
                 for name, entry in entries.items():
                     if name in self._entries:
-                        raise ModelInputError(f"{label}: tensor {name!r} appears in both "
+                        raise ModelInputError(f"{label}: tensor {shown(name)} appears in both "
                                               f"{self._entries[name].path.name} and {path.name}")
                     self._entries[name] = entry
         except BaseException:
@@ -248,13 +251,67 @@ class StateDictSource(ModelSource):
         self.label, self.folder = label, folder
         self._tensors = {}
         for name, value in state_dict.items():
+            if not isinstance(name, str):
+                raise ModelInputError(f"{label}: a state dict key is a {type(name).__name__}, not a tensor name: "
+                                      f"{shown(name)}")
             if not isinstance(value, torch.Tensor):
-                raise ModelInputError(f"{label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                raise ModelInputError(f"{label}: entry {shown(name)} is a {type(value).__name__}, not a tensor")
+            unmergeable = unmergeable_kind(value)
+            if unmergeable:
+                raise ModelInputError(f"{label}: tensor {shown(name)} is {unmergeable}; nbmerge merges dense real "
+                                      f"tensors (convert it first)")
             self._tensors[name] = value.detach()
         self.infos = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         return self._tensors[name]
+
+
+class PickleSource(FileBackedSource, StateDictSource):
+    """Pickle checkpoints, which are untrusted (``nbmerge.io.pickles``: ``weights_only=True`` with torch's
+    built-in allow-list only, opcodes checked before unpickling). Like a safetensors file, each is watched, kept
+    open and read-leased; memory-mapped only where every file holds a read lease (a truncation then waits, and the
+    merge stops with an error instead of a SIGBUS), read into memory otherwise."""
+
+    def __init__(self, files: list[Path], label: str, folder: Path | None, also_watch: tuple[Path, ...] = ()):
+        self.label, self.folder = label, folder
+        self._tensors = {}
+        self._watch_files(files, list(also_watch))
+        try:
+            mapped = len(self._leased) == len(self._files) and Path("/proc/self/fd").is_dir()
+            merged: dict[str, Any] = {}
+            for path, f in self._files.items():
+                merged.update(load_checkpoint(f, path, label, f"/proc/self/fd/{f.fileno()}" if mapped else None))
+            StateDictSource.__init__(self, merged, label, folder)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._tensors = {}  # the mapped storages go before their files close
+        super().close()
+
+
+def unmergeable_kind(tensor: torch.Tensor) -> str | None:
+    """What makes ``tensor`` one nbmerge cannot merge (sparse, meta, quantized, complex, FP8), or None."""
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_meta:
+        return "a meta tensor (shape only, no values)"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    return unmergeable_dtype(tensor.dtype)
+
+
+def unmergeable_dtype(dtype: torch.dtype) -> str | None:
+    """FP8 values go with scale tensors (per tensor or per block) that a merge of the raw values would ignore;
+    complex numbers have no order for TIES, DARE, etc.: both are refused by name."""
+    if dtype.is_complex:
+        return f"complex ({dtype})"
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return (f"FP8 ({str(dtype).removeprefix('torch.')}), whose values go with scale tensors a merge would "
+                f"ignore; dequantize the model to bfloat16 first")
+    return None
 
 
 def open_model(model: Any, label: str) -> ModelSource:
@@ -269,7 +326,17 @@ def open_model(model: Any, label: str) -> ModelSource:
     if isinstance(model, (str, os.PathLike)):
         from nbmerge.io.hub import hub_folder, is_hub_id
 
-        return _open_path(hub_folder(model, label) if is_hub_id(model) else Path(model).expanduser(), label)
+        path = hub_folder(model, label) if is_hub_id(model) else Path(model).expanduser()
+        source = _open_path(path, label)
+        if not source.infos:
+            source.close()
+            raise ModelInputError(f"{label}: {model} holds no tensors")
+        for name, info in source.infos.items():
+            unmergeable = unmergeable_dtype(info.dtype)
+            if unmergeable:
+                source.close()
+                raise ModelInputError(f"{source.where(name)}: tensor {shown(name)} is {unmergeable}")
+        return source
     raise ModelInputError(f"{label}: expected a path, a state dict, an nn.Module or a WithLora, got "
                           f"{type(model).__name__}")
 
@@ -288,100 +355,65 @@ def _open_path(path: Path, label: str) -> ModelSource:
 
 
 def _open_folder(folder: Path, label: str) -> ModelSource:
+    """A model folder; each file it reads resolves inside the model's repository (``in_repository``: the folder,
+    or the ``models--org--name`` folder of a Hugging Face cache snapshot)."""
     for index_name, opener in ((INDEX_FILE, SafetensorsSource),
                                ("pytorch_model.bin.index.json", PickleSource)):
         index_path = folder / index_name
-        if index_path.exists():
+        if index_path.exists() or index_path.is_symlink():
             weight_map = _index_weight_map(index_path, label)
             source = opener(list(dict.fromkeys(weight_map.values())), label, folder, (index_path,))
-            _check_index(source, weight_map, f"{label}: {index_path}")
+            try:
+                _check_index(source, weight_map, f"{label}: {index_path}")
+            except BaseException:
+                source.close()
+                raise
             return source
-    if (folder / "model.safetensors").exists():
-        return SafetensorsSource([folder / "model.safetensors"], label, folder)
-    if (folder / "pytorch_model.bin").exists():
-        return PickleSource([folder / "pytorch_model.bin"], label, folder)
+    for name, opener in (("model.safetensors", SafetensorsSource), ("pytorch_model.bin", PickleSource)):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return opener([in_repository(folder, name, label)], label, folder)
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return SafetensorsSource(found, label, folder)
+        return SafetensorsSource([in_repository(folder, path.name, label) for path in found], label, folder)
     raise ModelInputError(f"{label}: the folder {folder} holds no model.safetensors, "
                           f"model.safetensors.index.json, pytorch_model.bin or *.safetensors file")
 
 
 def _index_weight_map(index_path: Path, label: str) -> dict[str, Path]:
-    """{tensor: shard file} of a shard index, each shard a file inside the index's folder (a name that climbs out
-    with ``..``, an absolute path or a link to elsewhere is refused: an index must not read other files; in a
-    Hugging Face cache snapshot a shard links into its repository's blobs/, where every cached file lives)."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ModelInputError(f"{label}: {index_path} is not a valid shard index (no weight_map)") from None
+    """{tensor: shard file} of a shard index, each shard a file named in the index's folder whose links resolve
+    inside the model's repository (a name that climbs out with ``..``, an absolute path or a link to elsewhere is
+    refused: an index must not read other files; a Hugging Face cache snapshot's links to its blobs are the
+    model's own). An index with no tensor is refused."""
+    folder = index_path.parent
+    in_repository(folder, index_path.name, label)
+    index = load_json(index_path, label)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if weight_map is None:
+        raise ModelInputError(f"{label}: {index_path} is not a valid shard index (no weight_map)")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise ModelInputError(f"{label}: {index_path}: weight_map must map tensor names to shard file names")
-    folder = index_path.parent.resolve()
+    if not weight_map:
+        raise ModelInputError(f"{label}: {index_path}: weight_map is empty (an index must list every tensor)")
     shards: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        path = index_path.parent / shard
-        linked_in_hub_cache = _hub_blob(index_path.parent, path)
-        if Path(shard).is_absolute() or (path.resolve().parent != folder and not linked_in_hub_cache):
-            raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shard!r}")
-        shards[shard] = path
-    missing = [name for name, path in shards.items() if not path.is_file()]
+        if Path(shard).is_absolute() or len(Path(shard).parts) != 1 or shard in (".", ".."):
+            raise ModelInputError(f"{label}: {index_path.name} names a shard outside its folder: {shown(shard)}")
+        shards[shard] = folder / shard
+    missing = [name for name, path in shards.items() if not path.exists() and not path.is_symlink()]
     if missing:
-        raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: {', '.join(missing)}")
+        raise ModelInputError(f"{label}: {index_path.name} lists shards that do not exist: "
+                              f"{', '.join(missing)[:300]}")
+    for shard in shards:  # opened by their names in the folder, so that errors name them as the index does
+        in_repository(folder, shard, f"{label}: {index_path.name}")
     return {tensor: shards[shard] for tensor, shard in weight_map.items()}
-
-
-def _hub_blob(folder: Path, shard: Path) -> bool:
-    """A shard named directly in a Hugging Face cache snapshot (models--org--name/snapshots/<revision>/) that links
-    to a file of the same repository's blobs/ folder, as every cached file does."""
-    repository = folder.parent.parent
-    return (shard.parent == folder and folder.parent.name == "snapshots" and repository.name.startswith("models--")
-            and shard.resolve().is_relative_to((repository / "blobs").resolve()))
 
 
 def _check_index(source: ModelSource, weight_map: dict[str, Path], where: str) -> None:
     """Every tensor the index lists is in the shard it names."""
     for tensor, shard in weight_map.items():
         if tensor not in source.infos:
-            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, which does not hold it")
+            raise ModelInputError(f"{where} lists tensor {shown(tensor)} in {shard.name}, which does not hold it")
         found = source.file_of(tensor)
         if found is not None and found != shard:
-            raise ModelInputError(f"{where} lists tensor {tensor!r} in {shard.name}, but it is in {found.name}")
-
-
-class PickleSource(FileBackedSource):
-    """Pickle checkpoints, which are untrusted: loaded only with ``weights_only=True``, memory-mapped where the
-    format allows (so, like a safetensors file, watched and leased: a rewrite during a merge is noticed)."""
-
-    def __init__(self, files: list[Path], label: str, folder: Path | None, also_watch: tuple[Path, ...] = ()):
-        self.label, self.folder = label, folder
-        self._watch_files(files, list(also_watch))
-        try:
-            merged: dict[str, Any] = {}
-            for path in files:
-                merged.update(_load_pickle(path, label))
-            self._tensors = StateDictSource(merged, label)
-        except BaseException:
-            self.close()
-            raise
-        self.infos = self._tensors.infos
-
-    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        return self._tensors.read(name)
-
-
-def _load_pickle(path: Path, label: str) -> Mapping:
-    try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for malicious or corrupt pickles
-        raise ModelInputError(f"{label}: {path} could not be loaded as a weights-only checkpoint: "
-                              f"{str(exc).splitlines()[0]}") from None
-    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping):
-        raise ModelInputError(f"{label}: {path} does not hold a state dict")
-    return loaded
+            raise ModelInputError(f"{where} lists tensor {shown(tensor)} in {shard.name}, but it is in {found.name}")

@@ -4,11 +4,11 @@ aligns models whose vocabularies differ from it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.io.sources import ModelSource
+from nbmerge.io.untrusted import model_file, model_json
 
 
 def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: list, base) -> tuple[Path | None, str]:
@@ -26,27 +26,38 @@ def tokenizer_target(tokenizer_source, sources: list[ModelSource], labelled: lis
             return source.folder, source.label
     if isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).expanduser().is_dir():
         return Path(tokenizer_source).expanduser(), str(tokenizer_source)
-    raise ParameterError(f"tokenizer_source: {tokenizer_source!r} is neither one of the merged models nor a model "
+    raise ParameterError(f"tokenizer_source: {shown(tokenizer_source)} is neither one of the merged models nor a model "
                          f"folder")
 
 
 def read_vocabulary(folder: Path | None, label: str) -> dict | None:
     """token -> id of a model's tokenizer (tokenizer.json's model.vocab and added tokens, or vocab.json); None
-    where the folder has neither."""
+    where the folder has neither. The files are read bounded and inside the model's repository
+    (``nbmerge.io.untrusted``); a vocabulary that is not token -> non-negative integer id is a ModelInputError
+    naming the file."""
     if folder is None:
         return None
-    tokenizer, vocab = folder / "tokenizer.json", folder / "vocab.json"
-    try:
-        if tokenizer.is_file():
-            data = json.loads(tokenizer.read_text())
-            table = data.get("model", {}).get("vocab")
-            table = dict(table) if isinstance(table, dict) else {
-                entry[0]: i for i, entry in enumerate(table or []) if isinstance(entry, list) and entry}
-            table.update({added["content"]: added["id"] for added in data.get("added_tokens", [])
-                          if isinstance(added, dict) and "content" in added and "id" in added})
-            return table
-        if vocab.is_file():
-            return dict(json.loads(vocab.read_text()))
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise ParameterError(f"tokenizer_source: cannot read the vocabulary of {label} ({exc})") from None
-    return None
+    name = "tokenizer.json"
+    if model_file(folder, name, label) is not None:
+        data = model_json(folder, name, label)
+        model = data.get("model") if isinstance(data, dict) else None
+        table = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(table, list):  # Unigram: [[token, score], ...]
+            table = {entry[0]: i for i, entry in enumerate(table)
+                     if isinstance(entry, list) and entry and isinstance(entry[0], str)}
+        added = data.get("added_tokens") if isinstance(data, dict) else None
+        if isinstance(table, dict) and isinstance(added, list):
+            table = {**table, **{entry["content"]: entry["id"] for entry in added
+                                 if isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                                 and "id" in entry}}
+        elif isinstance(table, dict) and added is not None:
+            table = None
+    elif model_file(folder, "vocab.json", label) is not None:
+        table, name = model_json(folder, "vocab.json", label), "vocab.json"
+    else:
+        return None
+    if not isinstance(table, dict) or not all(isinstance(token, str) and type(index) is int and index >= 0
+                                              for token, index in table.items()):
+        raise ModelInputError(f"{label}: {Path(folder) / name}: not a vocabulary (token -> non-negative integer "
+                              f"id)")
+    return dict(table)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ModelInputError, OutputExistsError, OutputWriteError, ParameterError
+from nbmerge.errors import ModelInputError, OutputExistsError, OutputWriteError, ParameterError, shown
 from nbmerge.io.output_claim import OutputClaim
+from nbmerge.io.untrusted import open_regular, parse_json
 
 RECIPE_KEY = "nbmerge_recipe"
 SAMPLES_PER_TENSOR = 4096
@@ -29,7 +30,7 @@ def checked_out_path(out, overwrite: bool) -> Path | None:
         return None
     path = Path(out).expanduser()
     if path.suffix != ".safetensors":
-        raise ParameterError(f"out={str(out)!r}: a built module's trained state is one .safetensors file")
+        raise ParameterError(f"out={shown(str(out))}: a built module's trained state is one .safetensors file")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
     return path
@@ -60,6 +61,7 @@ def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
+    open_regular(path).close()  # never a FIFO, which safe_open would block on
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -67,8 +69,11 @@ def read_trained(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (OSError, SafetensorError) as exc:
         raise ModelInputError(f"{path}: cannot read a trained-state file: {exc}") from None
     if RECIPE_KEY not in metadata:
-        raise ModelInputError(f"{path}: not an nbmerge trained-state file (no {RECIPE_KEY!r} in its metadata)")
-    return tensors, json.loads(metadata[RECIPE_KEY])
+        raise ModelInputError(f"{path}: not an nbmerge trained-state file (no {shown(RECIPE_KEY)} in its metadata)")
+    recipe = parse_json(metadata[RECIPE_KEY], f"{path}: metadata {RECIPE_KEY!r}")
+    if not isinstance(recipe, dict):
+        raise ModelInputError(f"{path}: metadata {RECIPE_KEY!r} is not a JSON object")
+    return tensors, recipe
 
 
 def fingerprint(module: torch.nn.Module) -> str:

@@ -20,16 +20,16 @@ Building the union tokenizer needs ``transformers``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
 from nbmerge.io.buffers import BufferPool
 from nbmerge.io.sources import ModelSource, SourceView, TensorInfo
+from nbmerge.io.untrusted import TOKENIZER_FILES, check_model_files, model_file, model_json
 from nbmerge.method.tensor_names import layer_index
 
 
@@ -115,17 +115,18 @@ def padded_size(token_count: int, multiple: int | None) -> int:
     if multiple is None:
         return token_count
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
+        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got {shown(multiple)}")
     return -(-token_count // multiple) * multiple
 
 
 def _model_vocabulary(source: ModelSource, table: dict | None) -> tuple[dict, int] | None:
     """(token → id below the model's vocab_size, vocab_size) from its tokenizer and config.json."""
-    if table is None or source.folder is None or not (source.folder / "config.json").is_file():
+    config = None if table is None else model_json(source.folder, "config.json", source.label)
+    if not isinstance(config, dict):
         return None
-    config = json.loads((source.folder / "config.json").read_text())
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if not isinstance(size, int):
+    text_config = config.get("text_config")
+    size = config.get("vocab_size") or (text_config.get("vocab_size") if isinstance(text_config, dict) else None)
+    if type(size) is not int or size < 1:
         return None
     return {token: index for token, index in table.items() if index < size}, size
 
@@ -171,7 +172,12 @@ def _union(sources: list[ModelSource], base_index: int | None):
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    """Whether ``folder`` has tokenizer files; each one transformers may read is checked first (inside the model's
+    repository, a regular file of bounded size, JSON objects where JSON), since the union tokenizer it builds is
+    written into the output."""
+    check_model_files(folder, TOKENIZER_FILES, "tokenizer files")
+    return any(model_file(folder, name) is not None for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "vocab.json"))
 
 
 class VocabularyAlignment:

@@ -90,5 +90,5 @@ def _scales(text: str, fail) -> tuple[float, float] | None:
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text

@@ -43,7 +43,7 @@ def load(path: Path | None, config: dict) -> list[Generation]:
         return []
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ParameterError(f"search: checkpoint {path}: cannot read it as JSON ({exc}); move it away to start "
                              f"afresh") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

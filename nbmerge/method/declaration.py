@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.errors import ModelInputError, ParameterError, shown
 from nbmerge.method.params import Param, holds_schedule, is_schedule, schedule_corners, validate_params
 
 BASE_REQUIRED, BASE_OPTIONAL, BASE_UNUSED = "required", "optional", "unused"
@@ -208,7 +208,7 @@ class MergeMethod:
         for param in self.params:
             value = params[param.name]
             if param.per_model and isinstance(value, tuple) and not is_schedule(value) and len(value) != n_models:
-                raise ParameterError(f"{self.name}: parameter {param.name!r} has {len(params[param.name])} values "
+                raise ParameterError(f"{self.name}: parameter {shown(param.name)} has {len(params[param.name])} values "
                                      f"for {n_models} models")
         varying = [p.name for p in self.params if p.kind != "schedule" and holds_schedule(params[p.name])]
         if varying and self.build_module is not None:
@@ -217,7 +217,7 @@ class MergeMethod:
         for stage in self.stages:
             if varying and stage.applies(params):
                 raise ParameterError(f"{self.name}: {', '.join(map(repr, varying))} varies over layers or tensors, "
-                                     f"but this setting runs the whole-model pass {stage.name!r}, which needs one "
+                                     f"but this setting runs the whole-model pass {shown(stage.name)}, which needs one "
                                      f"value for the whole model; give one number per model")
         if self.check is not None:
             for corner in _corners(params, varying):
@@ -260,13 +260,13 @@ def check_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], w
     in another shape, or (unless ``allow_extra``) the first name ``state`` holds that ``expected`` has not."""
     missing = [key for key in expected if key not in state]
     if missing:
-        raise ModelInputError(f"{what} lacks {len(missing)} {noun}(s), e.g. {missing[0]!r}{hint}")
+        raise ModelInputError(f"{what} lacks {len(missing)} {noun}(s), e.g. {shown(missing[0])}{hint}")
     extra = [] if allow_extra else [key for key in state if key not in expected]
     if extra:
-        raise ModelInputError(f"{what} holds {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}{hint}")
+        raise ModelInputError(f"{what} holds {len(extra)} unexpected tensor(s), e.g. {shown(extra[0])}{hint}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != tuple(shape):
-            raise ModelInputError(f"{what}: tensor {key!r} has shape {tuple(state[key].shape)}, expected "
+            raise ModelInputError(f"{what}: tensor {shown(key)} has shape {tuple(state[key].shape)}, expected "
                                   f"{tuple(shape)}")
 
 

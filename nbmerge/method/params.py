@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from nbmerge.errors import ParameterError
+from nbmerge.errors import ParameterError, shown
 
 KINDS = ("float", "int", "bool", "choice", "floats", "schedule", "layers")
 
@@ -49,9 +49,9 @@ class Param:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"parameter {self.name!r}: unknown kind {self.kind!r}, expected one of {KINDS}")
+            raise ValueError(f"parameter {shown(self.name)}: unknown kind {shown(self.kind)}, expected one of {KINDS}")
         if self.kind == "choice" and not self.choices:
-            raise ValueError(f"parameter {self.name!r}: a choice parameter needs choices")
+            raise ValueError(f"parameter {shown(self.name)}: a choice parameter needs choices")
 
     # -- describing -------------------------------------------------------------------------------------------
     def range_text(self) -> str:
@@ -98,7 +98,7 @@ class Param:
     # -- checking ---------------------------------------------------------------------------------------------
     def check(self, value: Any, method: str) -> Any:
         """Return ``value`` as this parameter's canonical type, or raise ParameterError naming method and parameter."""
-        where = f"{method}: parameter {self.name!r}"
+        where = f"{method}: parameter {shown(self.name)}"
         if isinstance(value, str) and self.kind not in ("choice", "layers"):
             value = self.parse_text(value, method)
         if self.kind == "float":
@@ -107,17 +107,17 @@ class Param:
             return self._scalar_or_schedule(value, where)
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-                raise ParameterError(f"{where} must be an integer, got {value!r}")
+                raise ParameterError(f"{where} must be an integer, got {shown(value)}")
             return int(self._number(int(value), where))
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise ParameterError(f"{where} must be true or false, got {value!r}")
+                raise ParameterError(f"{where} must be true or false, got {shown(value)}")
             return value
         if self.kind == "choice":
             if isinstance(value, str):
                 value = _text_choice(value, self.choices)
             if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices):
-                raise ParameterError(f"{where} must be {self.range_text()}, got {value!r}")
+                raise ParameterError(f"{where} must be {self.range_text()}, got {shown(value)}")
             return value
         if self.kind == "floats":
             if value is None:
@@ -125,7 +125,7 @@ class Param:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value]
             if not isinstance(value, (list, tuple)) or not value:
-                raise ParameterError(f"{where} must be a list of numbers, got {value!r}")
+                raise ParameterError(f"{where} must be a list of numbers, got {shown(value)}")
             if self.per_model:  # a model's entry may vary over depth and tensor kind
                 return tuple(self._scalar_or_schedule(v, where) for v in value)
             return tuple(self._number(_as_float(v, where), where) for v in value)
@@ -137,13 +137,13 @@ class Param:
             if isinstance(value, str):
                 value = self.parse_text(value, method)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ParameterError(f"{where} must be a non-negative integer or 'half', got {value!r}")
+                raise ParameterError(f"{where} must be a non-negative integer or 'half', got {shown(value)}")
             return value
         raise AssertionError(self.kind)
 
     def parse_text(self, text: str, method: str) -> Any:
         """Parse command-line text: numbers, true/false, comma lists, or JSON for lists and schedules."""
-        where = f"{method}: parameter {self.name!r}"
+        where = f"{method}: parameter {shown(self.name)}"
         text = text.strip()
         if self.kind == "bool":
             lowered = text.lower()
@@ -151,7 +151,7 @@ class Param:
                 return True
             if lowered in ("false", "no", "0", "off"):
                 return False
-            raise ParameterError(f"{where} must be true or false, got {text!r}")
+            raise ParameterError(f"{where} must be true or false, got {shown(text)}")
         if self.kind == "choice":
             return _text_choice(text, self.choices)
         if self.kind == "layers" and text == "half":
@@ -161,8 +161,8 @@ class Param:
             return [_as_float(part.strip(), where) for part in text.split(",") if part.strip()]
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
-            raise ParameterError(f"{where}: cannot read {text!r} as {self.kind}") from None
+        except (ValueError, RecursionError):  # not JSON, an integer of too many digits, nesting too deep
+            raise ParameterError(f"{where}: cannot read {shown(text)} as {self.kind}") from None
 
     def _number(self, value: float, where: str) -> float:
         if math.isnan(value):
@@ -190,10 +190,10 @@ class Param:
         for entry in entries:
             if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
                 raise ParameterError(f"{where}: each schedule entry must be {{'filter': ..., 'value': ...}}, "
-                                     f"got {entry!r}")
+                                     f"got {shown(entry)}")
             tensor_filter = entry.get("filter")
             if tensor_filter is not None and not isinstance(tensor_filter, str):
-                raise ParameterError(f"{where}: a schedule filter must be a string, got {tensor_filter!r}")
+                raise ParameterError(f"{where}: a schedule filter must be a string, got {shown(tensor_filter)}")
             canonical.append((tensor_filter, self._anchors(entry["value"], where)))
         if sum(1 for f, _ in canonical if f is None) != 1:
             raise ParameterError(f"{where}: a filtered schedule needs exactly one entry without 'filter' "
@@ -225,18 +225,18 @@ def unknown_parameter_message(owner: str, name: str, valid: list[str], noun: str
                               listed_as: str = "valid parameters") -> str:
     """``owner: unknown <noun> 'name'; did you mean 'closest'? (<listed_as>: a, b, c)``."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {shown(close[0])}?" if close else ""
     listing = ", ".join(valid) if valid else "none"
-    return f"{owner}: unknown {noun} {name!r}{hint} ({listed_as}: {listing})"
+    return f"{owner}: unknown {noun} {shown(name)}{hint} ({listed_as}: {listing})"
 
 
 def _as_float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ParameterError(f"{where} must be a number, got {value!r}")
+        raise ParameterError(f"{where} must be a number, got {shown(value)}")
     try:
         return float(value)
     except ValueError:
-        raise ParameterError(f"{where} must be a number, got {value!r}") from None
+        raise ParameterError(f"{where} must be a number, got {shown(value)}") from None
 
 
 def _text_choice(text: str, choices: tuple) -> Any:

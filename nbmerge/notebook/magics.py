@@ -32,7 +32,7 @@ from nbmerge.results import MergeResult, is_state_dict
 USAGE = """Merge models with any registered method, from a line or from a YAML recipe.
 
 Line:   %merge METHOD MODEL... [--base B] [--out DIR] [--PARAM VALUE]... [-o VAR]
-Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--allow-nonfinite] [--quiet]
+Cell:   %%merge [-o VAR] [--out DIR] [--device D] [--overwrite] [--allow-nonfinite] [--allow-config-mismatch] [--quiet]
         <YAML recipe: mergekit's format (merge_method, models, base_model, parameters, dtype, slices)
          or nbmerge's (method, models, base, params, out_dtype)>
 
@@ -45,7 +45,8 @@ lands in VAR (`-o VAR`), or is the cell's value. `%merge METHOD --help` shows on
 the table.
 
 Common flags: --base B, --out DIR (default: merge in memory), --device cpu|cuda|auto, --out-dtype DTYPE,
---shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --quiet (no progress bar),
+--shard-size 5GB, --overwrite, --allow-nonfinite (merge inputs holding NaN or Inf), --allow-config-mismatch (merge
+models whose config.json files disagree on the architecture), --quiet (no progress bar),
 -o/--var VAR.
 
 Evaluate: %merge_eval MODEL [--pool P] [--tasks a,b] [--split test] [-o VAR]   (report table + per-task bars)
@@ -285,7 +286,8 @@ class MergeMagics(Magics):
         models = self._models(args.models)
         base = None if args.base is None else self._model(args.base)
         options = dict(out=args.out, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
-                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
+                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
+                       allow_config_mismatch=args.allow_config_mismatch)
         if method.build_module is not None:  # test-time adaptation on a task pool's unlabeled inputs
             with usage_errors():
                 options.update(pool=task_pool(args.pool, progress=not args.quiet), split=args.split)
@@ -325,6 +327,8 @@ class MergeMagics(Magics):
         parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
         parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+        parser.add_argument("--allow-config-mismatch", action="store_true",
+                            help="merge models whose config.json files disagree on the architecture")
         parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each "
                             "named merge in DIR/<name> (by default a temporary folder, removed after)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -348,7 +352,8 @@ class MergeMagics(Magics):
         for reference in models_to_resolve(call):
             resolve(reference)  # every reference checked before anything runs
         options = {key: getattr(args, key) for key in ("out", "device", "intermediate_dir")}
-        options.update({flag: True for flag in ("overwrite", "allow_nonfinite") if getattr(args, flag)})
+        options.update({flag: True for flag in ("overwrite", "allow_nonfinite", "allow_config_mismatch")
+                        if getattr(args, flag)})
         title = "layer stack" if call.method == "stack" else call.method
         return self._run(title, args.var, args.quiet,
                          lambda **progress: run_recipe(call, resolve, **options, **progress))

@@ -77,7 +77,7 @@ FAULTS = {
                                                                                          "open files"))),
         OutputWriteError, r"model-00002-of-\d+\.safetensors: writing the output failed \(Too many open files"),
     "disk full copying config.json": (
-        lambda mp: mp.setattr(shutil, "copy2", failing(errno.ENOSPC)),
+        lambda mp: mp.setattr(shutil, "copyfileobj", failing(errno.ENOSPC)),  # copy_model_file's copy
         OutputWriteError, r"config\.json: writing the output failed \(No space left on device\)"),
     "disk full writing the index": (
         lambda mp: mp.setattr("pathlib.Path.write_text", failing(errno.ENOSPC)),

@@ -130,5 +130,5 @@ def test_recipes_refuse_python_tags_and_do_not_expand_alias_bombs():
         parse_recipe("method: !!python/object/apply:os.system ['echo owned']\nmodels: [a, b]")
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi"))
-    with pytest.raises(RecipeError, match="unknown key 'a'"):  # 9^9 leaves if expanded; PyYAML shares them
+    with pytest.raises(RecipeError, match="aliases expand to more than 100000 values"):  # 9^9 leaves if expanded
         parse_recipe(bomb + "method: ties\nmodels: [m1, m2]")

@@ -1,6 +1,8 @@
-"""Fuzz targets (hypothesis) for the two parsers of untrusted text: the safetensors header reader and the recipe
+"""Fuzz targets (hypothesis) for the parsers of untrusted text: the safetensors header reader and the recipe
 parser. Whatever the bytes, the reader returns entries that lie inside the file without overlapping, or raises
-ModelInputError; the recipe parser returns a MergeCall or raises RecipeError. Nothing else may escape.
+ModelInputError; the recipe parser returns a MergeCall or raises RecipeError. Nothing else may escape. The same
+contract holds for the header's numeric fields of every JSON type, shard indexes, tokenizer and config JSON, and
+LoRA adapter configs (ModelInputError, or a usable result).
 
 The suite runs a brief pass; ``scripts/fuzz.py --minutes 10`` runs the same targets for longer
 (``NBMERGE_FUZZ_EXAMPLES`` sets the examples per target).
@@ -16,7 +18,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from nbmerge.errors import ModelInputError, RecipeError
 from nbmerge.io.safetensors import DTYPES, read_header, read_tensor
@@ -142,3 +144,133 @@ def test_structured_slice_recipes(config):
     assert isinstance(call, MergeCall) and call.models
     for piece in call.slices or []:
         assert piece.models and all(isinstance(v, int) for pair in piece.layers.values() for v in pair)
+
+
+# -- the other parsers of untrusted files (nbmerge.io.untrusted and its users) ---------------------------------
+
+FILE_FUZZ = settings(FUZZ, max_examples=min(EXAMPLES, 60))  # each example writes and opens files
+NUMBERS = st.one_of(st.integers(-3, 300), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True), st.booleans(),
+                    st.text(max_size=3), st.none())
+
+
+@FILE_FUZZ
+@given(st.lists(NUMBERS, max_size=3), st.lists(NUMBERS, max_size=3), st.integers(0, 300))
+def test_header_numeric_fields(tmp_path_factory, shape, offsets, data_size):
+    """Shapes and offsets of any JSON type (huge, negative, NaN, ±Inf, floats, booleans, strings): only
+    non-negative integers that fit the file and the shape are accepted."""
+    encoded = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
+    path = tmp_path_factory.mktemp("fuzz") / "x.safetensors"
+    check_file(path, struct.pack("<Q", len(encoded)) + encoded + bytes(data_size))
+    try:
+        entries, _ = read_header(path)
+    except ModelInputError:
+        return
+    assert all(type(v) is int and v >= 0 for v in [*shape, *offsets])
+    assert entries["t"].shape == tuple(shape)
+
+
+JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 2 ** 66), st.floats(allow_nan=True),
+                                     st.text(max_size=6)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=10)
+SHARD_NAMES = st.sampled_from(["model.safetensors", "x.safetensors", "../model.safetensors", "/etc/passwd", "", ".",
+                               "sub/model.safetensors"])
+
+
+def json_text(value) -> str:
+    return json.dumps(value)
+
+
+@FILE_FUZZ
+@given(st.one_of(st.fixed_dictionaries({"weight_map": st.one_of(
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(SHARD_NAMES, JSON_VALUES), max_size=3),
+    JSON_VALUES)}), JSON_VALUES).map(json_text) | st.text(max_size=40))
+def test_shard_indexes(tmp_path_factory, text):
+    """A model folder's shard index: a source whose tensors are those the index lists, or ModelInputError."""
+    from nbmerge.io.sources import open_model
+
+    folder = tmp_path_factory.mktemp("fuzz") / "model"
+    folder.mkdir()
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, folder / "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(text)
+    try:
+        source = open_model(folder, "m")
+    except ModelInputError:
+        return
+    try:
+        assert set(json.loads(text)["weight_map"]) <= {"a", "b"} and set(source.infos) == {"a", "b"}
+    finally:
+        source.close()
+
+
+@FILE_FUZZ
+@given(st.one_of(JSON_VALUES.map(json_text), st.text(max_size=40),
+                 st.fixed_dictionaries({"model": st.fixed_dictionaries({"vocab": JSON_VALUES})},
+                                       optional={"added_tokens": JSON_VALUES}).map(json_text)),
+       st.sampled_from(["tokenizer.json", "vocab.json"]))
+def test_tokenizer_files(tmp_path_factory, text, name):
+    """A vocabulary read from tokenizer.json or vocab.json: token -> non-negative int id, or ModelInputError."""
+    from nbmerge.io.tokenizers import read_vocabulary
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / name).write_text(text)
+    try:
+        table = read_vocabulary(folder, "m")
+    except ModelInputError:
+        return
+    assert isinstance(table, dict) and all(isinstance(k, str) and type(v) is int and v >= 0
+                                           for k, v in table.items())
+
+
+CONFIG_VALUES = st.one_of(JSON_VALUES, st.sampled_from([4, 8, "llama", ["LlamaForCausalLM"]]))
+
+
+@FILE_FUZZ
+@given(st.lists(st.one_of(st.dictionaries(st.sampled_from(["architectures", "model_type", "hidden_size", "vocab_size",
+                                                           "text_config", "num_hidden_layers"]), CONFIG_VALUES,
+                                          max_size=4).map(json_text),
+                          JSON_VALUES.map(json_text), st.text(max_size=20)), min_size=2, max_size=3))
+def test_config_files(tmp_path_factory, texts):
+    """Models' config.json compared: agreement, or ModelInputError naming the field or the file."""
+    from nbmerge.io.model_configs import check_configs_agree
+    from nbmerge.io.sources import StateDictSource
+
+    sources = []
+    for i, text in enumerate(texts):
+        folder = tmp_path_factory.mktemp("fuzz")
+        (folder / "config.json").write_text(text)
+        sources.append(StateDictSource({}, f"m{i}", folder))
+    try:
+        check_configs_agree(sources)
+    except ModelInputError as exc:
+        assert "config.json" in str(exc)
+
+
+@FILE_FUZZ
+@given(st.dictionaries(st.sampled_from(["peft_type", "r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora",
+                                        "bias", "use_dora"]),
+                       st.one_of(JSON_VALUES, st.sampled_from(["LORA", "none"]),
+                                 st.dictionaries(st.sampled_from(["mlp", "(m", "(a+)+$", r"(x)\1", "x{5000}", ".*"]),
+                                                 st.one_of(st.integers(-1, 8), JSON_VALUES), max_size=2)),
+                       max_size=5))
+def test_adapter_configs(tmp_path_factory, config):
+    """An adapter_config.json: the adapter applied (a finite result), or ModelInputError."""
+    from nbmerge.io.lora import WithLora
+    from nbmerge.io.sources import open_model
+
+    root = tmp_path_factory.mktemp("fuzz")
+    save_file({"model.mlp.weight": torch.ones(4, 3)}, root / "model.safetensors")
+    (root / "adapter").mkdir()
+    save_file({"base_model.model.model.mlp.lora_A.weight": torch.ones(2, 3),
+               "base_model.model.model.mlp.lora_B.weight": torch.ones(4, 2)}, root / "adapter" /
+              "adapter_model.safetensors")
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        source = open_model(WithLora(root / "model.safetensors", root / "adapter"), "m")
+    except ModelInputError:
+        return
+    try:
+        assert torch.isfinite(source.read("model.mlp.weight")).all()
+    finally:
+        source.close()

@@ -119,13 +119,16 @@ def test_a_file_replaced_by_a_rename_is_noticed(tmp_path):
     out = tmp_path / "out" / "merged"
     out.parent.mkdir()
 
+    replacement = {"model_type": "toy", "hidden_size": 64, "_name_or_path": "replaced"}  # the same architecture:
+    # a config that disagrees with the other model's is refused before anything is read (allow_config_mismatch)
+
     def replace(path):
         staged = path.with_name("staged.json")
-        staged.write_text(json.dumps({"model_type": "other"}))
+        staged.write_text(json.dumps(replacement))
         os.replace(staged, path)
 
     assert_refused_naming(first / "config.json", [first, second], out, replace, restore=False)
-    assert json.loads((out / "config.json").read_text()) == {"model_type": "other"}
+    assert json.loads((out / "config.json").read_text()) == replacement
 
 
 @pytest.mark.parametrize("victim_name", ["adapter_model.safetensors", "adapter_config.json"])
