@@ -171,8 +171,8 @@ def test_panel_in_jupyterlab(lab):
             page.wait_for_function("node => node.complete && node.naturalWidth > 300", arg=image.element_handle(),
                                    timeout=10_000)  # a real, decoded chart
             progress_text = panel.locator(".widget-html-content", has_text=" / ").first.inner_text()
-            done, total = (part.strip() for part in progress_text.split("/"))
-            assert done == total and total.endswith(("MiB", "GiB")), progress_text
+            # after the merge's bytes the bar counts the pool's tasks as they are evaluated: all five done
+            assert progress_text.strip() == "task 5 / 5", progress_text
             bar = panel.locator(".widget-hprogress .progress-bar")
             assert bar.evaluate("node => node.style.width") == "100%"
             assert "progress-bar-success" in bar.get_attribute("class")
