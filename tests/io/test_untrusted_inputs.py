@@ -273,12 +273,11 @@ UNMERGEABLE = {
 }
 
 
-@pytest.mark.parametrize("kind", UNMERGEABLE)
-@pytest.mark.parametrize("form", ["state dict", ".pt"])
+# a meta tensor has no values for torch.save to write: it reaches nbmerge only in memory
+@pytest.mark.parametrize("kind, form", [(kind, form) for kind in UNMERGEABLE for form in ("state dict", ".pt")
+                                        if (kind, form) != ("meta", ".pt")])
 def test_tensors_nbmerge_cannot_merge_are_refused_by_name(tmp_path, kind, form):
     make, message = UNMERGEABLE[kind]
-    if kind == "meta" and form == ".pt":
-        pytest.skip("torch.save cannot write a meta tensor's (absent) values")
     bad = {"w": make()}
     if form == ".pt":
         torch.save(bad, tmp_path / "bad.pt")
