@@ -174,8 +174,8 @@ def _demo(argv: list[str]) -> int:
             continue
         count = min(method.max_models or 3, 3)
         base = checkpoints.base if method.base == BASE_REQUIRED else None
-        # a parameter the method requires (no default) gets its declared example value
-        required = {p.name: p.example for p in method.params if p.default is None and p.example is not None}
+        # a parameter with a declared example (required ones, or a cheaper setting than a slow default) gets it
+        required = {p.name: p.example for p in method.params if p.example is not None}
         result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,
                        overwrite=True, progress=False, **required)
         report = result.report

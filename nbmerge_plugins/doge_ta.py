@@ -38,7 +38,7 @@ SUBSPACE = Param("subspace", "int", 6, "the shared subspace keeps int(r / subspa
                  low=1)
 LAMBDA_SCALE = Param("lambda_scale", "float", 0.07, "λ: task vector t of a tensor is weighted λ / ‖τ_t‖ "
                      "(FusionBench's lamda)", low=0.0, grid=(0.05, 0.07, 0.1))
-ITERATIONS = Param("iterations", "int", 400, "Adam steps per treated tensor", low=0)
+ITERATIONS = Param("iterations", "int", 400, "Adam steps per treated tensor", low=0, example=20)
 LR = Param("lr", "float", 1e-4, "Adam's learning rate", low=0.0, low_inclusive=False)
 TENSORS = Param("tensors", "choice", "layers", "which 2-D tensors are treated: those inside the layer stack "
                 "(FusionBench's filter on CLIP) or all (embeddings and head too); the others stay at the base",

@@ -22,7 +22,8 @@ from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
 from nbmerge.method.tensor_names import is_embedding
 from nbmerge_plugins._adam import Adam
 
-ITERATIONS = Param("iterations", "int", 400, "Adam steps per weight matrix", low=0, grid=(100, 400))
+ITERATIONS = Param("iterations", "int", 400, "Adam steps per weight matrix", low=0, grid=(100, 400),
+                   example=20)
 LR = Param("lr", "float", 1e-5, "Adam's learning rate", low=0.0, low_inclusive=False)
 MATRICES = Param("matrices", "choice", "all", "which 2-D tensors are optimised: all (FusionBench) or linear "
                  "weights only (embedding tables then get the mean task vector)", choices=("all", "linear"))

@@ -43,8 +43,8 @@ class Param:
     choices: tuple = ()
     per_model: bool = False
     grid: tuple = ()  # values a benchmark's tuned run tries on the validation split (``nbmerge bench``)
-    # a typical value of a parameter without default that the method requires (nearswap's t): what ``nbmerge demo``
-    # passes, and what the help shows as an example
+    # what ``nbmerge demo`` passes: a typical value of a parameter the method requires (nearswap's t), or a cheaper
+    # one than the default where the default takes minutes (WUDI's 400 Adam steps per matrix)
     example: Any = None
 
     def __post_init__(self):
