@@ -21,7 +21,7 @@ exactly what the task feeds its model. The caller's module is never modified (it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from nbmerge.errors import ModelInputError, ParameterError
+from nbmerge.method import ModuleJob
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
 FISHER_ESTIMATES = ("expected", "fusionbench")
@@ -40,6 +41,23 @@ def chosen_inputs(inputs: Sequence[Any], count: int, seed: int, owner: str, task
         raise ParameterError(f"{owner}: task {task!r} has no inputs to compute its statistics on")
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
     return [inputs[i] for i in order[:count]]
+
+
+def task_inputs(job: ModuleJob, count: int, seed: int, owner: str) -> dict[str, list]:
+    """Each fine-tuned model's ``count`` inputs of its own task, the i-th model's drawn with seed ``seed·1000 + i``."""
+    return {label: chosen_inputs(job.tasks[label].inputs, count, seed * 1000 + index, owner, label)
+            for index, label in enumerate(job.models)}
+
+
+def per_model_statistics(job: ModuleJob, inputs: Mapping[str, Sequence[Any]],
+                         statistic: Callable[[nn.Module, LogitsFn, Sequence[Any]], Any]) -> list:
+    """``statistic(model, its task's logits function, inputs[label])`` for every fine-tuned model in order, each
+    model's completion reported as a step of the job."""
+    results = []
+    for done, (label, model) in enumerate(job.models.items(), start=1):
+        results.append(statistic(model, job.tasks[label].logits, inputs[label]))
+        job.step_done(done, len(job.models))
+    return results
 
 
 def batches(inputs: Sequence[Any], batch_size: int) -> Iterator[list]:

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from nbmerge.errors import ModelInputError
 from nbmerge.method import Param
+from nbmerge_plugins._static_build import agreed_integer_tensor
 
 NUM_EXAMPLES = Param("num_regmean_examples", "int", 256, "inputs per task run through its model to collect the "
                      "Gram matrices of every linear layer's inputs", low=1)
@@ -71,11 +71,7 @@ def merged_state(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[M
     for name in names:
         values = [state[name] for state in states]
         if not values[0].is_floating_point():
-            for label, value in zip(labels, values):
-                if not torch.equal(value, values[0]):
-                    raise ModelInputError(f"{owner}: integer tensor {name!r} of model {label!r} differs from "
-                                          f"model {labels[0]!r}'s; it cannot be merged")
-            merged[name] = values[0].clone()
+            merged[name] = agreed_integer_tensor(name, values, labels, owner)
             continue
         module = name.removesuffix(".weight") if name.endswith(".weight") else None
         if module is not None and values[0].dim() == 2 and all(module in g for g in grams):

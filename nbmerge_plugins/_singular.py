@@ -40,6 +40,13 @@ def thin_svd(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tenso
     return tuple(part.to(matrix.dtype) for part in thin_svd(matrix.double(), name))
 
 
+def truncated_svd(matrix: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets of ``matrix``: U[:, :r], s[:r], Vᵀ[:r], copies (the full factors are
+    freed on return)."""
+    u, s, vh = thin_svd(matrix, name)
+    return u[:, :rank].clone(), s[:rank].clone(), vh[:rank].clone()
+
+
 def orthogonal_factor(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """U Vᵀ for A = U S Vᵀ: the orthonormal factor of A's polar decomposition (FusionBench's decorrelation)."""
     u, _, vh = thin_svd(matrix, name)

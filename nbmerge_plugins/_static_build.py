@@ -10,10 +10,12 @@ the data pass again.
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from nbmerge.errors import ModelInputError
 from nbmerge.method import BuiltModule, ModuleJob, check_fits
 
 
@@ -27,6 +29,17 @@ def model_states(job: ModuleJob, owner: str) -> dict[str, dict[str, torch.Tensor
                    hint=" (it must have the base's architecture)")
         states[label] = state
     return states
+
+
+def agreed_integer_tensor(name: str, values: Sequence[torch.Tensor], labels: Sequence[str],
+                          owner: str) -> torch.Tensor:
+    """An integer tensor (position ids, ...) that every model must hold equal: a copy of it, else an error naming
+    the first model that differs."""
+    for label, value in zip(labels, values):
+        if not torch.equal(value, values[0]):
+            raise ModelInputError(f"{owner}: integer tensor {name!r} of model {label!r} differs from model "
+                                  f"{labels[0]!r}'s; it cannot be merged")
+    return values[0].clone()
 
 
 def built(base: nn.Module, state: dict[str, torch.Tensor], owner: str, record: dict | None = None) -> BuiltModule:

@@ -26,10 +26,9 @@ from typing import Mapping, Sequence
 import torch
 
 from nbmerge import hookimpl
-from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob, Param
-from nbmerge_plugins._data_pass import FISHER_ESTIMATES, chosen_inputs, fisher_diagonals
-from nbmerge_plugins._static_build import built, model_states
+from nbmerge_plugins._data_pass import FISHER_ESTIMATES, fisher_diagonals, per_model_statistics, task_inputs
+from nbmerge_plugins._static_build import agreed_integer_tensor, built, model_states
 
 PARAMS = (
     Param("num_fisher_examples", "int", 256, "inputs per task whose gradients give its model's Fisher", low=1),
@@ -72,14 +71,9 @@ def build_fisher_merging(job: ModuleJob) -> BuiltModule:
         return built(job.base, job.trained_state, "fisher_merging")
     params = job.params
     states = model_states(job, "fisher_merging")
-    fishers, examples = [], {}
-    for index, (label, model) in enumerate(job.models.items()):
-        task = job.tasks[label]
-        inputs = chosen_inputs(task.inputs, params["num_fisher_examples"], params["seed"] * 1000 + index,
-                               "fisher_merging", label)
-        fishers.append(fisher_diagonals(model, task.logits, inputs, params["batch_size"], params["estimate"]))
-        examples[label] = len(inputs)
-        job.step_done(index + 1, len(job.models))
+    inputs = task_inputs(job, params["num_fisher_examples"], params["seed"], "fisher_merging")
+    fishers = per_model_statistics(job, inputs, lambda model, logits, chosen: fisher_diagonals(
+        model, logits, chosen, params["batch_size"], params["estimate"]))
     epsilon = params["minimal_fisher_weight"]
     coefficients = model_coefficients(fishers, params["normalize_fisher_weight"], epsilon)
     labels, state_list = list(states), list(states.values())
@@ -87,17 +81,13 @@ def build_fisher_merging(job: ModuleJob) -> BuiltModule:
     for name in state_list[0]:
         values = [state[name] for state in state_list]
         if not values[0].is_floating_point():
-            for label, value in zip(labels, values):
-                if not torch.equal(value, values[0]):
-                    raise ModelInputError(f"fisher_merging: integer tensor {name!r} of model {label!r} differs "
-                                          f"from model {labels[0]!r}'s; it cannot be merged")
-            merged[name] = values[0].clone()
+            merged[name] = agreed_integer_tensor(name, values, labels, "fisher_merging")
         elif name in fishers[0]:
             merged[name] = fisher_weighted(values, [fisher[name] for fisher in fishers], coefficients, epsilon)
         else:  # a buffer: no gradient, no Fisher
             merged[name] = fisher_weighted(values, [torch.zeros_like(v) for v in values], [1.0] * len(values), 1.0)
     return built(job.base, merged, "fisher_merging",
-                 {"examples": examples, "model_coefficients": [round(c, 6) for c in coefficients]})
+                 {"examples": {label: len(chosen) for label, chosen in inputs.items()}, "model_coefficients": [round(c, 6) for c in coefficients]})
 
 
 FISHER_MERGING = MergeMethod(

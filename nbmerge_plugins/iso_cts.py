@@ -33,7 +33,7 @@ import torch
 from nbmerge import hookimpl
 from nbmerge.errors import ParameterError
 from nbmerge.method import BASE_REQUIRED, MergeMethod, Param, TensorJob
-from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, thin_svd
+from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, thin_svd, truncated_svd
 
 COMMON_SPACE_FRACTION = Param("common_space_fraction", "float", 0.8, "f, the share of singular directions kept "
                               "from the summed task vector (the rest is split evenly among the tasks)",
@@ -69,15 +69,14 @@ def _iso_cts(job: TensorJob) -> torch.Tensor:
     for model in job.models:
         task_vector = model - job.base
         if complement is not None:
-            inner_u, s, vh = thin_svd(complement.T @ task_vector, job.name)
-            u = complement @ inner_u[:, :per_task]
+            inner_u, s, vh = truncated_svd(complement.T @ task_vector, per_task, job.name)
+            u = complement @ inner_u
         else:
-            u, s, vh = thin_svd(task_vector.sub_(common_u @ (common_u.T @ task_vector)), job.name)
+            u, s, vh = truncated_svd(task_vector.sub_(common_u @ (common_u.T @ task_vector)), per_task, job.name)
         del task_vector
-        left.append(u[:, :per_task].clone())
-        values.append(s[:per_task])
-        right.append(vh[:per_task].clone())
-        del u, vh
+        left.append(u)
+        values.append(s)
+        right.append(vh)
     # the task directions lie in the complement of U_c, so P([A U_c]) = [P(A) U_c]: only A is decomposed (and the
     # c singular values equal to 1 that would make LAPACK's SVD of the whole block struggle never arise)
     left_factor = torch.cat([orthogonal_factor(torch.cat(left, dim=1), job.name), common_u], dim=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
-from nbmerge_plugins._data_pass import chosen_inputs, input_grams
+from nbmerge_plugins._data_pass import input_grams, per_model_statistics, task_inputs
 from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, SEED, merged_state, ratio_param
 from nbmerge_plugins._static_build import built, model_states
 
@@ -32,18 +32,13 @@ def build_regmean(job: ModuleJob) -> BuiltModule:
         return built(job.base, job.trained_state, "regmean")
     params = job.params
     states = model_states(job, "regmean")
-    grams, examples = [], {}
-    for index, (label, model) in enumerate(job.models.items()):
-        task = job.tasks[label]
-        inputs = chosen_inputs(task.inputs, params["num_regmean_examples"], params["seed"] * 1000 + index,
-                               "regmean", label)
-        grams.append(input_grams(model, task.logits, inputs, params["batch_size"], owner="regmean"))
-        examples[label] = len(inputs)
-        job.step_done(index + 1, len(job.models))
+    inputs = task_inputs(job, params["num_regmean_examples"], params["seed"], "regmean")
+    grams = per_model_statistics(job, inputs, lambda model, logits, chosen: input_grams(
+        model, logits, chosen, params["batch_size"], owner="regmean"))
     names = list(job.base.state_dict())
     merged = merged_state(list(states.values()), grams, params["reduce_non_diagonal_ratio"], names, list(states),
                           "regmean")
-    return built(job.base, merged, "regmean", {"examples": examples})
+    return built(job.base, merged, "regmean", {"examples": {label: len(chosen) for label, chosen in inputs.items()}})
 
 
 REGMEAN = MergeMethod(

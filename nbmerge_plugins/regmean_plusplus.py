@@ -30,7 +30,7 @@ from nbmerge import hookimpl
 from nbmerge.errors import ModelInputError
 from nbmerge.method import BASE_REQUIRED, BuiltModule, MergeMethod, ModuleJob
 from nbmerge.method.tensor_names import layer_index
-from nbmerge_plugins._data_pass import chosen_inputs, input_grams, linear_modules
+from nbmerge_plugins._data_pass import input_grams, linear_modules, task_inputs
 from nbmerge_plugins._regmean_solve import BATCH_SIZE, NUM_EXAMPLES, SEED, merged_state, ratio_param
 from nbmerge_plugins._static_build import built, model_states
 
@@ -65,9 +65,7 @@ def build_regmean_plusplus(job: ModuleJob) -> BuiltModule:
     outside = [name for name in state_list[0] if name not in in_stack]
     merged = merged_state(state_list, [{}] * len(labels), 0.0, outside, labels, "regmean_plusplus")
     work.load_state_dict(merged, strict=False)
-    inputs = {label: chosen_inputs(job.tasks[label].inputs, params["num_regmean_examples"],
-                                   params["seed"] * 1000 + index, "regmean_plusplus", label)
-              for index, label in enumerate(labels)}
+    inputs = task_inputs(job, params["num_regmean_examples"], params["seed"], "regmean_plusplus")
     for done, path in enumerate(layers, start=1):
         layer = work.get_submodule(path)
         linears = {f"{path}.{name}" if name else path: module

@@ -26,7 +26,7 @@ import torch
 
 from nbmerge import hookimpl
 from nbmerge.method import BASE_REQUIRED, MergeMethod, TensorJob
-from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, thin_svd
+from nbmerge_plugins._singular import SCALING, mean_task_vector, orthogonal_factor, truncated_svd
 from nbmerge_plugins._task_vectors import WEIGHTS
 
 
@@ -48,12 +48,11 @@ def _tsv_m(job: TensorJob) -> torch.Tensor:
         task_vector = model - job.base
         if weight != 1.0:
             task_vector.mul_(weight)
-        u, s, vh = thin_svd(task_vector, job.name)
+        u, s, vh = truncated_svd(task_vector, rank, job.name)
         del task_vector
-        left.append(u[:, :rank].clone())
-        values.append(s[:rank])
-        right.append(vh[:rank].clone())
-        del u, vh
+        left.append(u)
+        values.append(s)
+        right.append(vh)
     left_factor = orthogonal_factor(torch.cat(left, dim=1), job.name)
     del left
     right_factor = orthogonal_factor(torch.cat(right, dim=0), job.name)

@@ -573,22 +573,24 @@ print(f"truncated after {time.monotonic() - started:.3f}", flush=True)
 """
 
 
-def test_an_input_truncated_by_another_process_stops_the_merge_with_an_error_not_a_sigbus(tmp_path):
+@pytest.mark.parametrize("suffix, save", [(".safetensors", save_file), (".pt", torch.save)])
+def test_an_input_truncated_by_another_process_stops_the_merge_with_an_error_not_a_sigbus(tmp_path, suffix, save):
     """The read lease makes the other process's truncate wait; the engine sees the pending break after the tensor in
-    hand, stops with an error naming the file and writes nothing; the other process then goes on at once."""
+    hand, stops with an error naming the file and writes nothing; the other process then goes on at once. The same
+    for a memory-mapped .pt, whose truncation under the map would otherwise kill the interpreter with SIGBUS."""
     from nbmerge.io import leases
 
-    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file({f"t{i}": torch.full((4096,), float(i)) for i in range(400)}, first)
-    save_file({f"t{i}": torch.full((4096,), 1.0) for i in range(400)}, second)
+    first, second = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"
+    save({f"t{i}": torch.full((4096,), float(i)) for i in range(400)}, first)
+    save({f"t{i}": torch.full((4096,), 1.0) for i in range(400)}, second)
     with open(first, "rb") as probe:
         if not leases.take(probe.fileno()):
             pytest.skip("this file system or process takes no read leases (Linux F_SETLEASE)")
         leases.release(probe.fileno())
     truncator = subprocess.Popen([sys.executable, "-c", TRUNCATOR, str(first)], stdout=subprocess.PIPE, text=True)
     assert truncator.stdout.readline().strip() == "ready"
-    with pytest.raises(ModelInputError, match=r"a.safetensors: this input is being truncated or written \(by another process"):
+    with pytest.raises(ModelInputError, match=rf"a{suffix}: this input is being truncated or written \(by another process"):
         nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", progress=False)
     output, _ = truncator.communicate(timeout=60)
     assert truncator.returncode == 0 and float(output.split()[-1]) < 20  # released, not timed out (45 s)
-    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"] and first.stat().st_size == 100
+    assert sorted(os.listdir(tmp_path)) == [f"a{suffix}", f"b{suffix}"] and first.stat().st_size == 100

@@ -324,43 +324,7 @@ def test_a_pickle_checkpoint_is_merged_memory_mapped_or_read(tmp_path):
         assert torch.allclose(merged[name].double(), (first[name].double() + second[name].double()) / 2)
 
 
-TRUNCATOR = """
-import errno, os, sys, time
-path = sys.argv[1]
-print("ready", flush=True)
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:  # a non-blocking open for writing fails while a read lease is held
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            break
-    time.sleep(0.001)
-os.truncate(path, 100)  # waits until the merge gives the lease up
-print("truncated", flush=True)
-"""
-
-
-def test_a_mapped_pt_truncated_by_another_process_stops_the_merge_not_the_interpreter(tmp_path):
-    import subprocess
-    import sys
-
-    from nbmerge.io import leases
-
-    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
-    torch.save({f"t{i}": torch.full((4096,), float(i)) for i in range(400)}, first)
-    torch.save({f"t{i}": torch.full((4096,), 1.0) for i in range(400)}, second)
-    with open(first, "rb") as probe:
-        if not leases.take(probe.fileno()):
-            pytest.skip("this file system or process takes no read leases (Linux F_SETLEASE)")
-        leases.release(probe.fileno())
-    truncator = subprocess.Popen([sys.executable, "-c", TRUNCATOR, str(first)], stdout=subprocess.PIPE, text=True)
-    assert truncator.stdout.readline().strip() == "ready"
-    with pytest.raises(ModelInputError, match=r"a.pt: this input is being truncated or written"):
-        nbmerge.merge("simple_average", [first, second], out=tmp_path / "out", progress=False)
-    output, _ = truncator.communicate(timeout=60)
-    assert truncator.returncode == 0 and "truncated" in output
-    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"] and first.stat().st_size == 100
+# (a .pt input truncated by another process mid-merge: tests/engine/test_stream.py, with .safetensors)
 
 
 # -- LoRA adapter configs --------------------------------------------------------------------------------------
