@@ -60,6 +60,23 @@ def mergekit_parser(name: str, prog: str, models_help: str,
     return parser
 
 
+def recipe_parser(prog: str, description: str,
+                  parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of a merge by recipe (``nbmerge merge --recipe``, ``%%merge``): where it goes and what the caller
+    allows, which a recipe never chooses itself."""
+    parser = parser_class(prog=prog, description=description)
+    parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
+    parser.add_argument("--allow-config-mismatch", action="store_true",
+                        help="merge models whose config.json files disagree on the architecture")
+    parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each named "
+                        "merge in DIR/<name> (by default a temporary folder beside the output, removed after)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
 def mergekit_values(args: argparse.Namespace) -> dict:
     """The mergekit parameters given on the command line (name -> text)."""
     return {key.removeprefix("mergekit_"): value for key, value in vars(args).items()

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from nbmerge.arguments import mergekit_parser, mergekit_values, method_parser, params_from_args
+from nbmerge.arguments import mergekit_parser, mergekit_values, method_parser, params_from_args, recipe_parser
 from nbmerge.errors import NBMergeError
 from nbmerge.method_names import choose_method
 
@@ -74,18 +74,8 @@ def _merge_recipe(argv: list[str]) -> int:
     from nbmerge.io.untrusted import read_bytes
     from nbmerge.recipes import MAX_RECIPE_CHARS, parse_recipe, run_recipe
 
-    parser = argparse.ArgumentParser(prog="nbmerge merge --recipe", description="merge with a YAML recipe "
-                                     "(mergekit's format or nbmerge's)")
+    parser = recipe_parser("nbmerge merge --recipe", "merge with a YAML recipe (mergekit's format or nbmerge's)")
     parser.add_argument("--recipe", required=True, help="the recipe file (.yml, .yaml or .json)")
-    parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
-    parser.add_argument("--allow-config-mismatch", action="store_true",
-                        help="merge models whose config.json files disagree on the architecture")
-    parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each named "
-                        "merge in DIR/<name> (by default they go to a temporary folder beside the output)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     path = Path(args.recipe).expanduser()
     try:

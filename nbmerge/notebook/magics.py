@@ -21,6 +21,7 @@ from nbmerge.arguments import (
     mergekit_values,
     method_parser,
     params_from_args,
+    recipe_parser,
     unknown_flag_message,
 )
 from nbmerge.display import MethodTable, merge_summary
@@ -321,17 +322,8 @@ class MergeMagics(Magics):
     def _merge_recipe(self, line: str, cell: str):
         from nbmerge.recipes import models_to_resolve, parse_recipe, run_recipe
 
-        parser = _MagicParser(prog="%%merge", description="merge with the YAML recipe in the cell body")
+        parser = recipe_parser("%%merge", "merge with the YAML recipe in the cell body", _MagicParser)
         parser.add_argument("-o", "--var", help="store the MergeResult in this notebook variable")
-        parser.add_argument("--out", help="output folder or .safetensors file (a recipe never chooses it)")
-        parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        parser.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN or Inf")
-        parser.add_argument("--allow-config-mismatch", action="store_true",
-                            help="merge models whose config.json files disagree on the architecture")
-        parser.add_argument("--intermediate-dir", help="a chain of merges (several YAML documents): keep each "
-                            "named merge in DIR/<name> (by default a temporary folder, removed after)")
-        parser.add_argument("--quiet", action="store_true", help="no progress bar")
         try:
             args = parser.parse_args(_split(line))
         except _Done:
