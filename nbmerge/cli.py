@@ -110,9 +110,9 @@ def _search(argv: list[str]) -> int:
     if not args.soup:
         print(result.recipe(), end="")
         if args.recipe_out:
-            from pathlib import Path
+            from nbmerge.io.text_files import write_text_atomically
 
-            Path(args.recipe_out).write_text(result.recipe())
+            write_text_atomically(args.recipe_out, result.recipe())
             print(f"wrote {args.recipe_out}")
     return 0
 

@@ -9,11 +9,11 @@ candidates an uninterrupted one would. A checkpoint of another configuration is 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nbmerge.errors import ParameterError
+from nbmerge.io.text_files import write_text_atomically
 
 FORMAT = "nbmerge-search/1"
 
@@ -64,7 +64,5 @@ def save(path: Path | None, config: dict, generations: list[Generation]) -> None
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps({"format": FORMAT, "config": config,
-                                   "generations": [asdict(g) for g in generations]}, indent=1))
-    os.replace(partial, path)
+    write_text_atomically(path, json.dumps({"format": FORMAT, "config": config,
+                                            "generations": [asdict(g) for g in generations]}, indent=1))

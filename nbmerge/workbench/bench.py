@@ -35,6 +35,7 @@ from typing import Any, Sequence
 from nbmerge.api import merge
 from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import ParameterError
+from nbmerge.io.text_files import write_text_atomically
 from nbmerge.method.params import validate_params
 from nbmerge.plugins import all_methods, task_pool
 from nbmerge.taskpool import PerplexityTask, TaskPool
@@ -153,7 +154,7 @@ class BenchResult:
                           "reports": [asdict(report) for report in r.reports]} for r in self.rows]}
         text = json.dumps(data, indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomically(path, text)
         return text
 
     @classmethod

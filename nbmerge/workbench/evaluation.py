@@ -25,6 +25,7 @@ import torch
 
 from nbmerge.engine.progress import ProgressEvent, check_cancel
 from nbmerge.errors import ParameterError
+from nbmerge.io.text_files import write_text_atomically
 from nbmerge.taskpool import PerplexityTask, TaskPool
 
 
@@ -98,7 +99,7 @@ class EvalReport:
         text = json.dumps(asdict(self) | {"average": self.average,
                                           "normalized_average": self.normalized_average}, indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomically(path, text)
         return text
 
     @classmethod
