@@ -27,7 +27,7 @@ from nbmerge.workbench.models.cache import build_once, default_cache_dir, packag
 from nbmerge.workbench.models.statedicts import state_dict_of
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EXPORT_NAME = "smollm2-135m-instruct-bf16-v1"
+EXPORT_NAME = "smollm2-135m-instruct-bf16-v2"  # v2: its config names its architecture
 
 # a few scored prompts: general knowledge a 135M instruct model gets mostly right
 PROMPTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
@@ -59,6 +59,7 @@ def _export(staging: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # a GGUF load leaves it unset; the Hub and pipelines read it
     config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
 

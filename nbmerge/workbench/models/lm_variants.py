@@ -30,7 +30,7 @@ from nbmerge.engine.stream import torch_threads
 from nbmerge.workbench.models.cache import build_once, default_cache_dir
 from nbmerge.workbench.models.textdata import chat_conversations, chat_folder
 
-VARIANTS_VERSION = 1
+VARIANTS_VERSION = 2  # 2: copies the v2 export's config (with its architecture)
 SFT_TOPICS = ("ai", "botprofile", "computers", "conversations", "emotion", "food", "gossip", "greetings", "humor")
 ALIGNED_TOPICS = ("history", "literature", "money", "movies", "politics", "psychology", "science", "sports",
                   "trivia")

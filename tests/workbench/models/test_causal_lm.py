@@ -24,6 +24,7 @@ def test_export_is_a_plain_llama_folder(smollm2):
 
     config = AutoConfig.from_pretrained(smollm2)
     assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
+    assert config.architectures == ["LlamaForCausalLM"]  # what the Hub's widgets and pipeline() resolve by
     assert not hasattr(config, "quantization_config")
     assert (smollm2 / "tokenizer.json").is_file()
 
