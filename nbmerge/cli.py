@@ -166,10 +166,11 @@ def _demo(argv: list[str]) -> int:
         base = checkpoints.base if method.base == BASE_REQUIRED else None
         # a parameter with a declared example (required ones, or a cheaper setting than a slow default) gets it
         required = {p.name: p.example for p in method.params if p.example is not None}
+        print(f"{method.name:<17}", end="", flush=True)  # the row starts while its merge runs: the demo's progress
         result = merge(method.name, checkpoints.models[:count], base=base, out=workdir / "merged" / method.name,
                        overwrite=True, progress=False, **required)
         report = result.report
-        print(f"{method.name:<17} {count:>6} {'yes' if base else 'no':>4} {report.tensors:>7} "
+        print(f" {count:>6} {'yes' if base else 'no':>4} {report.tensors:>7} "
               f"{report.bytes_read / 2**20:>9.1f} {report.seconds:>8.2f} {report.peak_rss_bytes / 2**20:>12.0f}")
     print(f"merged models (loadable with transformers) are in {workdir}/merged/")
     return 0
