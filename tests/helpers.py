@@ -71,15 +71,20 @@ def model_set(family: str, experts: int = 3):
     """A tiny pretrained model of ``family`` and ``experts`` seeded fine-tunes of it, {task<e>: module}."""
     torch.manual_seed(0)
     base = FAMILIES[family][0]()
+    return base, seeded_fine_tunes(base, experts, first_seed=100)
+
+
+def seeded_fine_tunes(base: torch.nn.Module, experts: int, first_seed: int) -> dict[str, torch.nn.Module]:
+    """{task<e>: base + N(0, 0.05²) noise on every parameter, seeded ``first_seed + e``}."""
     fine_tuned = {}
     for e in range(experts):
         model = copy.deepcopy(base)
-        generator = torch.Generator().manual_seed(100 + e)
+        generator = torch.Generator().manual_seed(first_seed + e)
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
         fine_tuned[f"task{e}"] = model
-    return base, fine_tuned
+    return fine_tuned
 
 
 class HeadTask:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import FAMILIES, model_set
+from helpers import FAMILIES, model_set, seeded_fine_tunes
 from torch.nn import functional as F
 
 import nbmerge
@@ -246,15 +246,7 @@ class TinyConvNet(torch.nn.Module):
 def conv_model_set(experts: int = 3):
     torch.manual_seed(0)
     base = TinyConvNet().eval()
-    fine_tuned = {}
-    for e in range(experts):
-        model = copy.deepcopy(base)
-        generator = torch.Generator().manual_seed(200 + e)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        fine_tuned[f"task{e}"] = model
-    return base, fine_tuned
+    return base, seeded_fine_tunes(base, experts, first_seed=200)
 
 
 def test_mbconv_blocks_route_their_convolutions_and_the_stem_its_own():
