@@ -6,7 +6,9 @@ The cache is ``$NBMERGE_CACHE``, else ``~/.cache/nbmerge``, unless a caller give
 ``build_once(root, marker, build)``: when ``root/marker`` exists the folder is built; otherwise ``build(staging)``
 writes it into a hidden staging folder beside it, renamed to ``root`` only when complete, so an interrupted or
 failed build leaves nothing that looks built. An exclusive lock on ``.<name>.lock`` beside it allows one build at
-a time: a second process waits for the first, then finds the folder built.
+a time: a second process waits for the first, then finds the folder built. With ``resumable=True`` (a build of
+hours that keeps each finished piece) the staging folder is ``.<name>.partial``, kept when a build fails or is
+interrupted, and handed to the next ``build`` call as it was left, which skips what it finds done.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def package_folder(distribution: str, module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def build_once(root: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """``root``, built by ``build(staging)`` unless ``root / marker`` is already there."""
+def build_once(root: Path, marker: str, build: Callable[[Path], None], resumable: bool = False) -> Path:
+    """``root``, built by ``build(staging)`` unless ``root / marker`` is already there (module docstring)."""
     if (root / marker).is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -43,10 +45,13 @@ def build_once(root: Path, marker: str, build: Callable[[Path], None]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / marker).is_file():  # another process built it while this one waited
             return root
-        staging = root.parent / f".{root.name}.building-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        if resumable:
+            staging = root.parent / f".{root.name}.partial"
+        else:
+            staging = root.parent / f".{root.name}.building-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
         try:
-            staging.mkdir()
+            staging.mkdir(exist_ok=resumable)
             build(staging)
             if not (staging / marker).is_file():
                 raise AssertionError(f"the build of {root.name} did not write {marker}")
@@ -56,5 +61,6 @@ def build_once(root: Path, marker: str, build: Callable[[Path], None]) -> Path:
                 if not (root / marker).is_file():
                     raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
     return root

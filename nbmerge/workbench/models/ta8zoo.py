@@ -19,7 +19,6 @@ folder (an exclusive lock beside it).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import time
@@ -30,7 +29,7 @@ import torch
 
 from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import NBMergeError, ParameterError
-from nbmerge.workbench.models.cache import default_cache_dir
+from nbmerge.workbench.models.cache import build_once, default_cache_dir
 from nbmerge.workbench.models.ta8data import PROMPT_NAMES, TASK_LOADERS
 from nbmerge.workbench.models.training import SPLITS, balanced_splits, batch_order
 from nbmerge.workbench.models.zeroshot import (ZeroShotTextTask, ZeroShotTextTaskPool, sentence_embedding,
@@ -69,15 +68,7 @@ def build_ta8_zoo(profile: str = "tiny", seed: int = 0, cache_dir: str | Path | 
     if profile not in PROFILES:
         raise ParameterError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     root = Path(cache_dir or default_cache_dir()) / f"ta8-text-{profile}-seed{seed}-v{ZOO_VERSION}"
-    if not (root / "zoo.json").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f".{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (root / "zoo.json").is_file():
-                partial = root.parent / f".{root.name}.partial"
-                partial.mkdir(exist_ok=True)
-                _build(partial, PROFILES[profile], seed, progress)
-                partial.rename(root)
+    build_once(root, "zoo.json", lambda partial: _build(partial, PROFILES[profile], seed, progress), resumable=True)
     return load_ta8_zoo(root)
 
 

@@ -60,3 +60,24 @@ def test_a_second_caller_waits_for_the_first_build(tmp_path):
     results.append(build_once(root, "m", slow_build))  # blocks on the lock, then finds the folder built
     first.join(10)
     assert calls == [1] and results == [root, root]
+
+
+def test_a_resumable_build_keeps_its_finished_pieces_for_the_next_call(tmp_path):
+    root, seen = tmp_path / "zoo", []
+
+    def interrupted(staging):
+        (staging / "piece-1").write_text("done")
+        raise KeyboardInterrupt
+
+    def resumed(staging):
+        seen.append(sorted(p.name for p in staging.iterdir()))
+        (staging / "piece-2").write_text("done")
+        (staging / "zoo.json").write_text("{}")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(root, "zoo.json", interrupted, resumable=True)
+    assert not root.exists() and (tmp_path / ".zoo.partial" / "piece-1").is_file()
+    assert build_once(root, "zoo.json", resumed, resumable=True) == root
+    assert seen == [["piece-1"]]
+    assert sorted(p.name for p in root.iterdir()) == ["piece-1", "piece-2", "zoo.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".zoo.lock", "zoo"]
