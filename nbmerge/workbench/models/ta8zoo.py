@@ -29,12 +29,13 @@ import torch
 
 from nbmerge.engine.stream import torch_threads
 from nbmerge.errors import NBMergeError, ParameterError
+from nbmerge.io.text_files import write_text_atomically
 from nbmerge.workbench.models.cache import build_once, default_cache_dir
 from nbmerge.workbench.models.ta8data import PROMPT_NAMES, TASK_LOADERS
 from nbmerge.workbench.models.training import SPLITS, balanced_splits, batch_order
 from nbmerge.workbench.models.zeroshot import (ZeroShotTextTask, ZeroShotTextTaskPool, sentence_embedding,
                                                 zero_shot_head)
-from nbmerge.workbench.models.zoo import Zoo, _load_heads, _save_encoder, minilm_folder
+from nbmerge.workbench.models.zoo import Zoo, _load_heads, _save_encoder, load_report_silenced, minilm_folder
 
 ZOO_VERSION = 1
 
@@ -104,7 +105,8 @@ def _build(folder: Path, profile: Ta8Profile, seed: int, progress: bool) -> None
     with torch_threads(1):
         source = minilm_folder()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        base_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False).eval()
+        with load_report_silenced():  # the checkpoint's pooler weights, unused by design, are not news
+            base_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False).eval()
         if not (folder / "splits.json").is_file():
             _save_encoder(folder / "base", {k: v.contiguous() for k, v in base_encoder.state_dict().items()},
                           source)
@@ -120,7 +122,7 @@ def _build(folder: Path, profile: Ta8Profile, seed: int, progress: bool) -> None
                                                          profile.max_length).weight.detach().contiguous()
                 heads[f"{name}.bias"] = torch.zeros(len(names))
             save_file(heads, folder / "heads.safetensors")
-            (folder / "splits.json").write_text(json.dumps(splits))  # last: it marks this stage done
+            write_text_atomically(folder / "splits.json", json.dumps(splits))  # last: it marks this stage done
         splits = json.loads((folder / "splits.json").read_text())
         heads = _load_heads(folder / "heads.safetensors")
         record = {}
@@ -139,7 +141,7 @@ def _build(folder: Path, profile: Ta8Profile, seed: int, progress: bool) -> None
             _save_encoder(folder / "models" / name, state, source)
             record[name] = {"seconds": round(time.perf_counter() - task_started, 1),
                             "first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:])}
-            done.write_text(json.dumps(record[name]))
+            write_text_atomically(done, json.dumps(record[name]))  # whole or absent: it marks the task done
         bar.close()
         manifest = {"profile": asdict(profile), "seed": seed, "tasks": list(TASK_LOADERS),
                     "zoo_version": ZOO_VERSION, "fine_tuning": record,
