@@ -37,7 +37,7 @@ from nbmerge.workbench.models.zeroshot import (ZeroShotTextTask, ZeroShotTextTas
                                                 zero_shot_head)
 from nbmerge.workbench.models.zoo import Zoo, _load_heads, _save_encoder, load_report_silenced, minilm_folder
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: emoji and moral replace sentiment and debate_party
 
 
 @dataclass(frozen=True)

