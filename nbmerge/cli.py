@@ -197,6 +197,9 @@ def _bench(argv: list[str]) -> int:
                         help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
     parser.add_argument("--label", action="append", default=[], metavar="METHOD=ROW",
                         help="name METHOD's rows ROW (repeatable), e.g. --label we_moe=we_moe_task_batches")
+    parser.add_argument("--data-split", choices=("train", "validation", "test"), default="test",
+                        help="the split whose unlabeled inputs the data-reading methods (RegMean, Fisher, AdaMerging, "
+                        "WE-MoE) see (default: test, test-time adaptation; FusionBench's RegMean and Fisher: train)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     pool = args.pool or f"minilm-{args.profile}"
@@ -208,7 +211,7 @@ def _bench(argv: list[str]) -> int:
         earlier.check_addable(pool, args.seeds)  # before the run, not after it
     result = run_bench(pool, methods=args.methods, seeds=args.seeds, tune=not args.no_tune,
                        cache_dir=args.cache_dir, progress=not args.quiet, threads=args.threads,
-                       overrides=_overrides(args.set), labels=_labels(args.label))
+                       overrides=_overrides(args.set), labels=_labels(args.label), data_split=args.data_split)
     if earlier is not None:
         result = result.added_to(earlier)
         result.to_json(args.add_to)

@@ -12,6 +12,9 @@ For each seed (one zoo per seed: its own splits and fine-tuning runs) the bench 
   the test inputs, so they are never the static choice;
 - for a module-building method with a grid (the objective): one row per grid point, ``we_moe (objective=…)``,
   each built once, and the row ``we_moe``: the point with the best validation average.
+Methods that read a task pool's inputs (RegMean, Fisher, AdaMerging, WE-MoE) read the unlabeled inputs of
+``data_split`` (default ``test``: test-time adaptation; FusionBench's RegMean and Fisher read ``train``); a row
+built on another split names it (``data_split=train``).
 ``labels`` renames a method's rows (``{"we_moe": "we_moe_task_batches"}``: a second run of one method with other
 settings, added to the same table). Rows report the per-task mean and standard deviation over seeds
 (population), the average's mean ± standard deviation and the normalised average (accuracy / individual
@@ -22,6 +25,7 @@ use the classification tasks' accuracy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -40,6 +44,7 @@ from nbmerge.method.params import validate_params
 from nbmerge.plugins import all_methods, task_pool
 from nbmerge.taskpool import PerplexityTask, TaskPool
 from nbmerge.workbench.evaluation import EvalReport, evaluate, individual_accuracy
+from nbmerge.workbench.models.training import SPLITS
 
 
 @dataclass
@@ -207,19 +212,20 @@ def combine_seeds(results: Sequence["BenchResult"]) -> "BenchResult":
 def run_bench(pool: str = "minilm-tiny", methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
               tune: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
               threads: int | None = 1, overrides: dict[str, dict[str, Any]] | None = None,
-              labels: dict[str, str] | None = None) -> BenchResult:
+              labels: dict[str, str] | None = None, data_split: str = "test") -> BenchResult:
     """Run the bench (see the module docstring) and return its table.
 
     overrides: {method: {param: value}} fixed for that method in every row (e.g. fewer adaptation steps).
     labels: {method: row name} for that method's rows (default: the method's name).
+    data_split: the split whose unlabeled inputs the data-reading methods see.
     threads: torch threads while evaluating (default 1: on a busy 2-core machine two threads made these small
     matrix products several times slower); None leaves torch's setting alone.
     """
     with torch_threads(threads):
-        return _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides or {}, labels or {})
+        return _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides or {}, labels or {}, data_split)
 
 
-def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, labels) -> BenchResult:
+def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, labels, data_split) -> BenchResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -232,6 +238,8 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, label
         if name not in chosen:
             raise ParameterError(f"bench: parameters set for {name!r}, which is not among the methods run")
         validate_params(name, registered[name].params, fixed)
+    if data_split not in SPLITS:
+        raise ParameterError(f"bench: data_split must be one of {', '.join(SPLITS)}, got {data_split!r}")
     for name in labels:
         if name not in chosen:
             raise ParameterError(f"bench: a row name set for {name!r}, which is not among the methods run")
@@ -262,21 +270,24 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, label
             label = labels.get(name, name)
             fixed = dict(overrides.get(name, {}))
             grid = [dict(point, **fixed) for point in _grid(method, exclude=fixed)] if tune else []
+            merged = functools.partial(_merged, method, pools, data_split=data_split)
+            shown = (lambda params: params) if method.build_module is None or data_split == "test" else (
+                lambda params: dict(params, data_split=data_split))
             if method.build_module is not None and grid:
-                _add_adapted(rows, label, method, pools, grid, bar)
+                _add_adapted(rows, label, method, pools, grid, bar, merged, shown)
                 continue
-            defaults = evaluate(_merged(method, pools, fixed), pools, name=label, progress=False)
-            _add(rows, label, name, fixed, defaults)
+            defaults = evaluate(merged(fixed), pools, name=label, progress=False)
+            _add(rows, label, name, shown(fixed), defaults)
             bar.update(1)
             static = method.build_module is None
             if tune and static:
-                static_choices.append((_validation_average(method, pools, fixed, bar), label, fixed, defaults))
+                static_choices.append((_validation_average(merged, pools, fixed, bar), label, fixed, defaults))
             if grid:
-                scores = [_validation_average(method, pools, point, bar) for point in grid]
+                scores = [_validation_average(merged, pools, point, bar) for point in grid]
                 best_score = max(scores)
                 best = grid[scores.index(best_score)]
-                tuned = evaluate(_merged(method, pools, best), pools, name=f"{label} (tuned)", progress=False)
-                _add(rows, f"{label} (tuned)", name, best, tuned)
+                tuned = evaluate(merged(best), pools, name=f"{label} (tuned)", progress=False)
+                _add(rows, f"{label} (tuned)", name, shown(best), tuned)
                 bar.update(1)
                 if static:
                     static_choices.append((best_score, f"{label} (tuned)", best, tuned))
@@ -287,21 +298,22 @@ def _run_bench(pool, methods, seeds, tune, cache_dir, progress, overrides, label
     return BenchResult(pool, list(seeds), list(rows.values()), skipped, round(time.perf_counter() - started, 1))
 
 
-def _add_adapted(rows: dict[str, BenchRow], name: str, method, pool: TaskPool, grid: list[dict], bar) -> None:
+def _add_adapted(rows: dict[str, BenchRow], name: str, method, pool: TaskPool, grid: list[dict], bar, merged,
+                 shown) -> None:
     """A module-building method under row name ``name``: one row per grid point (``we_moe
     (objective=information_max)``), each built once and evaluated on validation and test, and the row ``name``:
     the point with the best validation average."""
     points = []
     for point in grid:
-        merged = _merged(method, pool, point)
-        validation = evaluate(merged, pool, split="validation", progress=False).average
+        module = merged(point)
+        validation = evaluate(module, pool, split="validation", progress=False).average
         label = f"{name} ({', '.join(f'{key}={_short(value)}' for key, value in point.items() if key in _axes(method))})"
-        test = evaluate(merged, pool, name=label, progress=False)
-        _add(rows, label, method.name, point, test)
+        test = evaluate(module, pool, name=label, progress=False)
+        _add(rows, label, method.name, shown(point), test)
         points.append((validation, point, test))
         bar.update(2)
     validation, point, test = max(points, key=lambda choice: choice[0])
-    _add(rows, name, method.name, point, test)
+    _add(rows, name, method.name, shown(point), test)
 
 
 def _axes(method, exclude=()) -> set[str]:
@@ -341,15 +353,15 @@ def _grid(method, exclude=()) -> list[dict]:
     return points if axes else []
 
 
-def _merged(method, pool: TaskPool, params: dict):
+def _merged(method, pool: TaskPool, params: dict, data_split: str = "test"):
     models = pool.individual_models()
     base = pool.base if method.base == "required" else None
     if method.build_module is not None:
-        params = dict(params, pool=pool)
+        params = dict(params, pool=pool, split=data_split)
     return merge(method.name, models, base=base, progress=False, **params)
 
 
-def _validation_average(method, pool: TaskPool, params: dict, bar) -> float:
-    report = evaluate(_merged(method, pool, params), pool, split="validation", progress=False)
+def _validation_average(merged, pool: TaskPool, params: dict, bar) -> float:
+    report = evaluate(merged(params), pool, split="validation", progress=False)
     bar.update(1)
     return report.average

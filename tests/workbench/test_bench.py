@@ -105,6 +105,23 @@ def test_an_adapted_method_gets_a_row_per_objective_and_the_validation_choice(ti
     assert result.row("adamerging").average == result.row(f"adamerging (objective={chosen})").average
 
 
+def test_data_reading_methods_read_the_chosen_split_and_their_rows_say_so(tiny_zoo):
+    result = run_bench("minilm-tiny", methods=["regmean", "task_arithmetic"], seeds=[0], progress=False,
+                       tune=False, cache_dir=tiny_zoo.root.parent, data_split="train")
+    pool = tiny_zoo.pool
+    on_train = nbmerge.merge("regmean", tiny_zoo.models, base=tiny_zoo.base, pool=pool, split="train",
+                             progress=False)
+    on_test = nbmerge.merge("regmean", tiny_zoo.models, base=tiny_zoo.base, pool=pool, split="test",
+                            progress=False)
+    assert result.row("regmean").reports[0].accuracy == nbmerge.evaluate(on_train, pool, progress=False).accuracy
+    trained, tested = on_train.module.state_dict(), on_test.module.state_dict()
+    assert any(not torch.equal(trained[key], tested[key]) for key in trained)  # the split changes the merge
+    assert result.row("regmean").params == [{"data_split": "train"}]
+    assert result.row("task_arithmetic").params == [{}]  # reads no inputs: nothing to say
+    with pytest.raises(ParameterError, match="data_split must be one of train, validation, test, got 'dev'"):
+        run_bench("minilm-tiny", methods=["regmean"], seeds=[0], progress=False, data_split="dev")
+
+
 def test_cli_bench_set_fixes_a_parameter_and_refuses_a_bad_one(tiny_zoo, capsys):
     cache = str(tiny_zoo.root.parent)
     assert main(["bench", "--seeds", "0", "--methods", "task_arithmetic", "--no-tune", "--cache-dir", cache,
