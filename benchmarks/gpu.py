@@ -157,7 +157,8 @@ def kernel_job(method, params: dict, kind: str, shape: tuple[int, int], device: 
     fine-tunes + N(0, 0.002²)) converted to float32 there, parameters validated and schedules resolved."""
     from nbmerge.method.declaration import TensorJob
     from nbmerge.method.params import schedule_value
-    from nbmerge_plugins import _selection, ties
+    from nbmerge_plugins import _selection
+    from nbmerge_plugins.arithmetic import ties
 
     generator = torch.Generator().manual_seed(0)
     base = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)

@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def oracle_routing(pool, init_lambda: float = 0.3) -> EvalReport:
-    from nbmerge_plugins.we_moe.layers import routed_blocks
+    from nbmerge_plugins.test_time.we_moe.layers import routed_blocks
 
     models = pool.individual_models()
     result = nbmerge.merge("we_moe", models, base=pool.base, pool=pool, steps=0, init_lambda=init_lambda,

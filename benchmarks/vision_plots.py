@@ -33,7 +33,7 @@ SHOWN = ("individual", "pretrained", "zero_shot", "best_static", "adamerging", "
 
 
 def routing_by_task(pool, params: dict) -> tuple[dict, list[str], list[str]]:
-    from nbmerge_plugins.we_moe.layers import routing_weights
+    from nbmerge_plugins.test_time.we_moe.layers import routing_weights
 
     experts = list(pool.individual_models())
     moe = nbmerge.merge("we_moe", pool.individual_models(), base=pool.base, pool=pool, **params)

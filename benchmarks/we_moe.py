@@ -62,7 +62,7 @@ def oracle_routing(z, init_lambda: float = 0.3):
     """The ceiling of any routing: each task evaluated with every router emitting that task's one-hot vector, so
     each MLP is exactly that task's fine-tuned MLP (W_0 + τ_task) and the rest is task arithmetic as in we_moe."""
     from nbmerge.workbench.evaluation import EvalReport, individual_accuracy, task_accuracy
-    from nbmerge_plugins.we_moe.layers import routed_blocks
+    from nbmerge_plugins.test_time.we_moe.layers import routed_blocks
 
     result = nbmerge.merge("we_moe", z.models, base=z.base, pool=z.pool, steps=0, init_lambda=init_lambda,
                            router_hidden_layers=0, progress=False)

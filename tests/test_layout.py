@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ GRAPH = {name: imported_modules(name) for name in MODULES}
 
 
 def test_the_graph_is_read_from_every_module():
-    assert {"nbmerge.api", "nbmerge.engine.stream", "nbmerge.io.sources", "nbmerge_plugins.ties"} <= set(GRAPH)
+    assert {"nbmerge.api", "nbmerge.engine.stream", "nbmerge.io.sources", "nbmerge_plugins.arithmetic.ties"} <= set(GRAPH)
     assert "nbmerge.engine.run" in GRAPH["nbmerge.api"]
     assert "nbmerge.module_merge" in GRAPH["nbmerge.api"]  # an import inside a function counts
 
@@ -127,15 +128,30 @@ def test_only_task_pool_plugins_import_the_workbench():
             if any(within(t, "nbmerge.workbench") for t in targets)} == {"nbmerge_plugins.task_pools"}
 
 
+def method_of(module: str) -> str | None:
+    """The method module (``nbmerge_plugins.<family>.<method>``) that ``module`` belongs to; None for a shared
+    step (any ``_``-prefixed part, ``native``) or a family package."""
+    parts = module.split(".")
+    if any(part.startswith("_") for part in parts[1:]) or parts[1:2] == ["native"] or len(parts) < 3:
+        return None
+    return ".".join(parts[:3])
+
+
 def test_no_method_imports_another_method():
-    """Methods compose the shared steps (``_task_vectors``, ``_selection``, ``_endpoints``, ``native``); none
-    imports a sibling method."""
-    shared = ("nbmerge_plugins._", "nbmerge_plugins.native")
+    """Methods compose the shared steps (``_task_vectors``, ``_selection``, a family's ``_``-modules, ``native``);
+    none imports a sibling method, in its family or another."""
     for name, targets in imports_of("nbmerge_plugins").items():
-        own = name.split(".")[:2]
-        siblings = {t for t in targets if t.startswith("nbmerge_plugins.") and t.split(".")[:2] != own
-                    and not any(t.startswith(s) for s in shared)}
+        own = method_of(name)
+        siblings = {t for t in targets if t.startswith("nbmerge_plugins.") and method_of(t) not in (None, own)}
         assert not siblings, (name, siblings)
+
+
+def test_methods_are_grouped_by_family_and_no_plugin_folder_grows_past_thirty_files():
+    methods = [entry.value for entry in importlib.metadata.entry_points(group="nbmerge") if entry.name != "task_pools"]
+    assert methods and all(method_of(module) == module for module in methods), methods
+    root = ROOT / "nbmerge_plugins"
+    for folder in [root, *(path for path in root.rglob("*") if path.is_dir() and path.name != "__pycache__")]:
+        assert len([path for path in folder.iterdir() if path.name != "__pycache__"]) <= 30, folder
 
 
 @pytest.mark.parametrize("module", ["nbmerge", "nbmerge.method", "nbmerge.io", "nbmerge.engine", "nbmerge.workbench"])

@@ -13,7 +13,7 @@ from nbmerge.cli import main as cli_main
 from nbmerge.errors import ModelInputError, OutputExistsError, ParameterError
 from nbmerge.method.declaration import MergeMethod
 from nbmerge.module_merge import fingerprint, read_trained
-from nbmerge_plugins.we_moe.layers import router_parameters
+from nbmerge_plugins.test_time.we_moe.layers import router_parameters
 
 torch.set_num_threads(1)
 

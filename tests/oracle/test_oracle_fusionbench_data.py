@@ -21,7 +21,7 @@ from fusion_bench.method.regmean.regmean import merging_with_regmean_weights, re
 from helpers import HeadPool, model_set
 
 import nbmerge
-from nbmerge_plugins._data_pass import chosen_inputs, fisher_diagonals, input_grams
+from nbmerge_plugins.from_data._data_pass import chosen_inputs, fisher_diagonals, input_grams
 
 logging.getLogger("fusion_bench").setLevel(logging.WARNING)
 torch.set_num_threads(1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nbmerge.method.declaration import TensorJob
-from nbmerge_plugins import _selection, _task_vectors, dare, native, ties
+from nbmerge_plugins import _selection, _task_vectors, native
+from nbmerge_plugins.arithmetic import dare, ties
 
 
 def job_of(models, base, **params):
