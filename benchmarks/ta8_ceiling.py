@@ -31,18 +31,13 @@ ROW = "adamerging_layer (labelled ceiling)"
 
 
 def labelled_batches(task, split: str, batch_size: int, seed: int):
-    """Endless (inputs, labels) batches of ``split``, a fresh seeded permutation each epoch (a split smaller than
-    ``batch_size`` is one batch)."""
+    """Endless (inputs, labels) batches of ``split``: AdaMerging's own batching (``shuffled_batches``: a fresh
+    seeded permutation each epoch) drawn over the examples' indices, so each batch keeps its labels."""
+    from nbmerge_plugins.test_time._test_time import shuffled_batches
+
     inputs, labels = task.inputs(split), task.labels(split)
-    size = min(batch_size, len(inputs))
-    if size == 0:
-        raise SystemExit(f"task {task.name!r} has no {split} examples")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(inputs), generator=generator).tolist()
-        for start in range(0, len(order) - size + 1, size):
-            chosen = order[start:start + size]
-            yield [inputs[i] for i in chosen], labels[chosen]
+    for chosen in shuffled_batches(range(len(inputs)), batch_size, seed):
+        yield [inputs[i] for i in chosen], labels[chosen]
 
 
 def labelled_ceiling(pool, steps: int, lr: float = 1e-3, batch_size: int = 16, init_lambda: float = 0.3,

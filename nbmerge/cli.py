@@ -178,6 +178,7 @@ def _demo(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     from nbmerge.workbench.bench import run_bench
+    from nbmerge.workbench.models.training import SPLITS
 
     parser = argparse.ArgumentParser(prog="nbmerge bench", description="Evaluate every merge method (defaults and a "
                                      "validation-tuned grid) next to the pretrained and the individual models.")
@@ -197,7 +198,7 @@ def _bench(argv: list[str]) -> int:
                         help="fix a method's parameter in all its rows (repeatable), e.g. --set we_moe.steps=300")
     parser.add_argument("--label", action="append", default=[], metavar="METHOD=ROW",
                         help="name METHOD's rows ROW (repeatable), e.g. --label we_moe=we_moe_task_batches")
-    parser.add_argument("--data-split", choices=("train", "validation", "test"), default="test",
+    parser.add_argument("--data-split", choices=SPLITS, default="test",
                         help="the split whose unlabeled inputs the data-reading methods (RegMean, Fisher, AdaMerging, "
                         "WE-MoE) see (default: test, test-time adaptation; FusionBench's RegMean and Fisher: train)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
